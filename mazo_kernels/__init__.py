@@ -1,0 +1,11 @@
+"""mazo_kernels: fused, bit-reproducible kernels for zeroth-order (MeZO / Sparse MeZO / MaZO) fine-tuning."""
+from .version import __version__
+from .reference import SPEC_VERSION
+from .plan import PlanEntry, ZOPlan, stable_tensor_id, canonical_name
+from .masks import BitMask, RowIndexMask, ThresholdMask
+from .api import noise, perturb_, perturbed_copy, update_
+from ._backends import BackendUnavailable, has_cpu, has_cuda, has_triton
+
+__all__ = ["__version__", "SPEC_VERSION", "PlanEntry", "ZOPlan", "stable_tensor_id", "canonical_name", "BitMask",
+           "RowIndexMask", "ThresholdMask", "noise", "perturb_", "perturbed_copy", "update_", "BackendUnavailable",
+           "has_cpu", "has_cuda", "has_triton"]

@@ -1,0 +1,265 @@
+"""Pure-torch reference of the noise specification (docs/NOISE_SPEC.md, version 1) and of the ops.
+
+This file is the oracle: every backend (C++ CPU, Triton, CUDA) must produce the same bits.
+All float work is float32 with one IEEE-rounded operation per line, in the order written here:
+no fused multiply-add, no library transcendentals. Integers are carried in int64 tensors and
+masked to 32 bits where the spec uses uint32 arithmetic.
+"""
+from __future__ import annotations
+
+import torch
+
+SPEC_VERSION = 1
+
+M32 = 0xFFFFFFFF
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+STREAM_GAUSSIAN, STREAM_RADEMACHER, STREAM_ROUNDING = 0, 1, 2
+DIST_GAUSSIAN, DIST_RADEMACHER = 0, 1
+
+# Polynomial coefficients (float32 values, frozen by spec version 1).
+LOG_P = (1.0000008344650269, -0.5000140070915222, 0.33316028118133545, -0.2489679753780365,
+         0.20454779267311096, -0.1878269463777542, 0.12210839241743088)
+SIN_P = (0.9999985694885254, -0.16662482917308807, 0.008151679299771786)
+COS_P = (-0.4999985694885254, 0.041655030101537704, -0.0013585949782282114)
+LN2 = 0.6931471824645996            # float32(ln 2)
+SQRT2 = 1.4142135381698608          # float32(sqrt 2)
+ANGLE_STEP = 9.362117613290966e-08  # float32(pi/2 * 2**-24)
+
+
+def _f32(v: float) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float32)
+
+
+def _mulhilo(a: int, b: torch.Tensor):
+    prod = b * a  # int64 wraps modulo 2**64; both halves are still exact
+    return (prod >> 32) & M32, prod & M32
+
+
+def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int):
+    """Random123 Philox4x32-10 on int64 tensors holding uint32 values; returns four words."""
+    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) & M32 for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for r in range(10):
+        if r:
+            k0, k1 = (k0 + PHILOX_W0) & M32, (k1 + PHILOX_W1) & M32
+        hi0, lo0 = _mulhilo(PHILOX_M0, c0)
+        hi1, lo1 = _mulhilo(PHILOX_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+def _words(seed: int, tensor_id: int, block: torch.Tensor, stream: int):
+    seed &= (1 << 64) - 1
+    return philox4x32_10(block & M32, block >> 32, tensor_id & M32, stream, seed & M32, seed >> 32)
+
+
+def _i2f(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32)  # exact: every converted integer has at most 24 significant bits
+
+
+def _bits_to_f32(b: torch.Tensor) -> torch.Tensor:
+    return b.to(torch.int32).view(torch.float32) if b.dtype != torch.int32 else b.view(torch.float32)
+
+
+def _f32_to_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32).to(torch.int64) & M32
+
+
+def box_muller_radius(w: torch.Tensor) -> torch.Tensor:
+    """r = sqrt(-2 ln u), u = ((w >> 8) + 1) * 2^-24 in [2^-24, 1]."""
+    u = _i2f((w >> 8) + 1) * _f32(2.0 ** -24)
+    bits = _f32_to_bits(u)
+    e = (bits >> 23) - 127
+    m = _bits_to_f32((bits & 0x7FFFFF) | 0x3F800000)
+    big = m > _f32(SQRT2)
+    m = torch.where(big, m * _f32(0.5), m)
+    e = torch.where(big, e + 1, e)
+    t = m - _f32(1.0)
+    p = _f32(LOG_P[6])
+    for c in LOG_P[5::-1]:
+        p = p * t + _f32(c)
+    ln_u = _i2f(e) * _f32(LN2) + t * p
+    return torch.sqrt(ln_u * _f32(-2.0))
+
+
+def box_muller_angle(w: torch.Tensor):
+    """(cos, sin) of q*pi/2 + x, q = w >> 30, x uniform on [-pi/4, pi/4) from bits 6..29."""
+    q = w >> 30
+    x = _i2f(((w >> 6) & 0xFFFFFF) - 0x800000) * _f32(ANGLE_STEP)
+    s2 = x * x
+    sin_x = ((_f32(SIN_P[2]) * s2 + _f32(SIN_P[1])) * s2 + _f32(SIN_P[0])) * x
+    cos_x = ((_f32(COS_P[2]) * s2 + _f32(COS_P[1])) * s2 + _f32(COS_P[0])) * s2 + _f32(1.0)
+    c = torch.where(q == 0, cos_x, torch.where(q == 1, -sin_x, torch.where(q == 2, -cos_x, sin_x)))
+    s = torch.where(q == 0, sin_x, torch.where(q == 1, cos_x, torch.where(q == 2, -sin_x, -cos_x)))
+    return c, s
+
+
+def gaussian(seed: int, tensor_id: int, index: torch.Tensor) -> torch.Tensor:
+    """z[i] ~ N(0,1): Philox call i//4 of stream 0; words (0,1) -> z[4b], z[4b+1]; (2,3) -> z[4b+2], z[4b+3]."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    x0, x1, x2, x3 = _words(seed, tensor_id, index >> 2, STREAM_GAUSSIAN)
+    lane = index & 3
+    first_pair = lane < 2
+    r = box_muller_radius(torch.where(first_pair, x0, x2))
+    c, s = box_muller_angle(torch.where(first_pair, x1, x3))
+    return r * torch.where((lane & 1) == 0, c, s)
+
+
+def rademacher(seed: int, tensor_id: int, index: torch.Tensor) -> torch.Tensor:
+    """z[i] = 1 - 2*bit: Philox call i//128 of stream 1, word (i//32)%4, bit i%32."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    words = _words(seed, tensor_id, index >> 7, STREAM_RADEMACHER)
+    w = torch.stack(words, 0).gather(0, ((index >> 5) & 3).unsqueeze(0)).squeeze(0)
+    bit = (w >> (index & 31)) & 1
+    return _i2f(1 - 2 * bit)
+
+
+def rounding_bits(seed: int, tensor_id: int, index: torch.Tensor) -> torch.Tensor:
+    """32 random bits per element for stochastic rounding: Philox call i//4 of stream 2, word i%4."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    words = _words(seed, tensor_id, index >> 2, STREAM_ROUNDING)
+    return torch.stack(words, 0).gather(0, (index & 3).unsqueeze(0)).squeeze(0)
+
+
+def noise(seed: int, tensor_id: int, index: torch.Tensor, dist: int = DIST_GAUSSIAN) -> torch.Tensor:
+    return gaussian(seed, tensor_id, index) if dist == DIST_GAUSSIAN else rademacher(seed, tensor_id, index)
+
+
+# ---------------------------------------------------------------- rounding float32 -> storage dtype
+def rne_bf16_bits(x: torch.Tensor) -> torch.Tensor:
+    b = _f32_to_bits(x)
+    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+    return torch.where(torch.isnan(x), torch.full_like(b, 0x7FC0), r & 0xFFFF)
+
+
+def sr_bf16_bits(x: torch.Tensor, rbits: torch.Tensor) -> torch.Tensor:
+    b = _f32_to_bits(x)
+    r = ((b + (rbits & 0xFFFF)) >> 16) & 0xFFFF
+    return torch.where(torch.isnan(x), torch.full_like(b, 0x7FC0), r)
+
+
+def sr_fp16_value(x: torch.Tensor, rbits: torch.Tensor) -> torch.Tensor:
+    """Stochastic rounding to the fp16 grid; returns a float32 that converts to fp16 exactly."""
+    b = _f32_to_bits(x)
+    sign = b & 0x80000000
+    mag = b & 0x7FFFFFFF
+    ex = mag >> 23
+    drop = 13 + torch.clamp(113 - ex, min=0)                      # fp16 subnormal grid is 2^-24
+    keep = ~((torch.ones_like(b) << torch.clamp(drop, max=31)) - 1) & M32
+    normal_path = (mag + (rbits & ((torch.ones_like(b) << torch.clamp(drop, max=31)) - 1))) & keep
+    sig = torch.where(ex == 0, torch.zeros_like(mag), (mag & 0x7FFFFF) | 0x800000)
+    thresh = sig >> torch.clamp(102 - ex, min=0, max=31)          # |x| * 2^48, floored; |x| < 2^-24 here
+    tiny_path = torch.where((rbits & 0xFFFFFF) < thresh, torch.full_like(b, 0x33800000), torch.zeros_like(b))
+    out = torch.where(ex <= 102, tiny_path, normal_path) | sign
+    out = torch.where(ex == 255, b, out)                          # inf and NaN pass through
+    return _bits_to_f32(out)
+
+
+def to_storage(x: torch.Tensor, dtype: torch.dtype, rbits: torch.Tensor | None = None) -> torch.Tensor:
+    """Round a float32 tensor to the storage dtype: nearest-even, or stochastic when rbits is given."""
+    if dtype == torch.float32:
+        return x
+    if dtype == torch.bfloat16:
+        bits = rne_bf16_bits(x) if rbits is None else sr_bf16_bits(x, rbits)
+        return bits_to_bf16(bits)
+    if dtype == torch.float16:
+        return (x if rbits is None else sr_fp16_value(x, rbits)).to(torch.float16)
+    raise TypeError(f"unsupported storage dtype {dtype}")
+
+
+def bits_to_bf16(bits: torch.Tensor) -> torch.Tensor:
+    return (bits - ((bits >> 15) << 16)).to(torch.int16).view(torch.bfloat16)  # uint16 -> int16 two's complement
+
+
+def round_trip(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Nearest-even rounding to dtype, returned as float32 (the value a stored weight would hold)."""
+    return to_storage(x, dtype).to(torch.float32)
+
+
+# ---------------------------------------------------------------- masks
+MASK_NONE, MASK_THRESHOLD, MASK_BITMASK, MASK_ROWIDX = 0, 1, 2, 3
+THRESH_EVAL, THRESH_LATCH_WRITE, THRESH_LATCH_READ = 0, 1, 2
+OP_PERTURB, OP_UPDATE, OP_COPY = 0, 1, 2
+ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Bit i of a packed mask is bit (i % 8) of byte i // 8 (numpy packbits bitorder='little')."""
+    idx = torch.arange(n, dtype=torch.int64)
+    return ((packed.to(torch.int64)[idx >> 3] >> (idx & 7)) & 1).bool()
+
+
+def pack_bits(sel: torch.Tensor) -> torch.Tensor:
+    n = sel.numel()
+    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.int64)
+    padded[:n] = sel.reshape(-1).to(torch.int64)
+    return (padded.view(-1, 8) << torch.arange(8)).sum(1).to(torch.uint8)
+
+
+def selected_indices(theta: torch.Tensor, mask_kind: int, mask: torch.Tensor | None, row_len: int,
+                     tau: float, threshold_mode: int) -> torch.Tensor:
+    """Local flat indices of the selected elements, ascending."""
+    n = theta.numel()
+    if mask_kind == MASK_NONE:
+        return torch.arange(n)
+    if mask_kind == MASK_ROWIDX:
+        rows, k = mask.shape
+        flat = (torch.arange(rows).unsqueeze(1) * row_len + mask.to(torch.int64)).reshape(-1)
+        return flat
+    if mask_kind == MASK_THRESHOLD and threshold_mode != THRESH_LATCH_READ:
+        sel = theta.reshape(-1).to(torch.float32).abs() < _f32(tau)
+    else:
+        sel = unpack_bits(mask, n)
+    return sel.nonzero().reshape(-1)
+
+
+def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, rounding: int,
+              sr_seed: int, threshold_mode: int, scale: float, prior: float, lr: float) -> None:
+    """The one kernel every backend implements (see docs/NOISE_SPEC.md, section "Ops").
+
+    params/outs: lists of same-dtype contiguous tensors (outs is params for in-place ops)
+    masks:       one tensor per param (uint8 packed bits / latch, int32 [rows, k] column indices, or empty)
+    meta:        int64 [T, 4]: tensor_id, global_offset, mask_kind, row_len
+    fvals:       float32 [T, 5]: scale_mult, lr_mult, weight_decay, g_mult, tau
+    seeds:       uint64 seeds: seeds[0] perturbs/restores; seeds[1:] are the update directions
+    gs:          float32 [len(seeds) - 1] projected gradients, one per update seed
+    """
+    meta = meta.cpu()
+    fvals = fvals.cpu()
+    gs = gs.detach().cpu().to(torch.float32)
+    for t, (theta, out, mask) in enumerate(zip(params, outs, masks)):
+        tid, offset, mask_kind, row_len = (int(v) for v in meta[t])
+        scale_mult, lr_mult, wd, g_mult, tau = (fvals[t, j] for j in range(5))
+        local = selected_indices(theta, mask_kind, mask, row_len, float(tau), threshold_mode)
+        if mask_kind == MASK_THRESHOLD and threshold_mode == THRESH_LATCH_WRITE:
+            sel = torch.zeros(theta.numel(), dtype=torch.bool)
+            sel[local] = True
+            mask.copy_(pack_bits(sel).to(mask.device))
+        flat_in = theta.detach().reshape(-1)
+        x = flat_in[local].to(torch.float32)
+        gidx = local + offset
+        s = _f32(scale) * scale_mult
+        p = _f32(prior) * scale_mult
+        dtype = theta.dtype
+        z0 = noise(seeds[0], tid, gidx, dist)
+        if op == OP_COPY:
+            res = round_trip(x + s * z0, dtype)
+            flat_out = out.reshape(-1)
+            flat_out.copy_(flat_in)
+            flat_out[local] = res.to(dtype)
+            continue
+        base = x if prior == 0.0 else round_trip(x - p * z0, dtype)
+        if op == OP_PERTURB:
+            res = to_storage(base + s * z0, dtype)
+        else:
+            acc = torch.zeros_like(base)
+            for k in range(1, len(seeds)):
+                gk = gs[k - 1] * g_mult
+                acc = acc + gk * noise(seeds[k], tid, gidx, dist)
+            step = acc + wd * base
+            new = base - (_f32(lr) * lr_mult) * step
+            rb = rounding_bits(sr_seed, tid, gidx) if (rounding == ROUND_STOCHASTIC and dtype != torch.float32) else None
+            res = to_storage(new, dtype, rb)
+        out.reshape(-1)[local] = res.to(dtype)
