@@ -210,3 +210,45 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+@triton.jit
+def gauss_perturb_kernel_2d(ptr, n, seed_lo, seed_hi, tid, eps, BLOCK4: tl.constexpr):
+    """Same bits as gauss_perturb_kernel; a [BLOCK4, 4] layout keeps each Philox call's four lanes in one thread."""
+    pid = tl.program_id(0)
+    blk = pid.to(tl.int64) * BLOCK4 + tl.arange(0, BLOCK4)
+    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (blk >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    x0, x1, x2, x3 = _philox(c0, c1, zero + tid.to(tl.uint32), zero, zero + seed_lo.to(tl.uint32),
+                             zero + seed_hi.to(tl.uint32))
+    lane = tl.arange(0, 4)[None, :]
+    w_r = tl.where(lane < 2, x0[:, None], x2[:, None])
+    w_a = tl.where(lane < 2, x1[:, None], x3[:, None])
+    r = _radius(w_r)
+    c, s = _angle(w_a)
+    z = r * tl.where((lane & 1) == 0, c, s)
+    offs = blk[:, None] * 4 + lane
+    msk = offs < n
+    th = tl.load(ptr + offs, mask=msk).to(tl.float32)
+    tl.store(ptr + offs, _rne_bf16(th + eps * z), mask=msk)
+
+
+@triton.jit
+def gauss_perturb_kernel_2d_pair(ptr, n, seed_lo, seed_hi, tid, eps, BLOCK4: tl.constexpr):
+    """Radius and angle computed once per pair ([BLOCK4, 2] then broadcast over (cos, sin))."""
+    pid = tl.program_id(0)
+    blk = pid.to(tl.int64) * BLOCK4 + tl.arange(0, BLOCK4)
+    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (blk >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    x0, x1, x2, x3 = _philox(c0, c1, zero + tid.to(tl.uint32), zero, zero + seed_lo.to(tl.uint32),
+                             zero + seed_hi.to(tl.uint32))
+    r = _radius(tl.join(x0, x2))          # [B, 2]: pair A, pair B
+    c, s = _angle(tl.join(x1, x3))
+    z = tl.join(r * c, r * s).reshape(BLOCK4, 4)  # [B, pair, cos|sin] -> lanes
+    lane = tl.arange(0, 4)[None, :]
+    offs = blk[:, None] * 4 + lane
+    msk = offs < n
+    th = tl.load(ptr + offs, mask=msk).to(tl.float32)
+    tl.store(ptr + offs, _rne_bf16(th + eps * z), mask=msk)
