@@ -183,13 +183,15 @@ def main():
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "numel": n,
            "bits_equal_reference": exact, "copy_ms": copy_ms,
            "copy_TBps": 4 * n / copy_ms / 1e9}
-    for B in (64, 128, 256):
+    for B, nw in ((512, 4), (512, 8), (1024, 8), (1024, 16)):
         ms = bench(lambda: gauss_perturb_kernel[(triton.cdiv(n, 8 * B),)](w, n, seed & 0xFFFFFFFF, seed >> 32, 3,
-                                                                        1e-3, BLOCK8=B, enable_fp_fusion=False))
-        res[f"gauss_B{B}_ms"] = ms
+                                                                        1e-3, BLOCK8=B, num_warps=nw,
+                                                                        enable_fp_fusion=False))
+        res[f"gauss_B{B}_w{nw}_ms"] = ms
         ms = bench(lambda: gauss_perturb_kernel_nomask[(n // (8 * B),)](w, n, seed & 0xFFFFFFFF, seed >> 32, 3,
-                                                                      1e-3, BLOCK8=B, enable_fp_fusion=False))
-        res[f"gauss_nomask_B{B}_ms"] = ms
+                                                                      1e-3, BLOCK8=B, num_warps=nw,
+                                                                      enable_fp_fusion=False))
+        res[f"gauss_nomask_B{B}_w{nw}_ms"] = ms
     for B in (8, 16, 32):
         ms = bench(lambda: rademacher_perturb_kernel[(triton.cdiv(n, 128 * B),)](w, n, seed & 0xFFFFFFFF, seed >> 32, 3,
                                                                                1e-3, BLOCK128=B,
@@ -214,9 +216,6 @@ def main():
     with open(os.path.join(args.out, "transform_v1.json"), "w") as f:
         json.dump(res, f, indent=1)
 
-
-if __name__ == "__main__":
-    main()
 
 
 
@@ -256,3 +255,7 @@ def cuda_plain(res, n, w, dst):
     res["cuda_perturb_bits_equal_reference"] = bool(torch.equal(small.cpu().view(torch.int16), ref.view(torch.int16)))
     res["cuda_gauss_ms"] = bench(lambda: m.run_perturb(w, 1234567, 3, 1e-3))
     res["cuda_gauss_fraction_of_floor"] = res["copy_ms"] / res["cuda_gauss_ms"]
+
+
+if __name__ == "__main__":
+    main()

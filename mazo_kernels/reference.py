@@ -19,13 +19,17 @@ STREAM_GAUSSIAN, STREAM_RADEMACHER, STREAM_ROUNDING = 0, 1, 2
 DIST_GAUSSIAN, DIST_RADEMACHER = 0, 1
 
 # Polynomial coefficients (float32 values, frozen by spec version 1).
-LOG_P = (1.0000008344650269, -0.5000140070915222, 0.33316028118133545, -0.2489679753780365,
-         0.20454779267311096, -0.1878269463777542, 0.12210839241743088)
-SIN_P = (0.9999985694885254, -0.16662482917308807, 0.008151679299771786)
-COS_P = (-0.4999985694885254, 0.041655030101537704, -0.0013585949782282114)
-LN2 = 0.6931471824645996            # float32(ln 2)
-SQRT2 = 1.4142135381698608          # float32(sqrt 2)
-ANGLE_STEP = 9.362117613290966e-08  # float32(pi/2 * 2**-24)
+# ln(1+t) ~ t * P(t) on [sqrt(1/2) - 1, sqrt(2) - 1]; the spec uses LOG_P2 = -2 * P (exact scaling), so it
+# computes -2 ln(1+t) directly.
+LOG_P = (1.0000054836273193, -0.4999140501022339, 0.3324826955795288, -0.25359150767326355,
+         0.22168762981891632, -0.14662456512451172)
+LOG_P2 = tuple(-2.0 * c for c in LOG_P)
+SIN_P = (0.9999985694885254, -0.1666249930858612, 0.00815201923251152)     # sin(x)/x in x^2
+COS_P = (-0.4999998211860657, 0.04166144132614136, -0.001366178970783949)   # (cos(x) - 1)/x^2 in x^2
+TWO_LN2 = 1.3862943649291992        # float32(2 ln 2)
+SQRT_HALF_BITS = 0x3F3504F3         # bits of float32(sqrt(1/2))
+ANGLE_STEP = 7.669903939428206e-04  # float32(pi / 4096)
+RADIUS_BITS, ANGLE_BITS = 20, 12
 
 
 def _f32(v: float) -> torch.Tensor:
@@ -74,43 +78,48 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
 
 
 def box_muller_radius(w: torch.Tensor) -> torch.Tensor:
-    """r = sqrt(-2 ln u), u = ((w >> 8) + 1) * 2^-24 in [2^-24, 1]."""
-    u = _i2f((w >> 8) + 1) * _f32(2.0 ** -24)
-    bits = _f32_to_bits(u)
-    e = (bits >> 23) - 127
-    m = _bits_to_f32((bits & 0x7FFFFF) | 0x3F800000)
-    big = m > _f32(SQRT2)
-    m = torch.where(big, m * _f32(0.5), m)
-    e = torch.where(big, e + 1, e)
+    """r = sqrt(-2 ln u), u = k * 2^-20, k = (w >> 12) + 1 in [1, 2^20]; so 0 <= r <= sqrt(40 ln 2) = 5.27."""
+    k = _i2f((w >> 12) + 1)
+    bits = _f32_to_bits(k)
+    e = (bits - SQRT_HALF_BITS) >> 23              # k = 2^e * m, m in [sqrt(1/2), sqrt(2))
+    m = _bits_to_f32(bits - (e << 23))
     t = m - _f32(1.0)
-    p = _f32(LOG_P[6])
-    for c in LOG_P[5::-1]:
+    p = _f32(LOG_P2[5])
+    for c in LOG_P2[4::-1]:
         p = p * t + _f32(c)
-    ln_u = _i2f(e) * _f32(LN2) + t * p
-    return sqrt_rn(ln_u * _f32(-2.0))
+    q = _i2f(20 - e) * _f32(TWO_LN2) + t * p       # -2 ln u = 2 ln2 (20 - e) - 2 ln m  (>= 0)
+    return sqrt_rn(q)
 
 
 def box_muller_angle(w: torch.Tensor):
-    """(cos, sin) of q*pi/2 + x, q = w >> 30, x uniform on [-pi/4, pi/4) from bits 6..29."""
-    q = w >> 30
-    x = _i2f(((w >> 6) & 0xFFFFFF) - 0x800000) * _f32(ANGLE_STEP)
+    """(cos, sin) of q*pi/2 + x: q = bits 10..11 of w, x = (2f - 1023) * pi/4096 with f = bits 0..9."""
+    q = (w >> 10) & 3
+    x = _i2f(2 * (w & 0x3FF) - 1023) * _f32(ANGLE_STEP)
     s2 = x * x
     sin_x = ((_f32(SIN_P[2]) * s2 + _f32(SIN_P[1])) * s2 + _f32(SIN_P[0])) * x
     cos_x = ((_f32(COS_P[2]) * s2 + _f32(COS_P[1])) * s2 + _f32(COS_P[0])) * s2 + _f32(1.0)
-    c = torch.where(q == 0, cos_x, torch.where(q == 1, -sin_x, torch.where(q == 2, -cos_x, sin_x)))
-    s = torch.where(q == 0, sin_x, torch.where(q == 1, cos_x, torch.where(q == 2, -sin_x, -cos_x)))
+    swap = (q & 1) == 1
+    c = torch.where(swap, sin_x, cos_x)
+    s = torch.where(swap, cos_x, sin_x)
+    c = torch.where((q == 1) | (q == 2), -c, c)
+    s = torch.where(q >= 2, -s, s)
     return c, s
 
 
+def _pair_word(seed: int, tensor_id: int, index: torch.Tensor, stream: int) -> torch.Tensor:
+    """Element i reads word (i >> 1) & 3 of Philox call i >> 3: one 32-bit word per pair of elements."""
+    words = _words(seed, tensor_id, index >> 3, stream)
+    return torch.stack(words, 0).gather(0, ((index >> 1) & 3).unsqueeze(0)).squeeze(0)
+
+
 def gaussian(seed: int, tensor_id: int, index: torch.Tensor) -> torch.Tensor:
-    """z[i] ~ N(0,1): Philox call i//4 of stream 0; words (0,1) -> z[4b], z[4b+1]; (2,3) -> z[4b+2], z[4b+3]."""
+    """z[i] ~ N(0,1): the word of pair i >> 1 gives a Box-Muller pair (20 radius bits, 12 angle bits);
+    even i takes r*cos, odd i takes r*sin. Eight normals per Philox call."""
     index = torch.as_tensor(index, dtype=torch.int64)
-    x0, x1, x2, x3 = _words(seed, tensor_id, index >> 2, STREAM_GAUSSIAN)
-    lane = index & 3
-    first_pair = lane < 2
-    r = box_muller_radius(torch.where(first_pair, x0, x2))
-    c, s = box_muller_angle(torch.where(first_pair, x1, x3))
-    return r * torch.where((lane & 1) == 0, c, s)
+    w = _pair_word(seed, tensor_id, index, STREAM_GAUSSIAN)
+    r = box_muller_radius(w)
+    c, s = box_muller_angle(w)
+    return r * torch.where((index & 1) == 0, c, s)
 
 
 def rademacher(seed: int, tensor_id: int, index: torch.Tensor) -> torch.Tensor:
@@ -123,10 +132,10 @@ def rademacher(seed: int, tensor_id: int, index: torch.Tensor) -> torch.Tensor:
 
 
 def rounding_bits(seed: int, tensor_id: int, index: torch.Tensor) -> torch.Tensor:
-    """32 random bits per element for stochastic rounding: Philox call i//4 of stream 2, word i%4."""
+    """16 random bits per element for stochastic rounding: half (i & 1) of the pair word, stream 2."""
     index = torch.as_tensor(index, dtype=torch.int64)
-    words = _words(seed, tensor_id, index >> 2, STREAM_ROUNDING)
-    return torch.stack(words, 0).gather(0, (index & 3).unsqueeze(0)).squeeze(0)
+    w = _pair_word(seed, tensor_id, index, STREAM_ROUNDING)
+    return (w >> (16 * (index & 1))) & 0xFFFF
 
 
 def noise(seed: int, tensor_id: int, index: torch.Tensor, dist: int = DIST_GAUSSIAN) -> torch.Tensor:
@@ -142,24 +151,28 @@ def rne_bf16_bits(x: torch.Tensor) -> torch.Tensor:
 
 def sr_bf16_bits(x: torch.Tensor, rbits: torch.Tensor) -> torch.Tensor:
     b = _f32_to_bits(x)
-    r = ((b + (rbits & 0xFFFF)) >> 16) & 0xFFFF
+    r = ((b + rbits) >> 16) & 0xFFFF
     return torch.where(torch.isnan(x), torch.full_like(b, 0x7FC0), r)
 
 
 def sr_fp16_value(x: torch.Tensor, rbits: torch.Tensor) -> torch.Tensor:
-    """Stochastic rounding to the fp16 grid; returns a float32 that converts to fp16 exactly."""
+    """Stochastic rounding to the fp16 grid with 16 random bits R; returns a float32 that converts to fp16 exactly.
+
+    d = low bits of the float32 magnitude below the fp16 grid (13 in the normal range, more for fp16 subnormals);
+    R is aligned to the top of those d bits, added, and the d bits cleared."""
     b = _f32_to_bits(x)
     sign = b & 0x80000000
     mag = b & 0x7FFFFFFF
     ex = mag >> 23
-    drop = 13 + torch.clamp(113 - ex, min=0)                      # fp16 subnormal grid is 2^-24
-    keep = ~((torch.ones_like(b) << torch.clamp(drop, max=31)) - 1) & M32
-    normal_path = (mag + (rbits & ((torch.ones_like(b) << torch.clamp(drop, max=31)) - 1))) & keep
+    drop = 13 + torch.clamp(113 - ex, min=0, max=10)                 # ex >= 103 here: drop <= 23
+    rfield = torch.where(drop >= 16, rbits << torch.clamp(drop - 16, min=0), rbits >> torch.clamp(16 - drop, min=0))
+    low = (torch.ones_like(b) << drop) - 1
+    normal_path = (mag + rfield) & ~low & M32
     sig = torch.where(ex == 0, torch.zeros_like(mag), (mag & 0x7FFFFF) | 0x800000)
-    thresh = sig >> torch.clamp(102 - ex, min=0, max=31)          # |x| * 2^48, floored; |x| < 2^-24 here
-    tiny_path = torch.where((rbits & 0xFFFFFF) < thresh, torch.full_like(b, 0x33800000), torch.zeros_like(b))
+    thresh = sig >> torch.clamp(102 - ex, min=0, max=31)               # floor(|x| * 2^48) for |x| < 2^-24
+    tiny_path = torch.where((rbits << 8) < thresh, torch.full_like(b, 0x33800000), torch.zeros_like(b))
     out = torch.where(ex <= 102, tiny_path, normal_path) | sign
-    out = torch.where(ex == 255, b, out)                          # inf and NaN pass through
+    out = torch.where(ex == 255, b, out)                               # inf and NaN pass through
     return _bits_to_f32(out)
 
 

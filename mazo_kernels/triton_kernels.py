@@ -1,0 +1,470 @@
+"""Triton backend of zo_apply_ (noise spec v1): one launch per call for any number of same-dtype tensors.
+
+Bit-exact with mazo_kernels.reference: every float operation is one IEEE-rounded binary32 op in the reference's
+order (launched with enable_fp_fusion=False, sqrt via tl.sqrt_rn, no division), bf16 rounding with integer ops on
+the float32 bits, Philox words kept as tl.uint32.
+
+Layout: a per-tensor table (addresses of data/out/mask, sizes) and a per-program table (tensor, first unit) live on
+the tensors' device. A program owns BLOCK consecutive local elements (or, for row-index masks outside COPY, BLOCK
+consecutive mask entries). When the shard's global offset is aligned to the generator's call size, Philox runs once
+per call (8 Gaussians / 128 signs / 8 rounding-bit pairs) and the results are spread with join + reshape; otherwise
+(and for row-index entries) every element computes its own call.
+"""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+
+import torch
+import triton
+import triton.language as tl
+
+from . import reference as ref
+
+BLOCK = 1024          # elements (or mask entries) per program; power of two, >= 128. Tests vary it.
+NUM_WARPS = 4
+_NTAB = 8             # int64 columns of the per-tensor table
+_TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_TABLE_CACHE_SIZE = 64
+
+# float32 constants of the spec, as exact python floats
+_LOG_P2 = tuple(float(c) for c in ref.LOG_P2)
+_SIN_P = ref.SIN_P
+_COS_P = ref.COS_P
+
+
+# ------------------------------------------------------------------------------------------------ generator
+@triton.jit
+def _philox(c0, c1, c2, c3, k0, k1):
+    """Random123 Philox4x32-10 on tl.uint32 words (scalars broadcast)."""
+    for r in tl.static_range(10):
+        if r > 0:
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _words(blk, tid, STREAM: tl.constexpr, k0, k1):
+    """Philox call number blk (int64 >= 0) of (tid, STREAM) under key (k0, k1)."""
+    c0 = blk.to(tl.uint32)
+    c1 = (blk >> 32).to(tl.uint32)
+    c2 = tl.zeros_like(c0) + tid
+    c3 = tl.zeros_like(c0) + STREAM
+    return _philox(c0, c1, c2, c3, k0, k1)
+
+
+@triton.jit
+def _select4(sel, x0, x1, x2, x3):
+    return tl.where(sel == 0, x0, tl.where(sel == 1, x1, tl.where(sel == 2, x2, x3)))
+
+
+@triton.jit
+def _stack4(x0, x1, x2, x3, R: tl.constexpr):
+    """[R] x 4 -> [R, 4] with column j = xj."""
+    return tl.reshape(tl.join(tl.join(x0, x2), tl.join(x1, x3)), [R, 4])
+
+
+# ------------------------------------------------------------------------------------------------ Box-Muller
+@triton.jit
+def _radius(w):
+    k = ((w >> 12) + 1).to(tl.int32).to(tl.float32)
+    bits = k.to(tl.int32, bitcast=True)
+    e = (bits - 0x3F3504F3) >> 23
+    m = (bits - (e << 23)).to(tl.float32, bitcast=True)
+    t = m - 1.0
+    p = 0.29324913024902344 * t + -0.44337525963783264     # LOG_P2 = -2 * LOG_P, Horner from the top
+    p = p * t + 0.5071830153465271
+    p = p * t + -0.6649653911590576
+    p = p * t + 0.9998281002044678
+    p = p * t + -2.0000109672546387
+    q = (20 - e).to(tl.float32) * 1.3862943649291992 + t * p
+    return tl.sqrt_rn(q)
+
+
+@triton.jit
+def _angle(w):
+    q = (w >> 10) & 3
+    x = (2 * (w & 0x3FF).to(tl.int32) - 1023).to(tl.float32) * 7.669903939428206e-04
+    s2 = x * x
+    sin_x = ((0.00815201923251152 * s2 + -0.1666249930858612) * s2 + 0.9999985694885254) * x
+    cos_x = ((-0.001366178970783949 * s2 + 0.04166144132614136) * s2 + -0.4999998211860657) * s2 + 1.0
+    swap = (q & 1) == 1
+    c = tl.where(swap, sin_x, cos_x)
+    s = tl.where(swap, cos_x, sin_x)
+    c = tl.where((q == 1) | (q == 2), -c, c)
+    s = tl.where(q >= 2, -s, s)
+    return c, s
+
+
+# ------------------------------------------------------------------------------------------------ noise tiles
+@triton.jit
+def _gauss_elem(g, tid, k0, k1):
+    x0, x1, x2, x3 = _words(g >> 3, tid, 0, k0, k1)
+    w = _select4((g >> 1) & 3, x0, x1, x2, x3)
+    r = _radius(w)
+    c, s = _angle(w)
+    return r * tl.where((g & 1) == 0, c, s)
+
+
+@triton.jit
+def _gauss_rows(row0, tid, k0, k1, BLOCK: tl.constexpr):
+    R: tl.constexpr = BLOCK // 8
+    blk = row0 + tl.arange(0, R).to(tl.int64)
+    x0, x1, x2, x3 = _words(blk, tid, 0, k0, k1)
+    w = _stack4(x0, x1, x2, x3, R)            # [R, 4]: pair word j of call row
+    r = _radius(w)
+    c, s = _angle(w)
+    return tl.reshape(tl.join(r * c, r * s), [BLOCK])
+
+
+@triton.jit
+def _rad_elem(g, tid, k0, k1):
+    x0, x1, x2, x3 = _words(g >> 7, tid, 1, k0, k1)
+    w = _select4((g >> 5) & 3, x0, x1, x2, x3)
+    bit = (w >> (g & 31).to(tl.uint32)) & 1
+    return (1 - 2 * bit.to(tl.int32)).to(tl.float32)
+
+
+@triton.jit
+def _rad_rows(row0, tid, k0, k1, BLOCK: tl.constexpr):
+    R: tl.constexpr = BLOCK // 128
+    blk = row0 + tl.arange(0, R).to(tl.int64)
+    x0, x1, x2, x3 = _words(blk, tid, 1, k0, k1)
+    w = _stack4(x0, x1, x2, x3, R)            # [R, 4]
+    sh = tl.arange(0, 32).to(tl.uint32)
+    bit = (w[:, :, None] >> sh[None, None, :]) & 1
+    z = (1 - 2 * bit.to(tl.int32)).to(tl.float32)
+    return tl.reshape(z, [BLOCK])
+
+
+@triton.jit
+def _noise(g, gstart, contiguous, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr):
+    """z at global indices g ([BLOCK] int64). When contiguous, g == gstart + arange(BLOCK)."""
+    if DIST == 0:
+        if contiguous & ((gstart & 7) == 0):
+            z = _gauss_rows(gstart >> 3, tid, k0, k1, BLOCK)
+        else:
+            z = _gauss_elem(g, tid, k0, k1)
+    else:
+        if contiguous & ((gstart & 127) == 0):
+            z = _rad_rows(gstart >> 7, tid, k0, k1, BLOCK)
+        else:
+            z = _rad_elem(g, tid, k0, k1)
+    return z
+
+
+@triton.jit
+def _rbits(g, gstart, contiguous, tid, k0, k1, BLOCK: tl.constexpr):
+    """16 stochastic-rounding bits per element (uint32): half (i & 1) of pair word (i >> 1) & 3, call i >> 3."""
+    if contiguous & ((gstart & 7) == 0):
+        R: tl.constexpr = BLOCK // 8
+        blk = (gstart >> 3) + tl.arange(0, R).to(tl.int64)
+        x0, x1, x2, x3 = _words(blk, tid, 2, k0, k1)
+        w = _stack4(x0, x1, x2, x3, R)
+        rb = tl.reshape(tl.join(w & 0xFFFF, w >> 16), [BLOCK])
+    else:
+        x0, x1, x2, x3 = _words(g >> 3, tid, 2, k0, k1)
+        w = _select4((g >> 1) & 3, x0, x1, x2, x3)
+        rb = (w >> ((g & 1) * 16).to(tl.uint32)) & 0xFFFF
+    return rb
+
+
+# ------------------------------------------------------------------------------------------------ storage
+@triton.jit
+def _to_f32(raw, DT: tl.constexpr):
+    if DT == 0:
+        x = raw
+    elif DT == 1:
+        x = raw.to(tl.float32)
+    else:
+        x = (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x
+
+
+@triton.jit
+def _is_nan_bits(b):
+    return (b & 0x7FFFFFFF) > 0x7F800000
+
+
+@triton.jit
+def _rne(x, DT: tl.constexpr):
+    """float32 -> storage (raw) value, nearest-even."""
+    if DT == 0:
+        y = x
+    elif DT == 1:
+        y = x.to(tl.float16)
+    else:
+        b = x.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        r = tl.where(_is_nan_bits(b), 0x7FC0, r & 0xFFFF)
+        y = r.to(tl.uint16)
+    return y
+
+
+@triton.jit
+def _sr(x, rb, DT: tl.constexpr):
+    """float32 -> storage (raw) value, stochastic with 16 random bits rb (uint32). DT is 1 or 2."""
+    b = x.to(tl.uint32, bitcast=True)
+    if DT == 2:
+        r = ((b + rb) >> 16) & 0xFFFF
+        r = tl.where(_is_nan_bits(b), 0x7FC0, r)
+        y = r.to(tl.uint16)
+    else:
+        sign = b & 0x80000000
+        mag = b & 0x7FFFFFFF
+        ex = (mag >> 23).to(tl.int32)
+        drop = 13 + tl.minimum(tl.maximum(113 - ex, 0), 10)
+        rfield = tl.where(drop >= 16, rb << tl.maximum(drop - 16, 0).to(tl.uint32),
+                          rb >> tl.maximum(16 - drop, 0).to(tl.uint32))
+        low = (tl.full(b.shape, 1, tl.uint32) << drop.to(tl.uint32)) - 1
+        normal = (mag + rfield) & (~low)
+        sig = tl.where(ex == 0, tl.zeros_like(mag), (mag & 0x7FFFFF) | 0x800000)
+        thresh = sig >> tl.minimum(tl.maximum(102 - ex, 0), 31).to(tl.uint32)
+        tiny = tl.where((rb << 8) < thresh, tl.full(b.shape, 0x33800000, tl.uint32), tl.zeros_like(b))
+        out = tl.where(ex <= 102, tiny, normal) | sign
+        out = tl.where(ex == 255, b, out)
+        y = out.to(tl.float32, bitcast=True).to(tl.float16)
+    return y
+
+
+@triton.jit
+def _f32_arg(bits_ptr, i):
+    return tl.load(bits_ptr + i).to(tl.uint32).to(tl.float32, bitcast=True)
+
+
+# ------------------------------------------------------------------------------------------------ the kernel
+@triton.jit
+def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
+               OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, TMODE: tl.constexpr, DT: tl.constexpr,
+               HAS_PRIOR: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    t = tl.load(prog_ptr + 2 * pid)
+    start = tl.load(prog_ptr + 2 * pid + 1)
+    tb = tab_ptr + t * NTAB
+    in_addr = tl.load(tb + 0)
+    out_addr = tl.load(tb + 1)
+    mask_addr = tl.load(tb + 2)
+    numel = tl.load(tb + 3)
+    nunits = tl.load(tb + 4)
+    kcols = tl.load(tb + 5)
+    nsteps = tl.load(tb + 6).to(tl.int32)
+    entries = tl.load(tb + 7) != 0          # row-index mask entries (not elements) are the units
+    tid = tl.load(meta_ptr + 4 * t).to(tl.uint32)
+    off = tl.load(meta_ptr + 4 * t + 1)
+    kind = tl.load(meta_ptr + 4 * t + 2)
+    row_len = tl.load(meta_ptr + 4 * t + 3)
+    scale_mult = tl.load(fv_ptr + 5 * t)
+    lr_mult = tl.load(fv_ptr + 5 * t + 1)
+    wd = tl.load(fv_ptr + 5 * t + 2)
+    g_mult = tl.load(fv_ptr + 5 * t + 3)
+    tau = tl.load(fv_ptr + 5 * t + 4)
+
+    if DT == 0:
+        in_ptr = in_addr.to(tl.pointer_type(tl.float32))
+        out_ptr = out_addr.to(tl.pointer_type(tl.float32))
+    elif DT == 1:
+        in_ptr = in_addr.to(tl.pointer_type(tl.float16))
+        out_ptr = out_addr.to(tl.pointer_type(tl.float16))
+    else:
+        in_ptr = in_addr.to(tl.pointer_type(tl.uint16))
+        out_ptr = out_addr.to(tl.pointer_type(tl.uint16))
+    mask_u8 = mask_addr.to(tl.pointer_type(tl.uint8))
+    mask_i32 = mask_addr.to(tl.pointer_type(tl.int32))
+
+    u = start + tl.arange(0, BLOCK).to(tl.int64)
+    valid = u < nunits
+    # units -> local element indices
+    col = tl.load(mask_i32 + u, mask=valid & entries, other=0).to(tl.int64)
+    local = tl.where(entries, (u // tl.maximum(kcols, 1)) * row_len + col, u)
+
+    raw = tl.load(in_ptr + local, mask=valid)
+    x = _to_f32(raw, DT)
+
+    # selection
+    use_thr = (kind == 1) & (TMODE != 2)
+    use_bits = (kind == 2) | ((kind == 1) & (TMODE == 2))
+    thr = tl.abs(x) < tau
+    byte = tl.load(mask_u8 + (local >> 3), mask=valid & use_bits, other=0)
+    bit = ((byte.to(tl.int32) >> (local & 7).to(tl.int32)) & 1) != 0
+    sel = valid & tl.where(use_thr, thr, tl.where(use_bits, bit, True))
+    if OP == 2:
+        # row-index mask in COPY: units are elements; find each one's column in its row (binary search)
+        is_ri = (kind == 3) & (~entries)
+        rl = tl.maximum(row_len, 1)
+        row = local // rl
+        c = local - row * rl
+        base_i = row * kcols
+        lo = tl.zeros([BLOCK], tl.int64)
+        hi = tl.zeros([BLOCK], tl.int64) + kcols
+        for _ in range(nsteps):
+            act = lo < hi
+            mid = (lo + hi) >> 1
+            v = tl.load(mask_i32 + base_i + mid, mask=valid & is_ri & act, other=0).to(tl.int64)
+            less = v < c
+            lo = tl.where(act & less, mid + 1, lo)
+            hi = tl.where(act & (v >= c), mid, hi)
+        inb = lo < kcols
+        fv = tl.load(mask_i32 + base_i + lo, mask=valid & is_ri & inb, other=-1).to(tl.int64)
+        sel = tl.where(is_ri, valid & inb & (fv == c), sel)
+
+    if TMODE == 1:
+        # threshold latch: this program owns bytes [start/8, start/8 + BLOCK/8); every byte is rewritten
+        bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
+        packed = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+        bidx = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
+        tl.store(mask_u8 + bidx, packed.to(tl.uint8), mask=(bidx < ((numel + 7) >> 3)) & (kind == 1) & (~entries))
+
+    g = off + local
+    gstart = off + start
+    contiguous = ~entries
+    s = _f32_arg(call_ptr, 2 * n_seeds + 2) * scale_mult
+    k0 = tl.load(call_ptr).to(tl.uint32)
+    k1 = tl.load(call_ptr + 1).to(tl.uint32)
+    if OP == 2:
+        z0 = _noise(g, gstart, contiguous, tid, k0, k1, DIST, BLOCK)
+        res = _rne(x + s * z0, DT)
+        tl.store(out_ptr + local, tl.where(sel, res, raw), mask=valid)
+    else:
+        if HAS_PRIOR:
+            p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
+            z0 = _noise(g, gstart, contiguous, tid, k0, k1, DIST, BLOCK)
+            base = _to_f32(_rne(x - p * z0, DT), DT)
+        else:
+            base = x
+        if OP == 0:
+            if not HAS_PRIOR:
+                z0 = _noise(g, gstart, contiguous, tid, k0, k1, DIST, BLOCK)
+            res = _rne(base + s * z0, DT)
+        else:
+            acc = tl.zeros([BLOCK], tl.float32)
+            for k in range(1, n_seeds):
+                gk = tl.load(gs_ptr + (k - 1)) * g_mult
+                kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
+                kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
+                acc = acc + gk * _noise(g, gstart, contiguous, tid, kk0, kk1, DIST, BLOCK)
+            step = acc + wd * base
+            lr = _f32_arg(call_ptr, 2 * n_seeds + 4)
+            new = base - (lr * lr_mult) * step
+            if SR and DT != 0:
+                sk0 = tl.load(call_ptr + 2 * n_seeds).to(tl.uint32)
+                sk1 = tl.load(call_ptr + 2 * n_seeds + 1).to(tl.uint32)
+                rb = _rbits(g, gstart, contiguous, tid, sk0, sk1, BLOCK)
+                res = _sr(new, rb, DT)
+            else:
+                res = _rne(new, DT)
+        tl.store(out_ptr + local, res, mask=sel)
+
+
+
+
+# ------------------------------------------------------------------------------------------------ host side
+_DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _is_rowidx(mask: torch.Tensor) -> bool:
+    return mask.dtype == torch.int32 and mask.dim() == 2
+
+
+def _tables(params, outs, masks, op: int, block: int, device):
+    rows = []
+    for theta, out, mask in zip(params, outs, masks):
+        n = theta.numel()
+        ri = _is_rowidx(mask)
+        kcols = int(mask.shape[1]) if ri else 0
+        entries = ri and op != ref.OP_COPY
+        nunits = mask.numel() if entries else n
+        nsteps = kcols.bit_length() + 1 if ri else 0
+        rows.append((theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, nunits, kcols, nsteps, int(entries)))
+    key = (str(device), block, tuple(rows))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
+    tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
+    nunits = tab[:, 4]
+    nprog = (nunits + block - 1) // block
+    tidx = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), nprog)
+    first = torch.cumsum(nprog, 0) - nprog
+    starts = (torch.arange(tidx.numel(), dtype=torch.int64) - first[tidx]) * block
+    prog = torch.stack([tidx, starts], 1).contiguous()
+    hit = (tab.to(device), prog.to(device), int(prog.shape[0]))
+    _TABLE_CACHE[key] = hit
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return hit
+
+
+def _call_table(seeds, sr_seed, scale, prior, lr, device):
+    m32 = 0xFFFFFFFF
+    vals = []
+    for s in list(seeds) + [sr_seed]:
+        s &= (1 << 64) - 1
+        vals += [s & m32, s >> 32]
+    fbits = torch.tensor([scale, prior, lr], dtype=torch.float32).view(torch.int32).to(torch.int64) & m32
+    host = torch.cat([torch.tensor(vals, dtype=torch.int64), fbits])
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, rounding: int,
+              sr_seed: int, threshold_mode: int, scale: float, prior: float, lr: float, *, block: int | None = None) -> None:
+    """Same semantics as reference.zo_apply_; outs empty means in place. One kernel launch."""
+    params = list(params)
+    if not params:
+        return
+    outs = list(outs) if len(outs) else params
+    masks = list(masks)
+    dtype = params[0].dtype
+    device = params[0].device
+    if dtype not in _DT:
+        raise TypeError(f"unsupported storage dtype {dtype}")
+    if len(outs) != len(params) or len(masks) != len(params):
+        raise ValueError("params, outs and masks must have the same length")
+    for p_, o_ in zip(params, outs):
+        if p_.dtype != dtype or o_.dtype != dtype or p_.device != device or o_.device != device:
+            raise ValueError("zo_apply_: one dtype and one device per call")
+        if not (p_.is_contiguous() and o_.is_contiguous()) or o_.numel() != p_.numel():
+            raise ValueError("zo_apply_: contiguous tensors with matching outputs required")
+    block = int(block or BLOCK)
+    if block < 128 or block & (block - 1):
+        raise ValueError(f"BLOCK must be a power of two >= 128, got {block}")
+    if device.type != "cpu" and _interpreted():
+        # the interpreter dereferences host addresses: run on host copies and write back
+        hp = [p_.detach().cpu() for p_ in params]
+        ho = hp if outs is params else [o_.detach().cpu() for o_ in outs]
+        hm = [m_.cpu() for m_ in masks]
+        zo_apply_(hp, ho, hm, meta.cpu(), fvals.cpu(), seeds, gs.cpu(), op, dist, rounding, sr_seed,
+                  threshold_mode, scale, prior, lr, block=block)
+        for dst, srcs in ((outs, ho), (masks, hm)):
+            for d_, s_ in zip(dst, srcs):
+                d_.copy_(s_)
+        return
+    if meta.device.type == "cpu":  # cheap consistency check of the host's chunking (no sync possible otherwise)
+        for t, m_ in enumerate(masks):
+            if (int(meta[t, 2]) == ref.MASK_ROWIDX) != _is_rowidx(m_):
+                raise ValueError(f"tensor {t}: mask kind {int(meta[t, 2])} does not match its mask tensor")
+    tab, prog, nprog = _tables(params, outs, masks, op, block, device)
+    if nprog == 0:
+        return
+    meta_d = meta.to(device=device, dtype=torch.int64).contiguous()
+    fv_d = fvals.to(device=device, dtype=torch.float32).contiguous()
+    call = _call_table(seeds, sr_seed, scale, prior, lr, device)
+    if len(seeds) > 1:
+        gs_d = gs.to(device=device, dtype=torch.float32).contiguous()
+    else:
+        gs_d = fv_d  # never read
+    _zo_kernel[(nprog,)](tab, prog, meta_d, fv_d, call, gs_d, len(seeds),
+                         OP=int(op), DIST=int(dist), SR=int(rounding == ref.ROUND_STOCHASTIC),
+                         TMODE=int(threshold_mode), DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0),
+                         BLOCK=block, NTAB=_NTAB, num_warps=NUM_WARPS, enable_fp_fusion=False)
