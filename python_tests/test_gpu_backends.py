@@ -1,0 +1,132 @@
+"""GPU execution: cuda and compiled triton against the reference, bit for bit. Runs only where CUDA is available
+(bench/gpu_check.sh runs it on the GPU machine and commits the summary under bench/results/)."""
+import pytest
+import torch
+
+import mazo_kernels as mk
+from mazo_kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+GPU_BACKENDS = [b for b in ("cuda", "triton") if (b == "triton" and mk.has_triton()) or (b == "cuda" and mk.has_cuda())]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _bits(t):
+    return t.detach().cpu().contiguous().view(BITS[t.dtype])
+
+
+def _weights(gen, sizes, dtype, device):
+    out = []
+    for n in sizes:
+        w = torch.randn(n, generator=gen) * 0.02
+        w[::7] *= 50.0
+        out.append(w.to(dtype).to(device))
+    return out
+
+
+def _plan(tensors, masks=None, **kw):
+    entries = []
+    for i, t in enumerate(tensors):
+        e = mk.PlanEntry(f"layer{i}.weight", t, mk.stable_tensor_id(f"layer{i}.weight"), **kw.get(i, {}))
+        if masks and i in masks:
+            e.mask = masks[i]
+        entries.append(e)
+    return mk.ZOPlan(entries)
+
+
+def _masks_for(tensors, gen, device):
+    m = {}
+    m[0] = mk.ThresholdMask(0.02)
+    sel = torch.rand(tensors[1].numel(), generator=gen) < 0.3
+    m[1] = mk.BitMask.from_bool(sel.to(device))
+    return m
+
+
+def test_backends_present():
+    assert "triton" in GPU_BACKENDS, "triton must run compiled on the GPU machine"
+    assert "cuda" in GPU_BACKENDS, f"CUDA extension not built: {mk._backends._load_cuda_ext()}"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_step_matches_reference(backend, dtype, dist, masked):
+    gen = torch.Generator().manual_seed(hash((backend, str(dtype), dist, masked)) % 2 ** 31)
+    sizes = [1000, 333, 1, 0, 4099, 129]
+    w_gpu = _weights(gen, sizes, dtype, "cuda")
+    w_cpu = [t.cpu().clone() for t in w_gpu]
+    masks_gpu = _masks_for(w_gpu, gen, "cuda") if masked else None
+    masks_cpu = ({0: masks_gpu[0], 1: mk.BitMask(masks_gpu[1].bits.cpu())} if masked else None)
+    mults = {2: dict(scale_mult=0.5, lr_mult=2.0, weight_decay=0.1), 4: dict(global_offset=2 ** 33 + 3,
+                                                                          full_numel=2 ** 34)}
+    p_gpu, p_cpu = _plan(w_gpu, masks_gpu, **mults), _plan(w_cpu, masks_cpu, **mults)
+    seed, eps = 2 ** 64 - 17, 1e-3
+    for plan, b in ((p_gpu, backend), (p_cpu, "reference")):
+        mk.perturb_(plan, seed, eps, dist=dist, backend=b)
+    assert all(torch.equal(_bits(a), _bits(c)) for a, c in zip(w_gpu, w_cpu))
+    for plan, b in ((p_gpu, backend), (p_cpu, "reference")):
+        mk.perturb_(plan, seed, -eps, prior=eps, dist=dist, backend=b)
+    assert all(torch.equal(_bits(a), _bits(c)) for a, c in zip(w_gpu, w_cpu))
+    g_gpu = torch.tensor([0.7, -1.3], device="cuda")
+    for plan, b, g in ((p_gpu, backend, g_gpu), (p_cpu, "reference", [0.7, -1.3])):
+        mk.update_(plan, [seed, 99], g, lr=1e-2, restore_seed=seed, prior=-eps, rounding="stochastic",
+                   sr_seed=5, dist=dist, backend=b)
+    assert all(torch.equal(_bits(a), _bits(c)) for a, c in zip(w_gpu, w_cpu))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_noise_and_copy_match_reference(backend):
+    for dist in ("gaussian", "rademacher"):
+        z = mk.noise(2 ** 63 + 5, 123, 2 ** 32 - 7, 5000, dist=dist, device="cuda", backend=backend)
+        zr = mk.noise(2 ** 63 + 5, 123, 2 ** 32 - 7, 5000, dist=dist, backend="reference")
+        assert torch.equal(_bits(z), _bits(zr))
+    gen = torch.Generator().manual_seed(3)
+    w = _weights(gen, [777], torch.bfloat16, "cuda")[0]
+    e = mk.PlanEntry("x", w, 5)
+    out = torch.full_like(w, float("nan"))
+    mk.perturbed_copy(e, 11, 1e-3, out=out, backend=backend)
+    ref_out = mk.perturbed_copy(mk.PlanEntry("x", w.cpu(), 5), 11, 1e-3, backend="reference")
+    assert torch.equal(_bits(out), _bits(ref_out))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_rowindex_mask_matches_reference(backend):
+    gen = torch.Generator().manual_seed(4)
+    rows, cols, k = 37, 53, 9
+    w = (torch.randn(rows, cols, generator=gen) * 0.02).bfloat16()
+    idx = torch.stack([torch.randperm(cols, generator=gen)[:k].sort().values for _ in range(rows)]).int()
+    wg = w.cuda()
+    pg = mk.ZOPlan([mk.PlanEntry("w", wg, 9, mask=mk.RowIndexMask(idx.cuda()))])
+    pc = mk.ZOPlan([mk.PlanEntry("w", w, 9, mask=mk.RowIndexMask(idx))])
+    mk.perturb_(pg, 8, 1e-3, backend=backend)
+    mk.perturb_(pc, 8, 1e-3, backend="reference")
+    assert torch.equal(_bits(wg), _bits(w))
+
+
+def test_cuda_and_triton_agree_on_a_tensor_past_2_31_elements():
+    """One real tensor of 2^31 + 1001 bf16 elements: cuda and triton agree everywhere; chunks at the start,
+    around 2^31 and at the end agree with the reference."""
+    if len(GPU_BACKENDS) < 2:
+        pytest.skip("needs both GPU backends")
+    n = 2 ** 31 + 1001
+    free, _ = torch.cuda.mem_get_info()
+    assert free > 3 * n * 2, "not enough GPU memory for the large-tensor check"
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(n, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02)
+    w0 = w.clone()
+    seed = 2 ** 64 - 3
+    mk.perturb_(mk.ZOPlan([mk.PlanEntry("big", w, 77)]), seed, 1e-3, backend="cuda")
+    w_cuda = w.clone()
+    w.copy_(w0)
+    mk.perturb_(mk.ZOPlan([mk.PlanEntry("big", w, 77)]), seed, 1e-3, backend="triton")
+    assert torch.equal(w.view(torch.int16), w_cuda.view(torch.int16))
+    del w_cuda
+    for start in (0, 2 ** 31 - 4096, n - 5000):
+        stop = min(n, start + 8192)
+        idx = torch.arange(start, stop)
+        base = w0[start:stop].float().cpu()
+        expect = ref.to_storage(base + ref._f32(1e-3) * ref.gaussian(seed, 77, idx), torch.bfloat16)
+        assert torch.equal(w[start:stop].cpu().view(torch.int16), expect.view(torch.int16)), start
