@@ -90,7 +90,7 @@ def _radius(w):
 @triton.jit
 def _angle(w):
     q = (w >> 10) & 3
-    x = (2 * (w & 0x3FF).to(tl.int32) - 1023).to(tl.float32) * 7.669903939428206e-04
+    x = (2 * (w & 0x3FF).to(tl.int32) - 1023).to(tl.float32) * 0.0007669904152862728   # float32(ANGLE_STEP)
     s2 = x * x
     sin_x = ((0.00815201923251152 * s2 + -0.1666249930858612) * s2 + 0.9999985694885254) * x
     cos_x = ((-0.001366178970783949 * s2 + 0.04166144132614136) * s2 + -0.4999998211860657) * s2 + 1.0
@@ -223,7 +223,7 @@ def _sr(x, rb, DT: tl.constexpr):
         rfield = tl.where(drop >= 16, rb << tl.maximum(drop - 16, 0).to(tl.uint32),
                           rb >> tl.maximum(16 - drop, 0).to(tl.uint32))
         low = (tl.full(b.shape, 1, tl.uint32) << drop.to(tl.uint32)) - 1
-        normal = (mag + rfield) & (~low)
+        normal = (mag + rfield) & (low ^ 0xFFFFFFFF)   # (~ on uint32 breaks the interpreter)
         sig = tl.where(ex == 0, tl.zeros_like(mag), (mag & 0x7FFFFF) | 0x800000)
         thresh = sig >> tl.minimum(tl.maximum(102 - ex, 0), 31).to(tl.uint32)
         tiny = tl.where((rb << 8) < thresh, tl.full(b.shape, 0x33800000, tl.uint32), tl.zeros_like(b))

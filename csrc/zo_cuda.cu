@@ -1,0 +1,205 @@
+// CUDA backend of mazo_C::zo_apply_: one kernel launch per call, for any number of tensors.
+// Build with --fmad=false (the float ops also use __fmul_rn/__fadd_rn, which are never contracted).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <vector>
+
+#include "zo_host_common.h"
+
+namespace {
+
+using namespace mazo;
+
+constexpr int THREADS = 256;
+constexpr int ITERS = 4;                            // units per thread per block
+constexpr int64_t UNITS_PER_BLOCK = (int64_t)THREADS * ITERS;  // 8192 elements
+
+struct Desc {
+  const void* in;
+  void* out;
+  uint8_t* mask8;       // packed bits / latch (kinds 1, 2), else null
+  const int32_t* cols;  // row-index table (kind 3), else null
+  int64_t n;            // elements
+  int64_t k;            // row-index: entries per row
+  int64_t work_n;       // elements or entries this tensor's units cover
+  int64_t units;
+  int64_t block_start;  // first block of this tensor
+  int32_t work;         // WORK_ELEMENTS or WORK_ENTRIES
+  int32_t pad;
+};
+
+struct KArgs {
+  OpParams P;
+  const Desc* descs;
+  const int64_t* meta;  // [T, 4]
+  const float* fvals;   // [T, 5]
+  int T;
+  int64_t total_blocks;
+};
+
+template <int DT>
+__global__ void __launch_bounds__(THREADS, 2) zo_apply_kernel(KArgs a) {
+  using bits_t = typename Storage<DT>::bits_t;
+  for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
+    int lo = 0, hi = a.T - 1;  // last tensor whose block_start <= b (empty tensors own no block)
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (a.descs[mid].block_start <= b)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    const Desc& d = a.descs[lo];
+    TensorParams T;
+    const int64_t* mp = a.meta + 4 * (int64_t)lo;
+    const float* fp = a.fvals + 5 * (int64_t)lo;
+    T.tid = (uint32_t)(uint64_t)mp[0];
+    T.offset = mp[1];
+    T.kind = (int)mp[2];
+    T.row_len = mp[3];
+    T.scale_mult = fp[0];
+    T.lr_mult = fp[1];
+    T.wd = fp[2];
+    T.g_mult = fp[3];
+    T.tau = fp[4];
+    if (d.work == WORK_ELEMENTS) {
+      if ((T.kind == MASK_THRESHOLD && a.P.threshold_mode != THRESH_EVAL) || T.kind == MASK_BITMASK) {
+        if (d.mask8 == nullptr) continue;  // malformed call: nothing safe to do
+      }
+    }
+    const int64_t ub = (b - d.block_start) * UNITS_PER_BLOCK;
+    const bits_t* in = reinterpret_cast<const bits_t*>(d.in);
+    bits_t* out = reinterpret_cast<bits_t*>(d.out);
+    if (d.work == WORK_ELEMENTS) {
+      // double-buffered: the next unit's load is in flight while this one computes
+      bits_t buf[2][UNIT];
+      int64_t u = ub + threadIdx.x;
+      if (u < d.units) load_unit<DT>(in + u * UNIT, (int)min((int64_t)UNIT, d.n - u * UNIT), buf[0]);
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {
+        u = ub + (int64_t)it * THREADS + threadIdx.x;
+        if (u >= d.units) break;
+        const int64_t un = u + THREADS;
+        if (it + 1 < ITERS && un < d.units)
+          load_unit<DT>(in + un * UNIT, (int)min((int64_t)UNIT, d.n - un * UNIT), buf[(it + 1) & 1]);
+        process_loaded_unit<DT>(a.P, T, buf[it & 1], out, d.mask8, d.cols, d.k, d.n, u);
+      }
+    } else {
+      for (int it = 0; it < ITERS; ++it) {
+        const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+        if (u >= d.units) break;
+        process_entry_unit<DT>(a.P, T, in, out, d.cols, d.k, d.work_n, u);
+      }
+    }
+  }
+}
+
+void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList masks, const at::Tensor& meta,
+                   const at::Tensor& fvals, at::IntArrayRef seeds, const at::Tensor& gs, int64_t op, int64_t dist,
+                   int64_t rounding, int64_t sr_seed, int64_t threshold_mode, double scale, double prior, double lr) {
+  if (params.empty()) return;
+  const int dt = check_args(params, outs, masks, meta, fvals, seeds, gs, op, dist, rounding, threshold_mode);
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "zo_apply_ (CUDA): params must be CUDA tensors");
+  for (const auto& p : params) TORCH_CHECK(p.device() == device, "zo_apply_ (CUDA): params on several devices");
+  const c10::cuda::CUDAGuard guard(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+
+  OpParams P = make_op_params(seeds, op, dist, rounding, sr_seed, threshold_mode, scale, prior, lr);
+  const int T = (int)params.size();
+  // meta / fvals / gs live on the device already (the plan puts them there); no host sync is needed.
+  const at::Tensor meta_d = meta.to(device, at::kLong).contiguous();
+  const at::Tensor fvals_d = fvals.to(device, at::kFloat).contiguous();
+  at::Tensor gs_d;
+  if (P.nupd > 0) gs_d = gs.to(device, at::kFloat).contiguous();
+
+  std::vector<Desc> descs(T);
+  int64_t total_blocks = 0;
+  for (int t = 0; t < T; ++t) {
+    const at::Tensor& theta = params[t];
+    const at::Tensor& outt = outs.empty() ? theta : outs[t];
+    const at::Tensor& mask = masks[t];
+    Desc& d = descs[t];
+    std::memset(&d, 0, sizeof(Desc));
+    d.in = theta.data_ptr();
+    d.out = outt.data_ptr();
+    d.n = theta.numel();
+    d.work = WORK_ELEMENTS;
+    d.work_n = d.n;
+    if (is_rowidx_mask(mask)) {
+      d.cols = mask.numel() ? mask.data_ptr<int32_t>() : nullptr;
+      d.k = mask.size(1);
+      TORCH_CHECK(theta.dim() == 2 && mask.size(0) == theta.size(0), "zo_apply_: row-index mask ", t,
+                  " must be int32 [rows, k] for a 2-D weight");
+      if (op != OP_COPY) {
+        d.work = WORK_ENTRIES;
+        d.work_n = mask.numel();
+      }
+    } else if (mask.numel() > 0) {
+      TORCH_CHECK(mask.scalar_type() == at::kByte && mask.numel() >= (d.n + 7) / 8, "zo_apply_: mask ", t,
+                  " must be uint8 with ceil(numel / 8) bytes");
+      d.mask8 = mask.data_ptr<uint8_t>();
+    }
+    d.units = d.n == 0 ? 0 : (d.work_n + UNIT - 1) / UNIT;
+    d.block_start = total_blocks;
+    total_blocks += (d.units + UNITS_PER_BLOCK - 1) / UNITS_PER_BLOCK;
+  }
+  if (total_blocks == 0) return;
+
+  // One pinned host buffer -> one async H2D copy: [Desc x T][update seeds].
+  const size_t desc_bytes = sizeof(Desc) * (size_t)T;
+  const size_t seed_bytes = sizeof(uint64_t) * (size_t)P.nupd;
+  const size_t bytes = desc_bytes + seed_bytes;
+  at::Tensor host = at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  uint8_t* hp = host.data_ptr<uint8_t>();
+  std::memcpy(hp, descs.data(), desc_bytes);
+  for (int k = 0; k < P.nupd; ++k) {
+    const uint64_t s = (uint64_t)seeds[k + 1];
+    std::memcpy(hp + desc_bytes + sizeof(uint64_t) * k, &s, sizeof(uint64_t));
+  }
+  at::Tensor table = at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  table.copy_(host, /*non_blocking=*/true);
+
+  KArgs a;
+  a.P = P;
+  a.descs = reinterpret_cast<const Desc*>(table.data_ptr<uint8_t>());
+  a.P.useeds = P.nupd ? reinterpret_cast<const uint64_t*>(table.data_ptr<uint8_t>() + desc_bytes) : nullptr;
+  a.P.gs = P.nupd ? gs_d.data_ptr<float>() : nullptr;
+  a.meta = meta_d.data_ptr<int64_t>();
+  a.fvals = fvals_d.data_ptr<float>();
+  a.T = T;
+  a.total_blocks = total_blocks;
+  const int64_t max_grid = 1 << 30;
+  const unsigned grid = (unsigned)(total_blocks < max_grid ? total_blocks : max_grid);
+  switch (dt) {
+    case DT_F32: zo_apply_kernel<DT_F32><<<grid, THREADS, 0, stream>>>(a); break;
+    case DT_F16: zo_apply_kernel<DT_F16><<<grid, THREADS, 0, stream>>>(a); break;
+    default: zo_apply_kernel<DT_BF16><<<grid, THREADS, 0, stream>>>(a); break;
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mazo_C, CUDA, m) { m.impl("zo_apply_", &zo_apply_cuda); }
+
+#define MAZO_CAT_(a, b) a##b
+#define MAZO_CAT(a, b) MAZO_CAT_(a, b)
+#define MAZO_STR_(a) #a
+#define MAZO_STR(a) MAZO_STR_(a)
+#ifndef TORCH_EXTENSION_NAME
+#define TORCH_EXTENSION_NAME _C_cuda
+#endif
+
+static PyModuleDef mazo_cuda_module_def = {PyModuleDef_HEAD_INIT, MAZO_STR(TORCH_EXTENSION_NAME),
+                                           "mazo_kernels CUDA kernels (registers the CUDA impl of mazo_C)", -1,
+                                           nullptr};
+
+PyMODINIT_FUNC MAZO_CAT(PyInit_, TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&mazo_cuda_module_def); }

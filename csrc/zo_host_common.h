@@ -1,0 +1,86 @@
+// Host-side helpers shared by the CPU and CUDA registrations: argument checks and the op parameters.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "zo_apply_common.h"
+
+namespace mazo {
+
+inline int dtype_code(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return DT_F32;
+    case at::kHalf: return DT_F16;
+    case at::kBFloat16: return DT_BF16;
+    default: TORCH_CHECK(false, "mazo_C::zo_apply_: unsupported dtype ", st, " (float32, float16, bfloat16 only)");
+  }
+  return -1;
+}
+
+// Checks shared by every backend; returns the common dtype code.
+inline int check_args(at::TensorList params, at::TensorList outs, at::TensorList masks, const at::Tensor& meta,
+                      const at::Tensor& fvals, at::IntArrayRef seeds, const at::Tensor& gs, int64_t op, int64_t dist,
+                      int64_t rounding, int64_t threshold_mode) {
+  const int64_t T = (int64_t)params.size();
+  TORCH_CHECK(outs.empty() || (int64_t)outs.size() == T, "zo_apply_: outs must be empty or match params");
+  TORCH_CHECK((int64_t)masks.size() == T, "zo_apply_: one mask tensor per param expected");
+  TORCH_CHECK(meta.dim() == 2 && meta.size(0) == T && meta.size(1) == 4, "zo_apply_: meta must be [T, 4]");
+  TORCH_CHECK(fvals.dim() == 2 && fvals.size(0) == T && fvals.size(1) == 5, "zo_apply_: fvals must be [T, 5]");
+  TORCH_CHECK(!seeds.empty(), "zo_apply_: at least one seed expected");
+  TORCH_CHECK(op == OP_PERTURB || op == OP_UPDATE || op == OP_COPY, "zo_apply_: bad op ", op);
+  TORCH_CHECK(dist == DIST_GAUSSIAN || dist == DIST_RADEMACHER, "zo_apply_: bad dist ", dist);
+  TORCH_CHECK(rounding == ROUND_NEAREST || rounding == ROUND_STOCHASTIC, "zo_apply_: bad rounding ", rounding);
+  TORCH_CHECK(threshold_mode >= 0 && threshold_mode <= 2, "zo_apply_: bad threshold_mode ", threshold_mode);
+  if (op == OP_UPDATE)
+    TORCH_CHECK(gs.numel() >= (int64_t)seeds.size() - 1, "zo_apply_: need one projected gradient per update seed");
+  int dt = -1;
+  for (int64_t t = 0; t < T; ++t) {
+    const at::Tensor& p = params[t];
+    TORCH_CHECK(p.is_contiguous(), "zo_apply_: param ", t, " is not contiguous");
+    const int d = dtype_code(p.scalar_type());
+    TORCH_CHECK(dt < 0 || d == dt, "zo_apply_: params of one call must share a dtype");
+    dt = d;
+    if (!outs.empty()) {
+      const at::Tensor& o = outs[t];
+      TORCH_CHECK(o.is_contiguous() && o.scalar_type() == p.scalar_type() && o.numel() == p.numel() &&
+                      o.device() == p.device(),
+                  "zo_apply_: out ", t, " must be a contiguous tensor like its param");
+    }
+    const at::Tensor& m = masks[t];
+    if (m.numel() > 0) {
+      TORCH_CHECK(m.is_contiguous() && m.device() == p.device(), "zo_apply_: mask ", t,
+                  " must be contiguous and on the param's device");
+      TORCH_CHECK(m.scalar_type() == at::kByte || m.scalar_type() == at::kInt, "zo_apply_: mask ", t,
+                  " must be uint8 (bits) or int32 (row indices)");
+    }
+  }
+  return dt;
+}
+
+inline OpParams make_op_params(at::IntArrayRef seeds, int64_t op, int64_t dist, int64_t rounding, int64_t sr_seed,
+                               int64_t threshold_mode, double scale, double prior, double lr) {
+  OpParams P;
+  P.op = (int)op;
+  P.dist = (int)dist;
+  P.rounding = (int)rounding;
+  P.threshold_mode = (int)threshold_mode;
+  P.scale = (float)scale;
+  P.prior = (float)prior;
+  P.lr = (float)lr;
+  P.prior_nonzero = prior != 0.0;
+  P.seed0 = (uint64_t)seeds[0];
+  P.sr_seed = (uint64_t)sr_seed;
+  P.nupd = op == OP_UPDATE ? (int)seeds.size() - 1 : 0;
+  P.useeds = nullptr;
+  P.gs = nullptr;
+  return P;
+}
+
+// How a tensor's work is split (decided on the host from the mask tensor, without reading meta).
+enum : int { WORK_ELEMENTS = 0, WORK_ENTRIES = 1 };
+
+inline bool is_rowidx_mask(const at::Tensor& m) { return m.scalar_type() == at::kInt && m.dim() == 2; }
+
+}  // namespace mazo

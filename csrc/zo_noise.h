@@ -1,0 +1,347 @@
+// Noise specification v1 (see mazo_kernels/reference.py, the bit-exact oracle), for host and device.
+//
+// Every float operation is an explicitly IEEE-rounded float32 op (fmul/fadd/fsub/fsqrt below), in the
+// order reference.py writes it. On the device these map to __fmul_rn/__fadd_rn/__fsub_rn/__fsqrt_rn, which
+// the compiler never contracts into FMA; on the host the file must be compiled with -ffp-contract=off and
+// without -ffast-math.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define MAZO_HD __host__ __device__ __forceinline__
+#else
+#define MAZO_HD inline
+#endif
+
+#if defined(__CUDA_ARCH__)
+#define MAZO_UNROLL _Pragma("unroll")
+#else
+#define MAZO_UNROLL
+#endif
+
+namespace mazo {
+
+// ------------------------------------------------------------------ constants (spec v1)
+constexpr uint32_t PHILOX_M0 = 0xD2511F53u, PHILOX_M1 = 0xCD9E8D57u;
+constexpr uint32_t PHILOX_W0 = 0x9E3779B9u, PHILOX_W1 = 0xBB67AE85u;
+
+constexpr uint32_t STREAM_GAUSSIAN = 0, STREAM_RADEMACHER = 1, STREAM_ROUNDING = 2;
+constexpr int DIST_GAUSSIAN = 0, DIST_RADEMACHER = 1;
+constexpr int MASK_NONE = 0, MASK_THRESHOLD = 1, MASK_BITMASK = 2, MASK_ROWIDX = 3;
+constexpr int THRESH_EVAL = 0, THRESH_LATCH_WRITE = 1, THRESH_LATCH_READ = 2;
+constexpr int OP_PERTURB = 0, OP_UPDATE = 1, OP_COPY = 2;
+constexpr int ROUND_NEAREST = 0, ROUND_STOCHASTIC = 1;
+
+// Exact float32 values of reference.py's constants (hex literals: no decimal parsing ambiguity).
+// LOG_P2 = -2 * LOG_P (exact scaling).
+#define MAZO_LOG_P2_0 -0x1.00005cp+1f
+#define MAZO_LOG_P2_1 0x1.ffe978p-1f
+#define MAZO_LOG_P2_2 -0x1.547658p-1f
+#define MAZO_LOG_P2_3 0x1.03ad7ep-1f
+#define MAZO_LOG_P2_4 -0x1.c6042ap-2f
+#define MAZO_LOG_P2_5 0x1.2c4980p-2f
+#define MAZO_SIN_P0 0x1.ffffd0p-1f
+#define MAZO_SIN_P1 -0x1.553f7cp-3f
+#define MAZO_SIN_P2 0x1.0b2018p-7f
+#define MAZO_COS_P0 -0x1.fffff4p-2f
+#define MAZO_COS_P1 0x1.554a60p-5f
+#define MAZO_COS_P2 -0x1.6622b8p-10f
+#define MAZO_TWO_LN2 0x1.62e430p+0f
+#define MAZO_SQRT_HALF_BITS 0x3F3504F3u
+#define MAZO_ANGLE_STEP 0x1.921fb6p-11f  /* float32(pi / 4096) */
+
+// ------------------------------------------------------------------ exact float32 primitives
+MAZO_HD uint32_t f2u(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+#endif
+}
+
+MAZO_HD float u2f(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+#endif
+}
+
+MAZO_HD float fmul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+MAZO_HD float fadd(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+MAZO_HD float fsub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+MAZO_HD float fsqrt(float a) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(a);
+#else
+  return std::sqrt(a);
+#endif
+}
+
+MAZO_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return (uint32_t)(((uint64_t)a * (uint64_t)b) >> 32);
+#endif
+}
+
+// ------------------------------------------------------------------ Philox4x32-10
+struct U4 {
+  uint32_t v[4];
+};
+
+MAZO_HD U4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    if (r) {
+      k0 += PHILOX_W0;
+      k1 += PHILOX_W1;
+    }
+    // one widening 32x32->64 multiply gives both halves (a single IMAD.WIDE.U32 on the device)
+    const uint64_t p0 = (uint64_t)PHILOX_M0 * (uint64_t)c0, p1 = (uint64_t)PHILOX_M1 * (uint64_t)c2;
+    const uint32_t hi0 = (uint32_t)(p0 >> 32), lo0 = (uint32_t)p0;
+    const uint32_t hi1 = (uint32_t)(p1 >> 32), lo1 = (uint32_t)p1;
+    const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+  }
+  U4 out;
+  out.v[0] = c0;
+  out.v[1] = c1;
+  out.v[2] = c2;
+  out.v[3] = c3;
+  return out;
+}
+
+// counter = (block lo, block hi, tensor_id, stream), key = (seed lo, seed hi)
+MAZO_HD U4 philox_words(uint64_t seed, uint32_t tensor_id, uint64_t block, uint32_t stream) {
+  return philox4x32_10((uint32_t)block, (uint32_t)(block >> 32), tensor_id, stream, (uint32_t)seed,
+                       (uint32_t)(seed >> 32));
+}
+
+// ------------------------------------------------------------------ Box-Muller (one pair per 32-bit word)
+// r = sqrt(-2 ln u), u = k * 2^-20, k = (w >> 12) + 1 in [1, 2^20].
+MAZO_HD float box_muller_radius(uint32_t w) {
+  const float k = (float)((w >> 12) + 1u);  // exact: <= 2^20
+  const uint32_t bits = f2u(k);
+  const uint32_t e = (bits - MAZO_SQRT_HALF_BITS) >> 23;  // 0 .. 20 (bits > SQRT_HALF_BITS)
+  const float m = u2f(bits - (e << 23));
+  const float t = fsub(m, 1.0f);
+  float p = MAZO_LOG_P2_5;
+  p = fadd(fmul(p, t), MAZO_LOG_P2_4);
+  p = fadd(fmul(p, t), MAZO_LOG_P2_3);
+  p = fadd(fmul(p, t), MAZO_LOG_P2_2);
+  p = fadd(fmul(p, t), MAZO_LOG_P2_1);
+  p = fadd(fmul(p, t), MAZO_LOG_P2_0);
+  const float q = fadd(fmul((float)(int32_t)(20u - e), MAZO_TWO_LN2), fmul(t, p));
+  return fsqrt(q);
+}
+
+// (cos, sin) of qd*pi/2 + x: qd = bits 10..11 of w, x = (2f - 1023) * pi/4096 with f = bits 0..9.
+MAZO_HD void box_muller_angle(uint32_t w, float& c, float& s) {
+  const uint32_t qd = (w >> 10) & 3u;
+  const float x = fmul((float)(2 * (int32_t)(w & 0x3FFu) - 1023), MAZO_ANGLE_STEP);
+  const float s2 = fmul(x, x);
+  const float sin_x = fmul(fadd(fmul(fadd(fmul(MAZO_SIN_P2, s2), MAZO_SIN_P1), s2), MAZO_SIN_P0), x);
+  const float cos_x = fadd(fmul(fadd(fmul(fadd(fmul(MAZO_COS_P2, s2), MAZO_COS_P1), s2), MAZO_COS_P0), s2), 1.0f);
+  float cc = (qd & 1u) ? sin_x : cos_x;
+  float ss = (qd & 1u) ? cos_x : sin_x;
+  if (qd == 1u || qd == 2u) cc = -cc;
+  if (qd >= 2u) ss = -ss;
+  c = cc;
+  s = ss;
+}
+
+// An "oct" o is the 8 elements with global indices 8o .. 8o+7: exactly one Philox call of streams 0 and 2.
+// Noise of its lanes; only pairs with a lane in `lanes` (bit l = element 8o+l) are computed.
+MAZO_HD void gaussian_oct(uint64_t seed, uint32_t tensor_id, uint64_t o, unsigned lanes, float z[8]) {
+  const U4 w = philox_words(seed, tensor_id, o, STREAM_GAUSSIAN);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int pr = 0; pr < 4; ++pr) {
+    if (lanes & (3u << (2 * pr))) {
+      const float r = box_muller_radius(w.v[pr]);
+      float c, s;
+      box_muller_angle(w.v[pr], c, s);
+      z[2 * pr] = fmul(r, c);
+      z[2 * pr + 1] = fmul(r, s);
+    }
+  }
+}
+
+// z[i] = 1 - 2 * bit: Philox call i // 128 of stream 1, word (i // 32) % 4, bit i % 32.
+MAZO_HD void rademacher_oct(uint64_t seed, uint32_t tensor_id, uint64_t o, float z[8]) {
+  const U4 w = philox_words(seed, tensor_id, o >> 4, STREAM_RADEMACHER);
+  const uint32_t ws = (uint32_t)(o >> 2) & 3u;  // select without a dynamic index (keeps w in registers)
+  const uint32_t word = ws == 0 ? w.v[0] : ws == 1 ? w.v[1] : ws == 2 ? w.v[2] : w.v[3];
+  const unsigned sh = (unsigned)((o & 3u) << 3);
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int l = 0; l < 8; ++l) z[l] = ((word >> (sh + l)) & 1u) ? -1.0f : 1.0f;
+}
+
+MAZO_HD void noise_oct(int dist, uint64_t seed, uint32_t tensor_id, uint64_t o, unsigned lanes, float z[8]) {
+  if (dist == DIST_GAUSSIAN)
+    gaussian_oct(seed, tensor_id, o, lanes, z);
+  else
+    rademacher_oct(seed, tensor_id, o, z);
+}
+
+// Scalar forms (one element at global index i), for tests and simple callers.
+MAZO_HD float gaussian(uint64_t seed, uint32_t tensor_id, uint64_t i) {
+  const U4 w = philox_words(seed, tensor_id, i >> 3, STREAM_GAUSSIAN);
+  const uint32_t pw = w.v[(i >> 1) & 3u];
+  float c, s;
+  box_muller_angle(pw, c, s);
+  return fmul(box_muller_radius(pw), (i & 1u) ? s : c);
+}
+
+MAZO_HD float rademacher(uint64_t seed, uint32_t tensor_id, uint64_t i) {
+  const U4 w = philox_words(seed, tensor_id, i >> 7, STREAM_RADEMACHER);
+  return ((w.v[(i >> 5) & 3u] >> (i & 31u)) & 1u) ? -1.0f : 1.0f;
+}
+
+// 16 stochastic-rounding bits of element 8o + l: word l >> 1 of call o of stream 2, half l & 1 (low half first).
+MAZO_HD uint32_t rounding_bits_of(const U4& w, int l) { return (w.v[l >> 1] >> (16 * (l & 1))) & 0xFFFFu; }
+
+MAZO_HD U4 rounding_words(uint64_t seed, uint32_t tensor_id, uint64_t o) {
+  return philox_words(seed, tensor_id, o, STREAM_ROUNDING);
+}
+
+// ------------------------------------------------------------------ bf16
+MAZO_HD uint32_t rne_bf16_bits(float x) {
+  if (x != x) return 0x7FC0u;
+  const uint32_t b = f2u(x);
+  return ((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16) & 0xFFFFu;
+}
+
+MAZO_HD uint32_t sr_bf16_bits(float x, uint32_t rbits) {
+  if (x != x) return 0x7FC0u;
+  const uint32_t b = f2u(x);
+  return ((b + rbits) >> 16) & 0xFFFFu;  // rbits: 16 random bits
+}
+
+MAZO_HD float bf16_bits_to_f32(uint32_t h) { return u2f(h << 16); }
+
+// ------------------------------------------------------------------ fp16
+// float32 -> fp16 round-to-nearest-even, bit-exact (NaN -> sign | 0x7E00, as torch's conversion).
+MAZO_HD uint32_t f32_to_f16_rne(float f) {
+  const uint32_t x = f2u(f);
+  const uint32_t sign = (x >> 16) & 0x8000u;
+  const uint32_t ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x7F800000u) return sign | (ax > 0x7F800000u ? 0x7E00u : 0x7C00u);
+  if (ax >= 0x477FF000u) return sign | 0x7C00u;  // >= 65520: rounds to inf
+  if (ax < 0x38800000u) {                         // below 2^-14: fp16 subnormal or zero
+    if (ax < 0x33000000u) return sign;             // below 2^-25: rounds to zero
+    const uint32_t e = ax >> 23;                   // 102 .. 112
+    const uint32_t m = (ax & 0x7FFFFFu) | 0x800000u;
+    const uint32_t shift = 126u - e;               // 14 .. 24
+    uint32_t r = m >> shift;
+    const uint32_t rem = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rem > half || (rem == half && (r & 1u))) r += 1u;
+    return sign | r;
+  }
+  uint32_t h = (ax >> 13) - (112u << 10);
+  const uint32_t rem = ax & 0x1FFFu;
+  if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h += 1u;
+  return sign | h;
+}
+
+MAZO_HD float f16_bits_to_f32(uint32_t h) {
+  const uint32_t sign = (h & 0x8000u) << 16;
+  const uint32_t e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+  if (e == 0) {
+    if (m == 0) return u2f(sign);
+    return u2f(sign | f2u(fmul((float)m, 0x1p-24f)));  // exact
+  }
+  if (e == 31) return u2f(sign | 0x7F800000u | (m << 13));
+  return u2f(sign | ((e + 112u) << 23) | (m << 13));
+}
+
+// Stochastic rounding to the fp16 grid with 16 random bits R; returns a float32 that converts to fp16 exactly.
+MAZO_HD float sr_fp16_value(float x, uint32_t R) {
+  const uint32_t b = f2u(x);
+  const uint32_t sign = b & 0x80000000u, mag = b & 0x7FFFFFFFu, ex = mag >> 23;
+  if (ex == 255u) return x;  // inf and NaN pass through
+  uint32_t out;
+  if (ex <= 102u) {          // |x| < 2^-24
+    const uint32_t sig = ex == 0 ? 0u : ((mag & 0x7FFFFFu) | 0x800000u);
+    uint32_t sh = 102u - ex;
+    if (sh > 31u) sh = 31u;
+    const uint32_t thresh = sig >> sh;  // floor(|x| * 2^48)
+    out = (R << 8) < thresh ? 0x33800000u : 0u;
+  } else {
+    const uint32_t drop = 13u + (ex < 113u ? 113u - ex : 0u);  // 13 .. 23
+    const uint32_t rfield = drop >= 16u ? (R << (drop - 16u)) : (R >> (16u - drop));
+    const uint32_t low = (1u << drop) - 1u;
+    out = (mag + rfield) & ~low;
+  }
+  return u2f(out | sign);
+}
+
+// ------------------------------------------------------------------ storage dtypes
+constexpr int DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2;
+
+template <int DT>
+struct Storage;
+
+template <>
+struct Storage<DT_F32> {
+  using bits_t = uint32_t;
+  MAZO_HD static float to_f32(bits_t b) { return u2f(b); }
+  MAZO_HD static bits_t rne(float x) { return f2u(x); }
+  MAZO_HD static bits_t sr(float x, uint32_t) { return f2u(x); }
+};
+
+template <>
+struct Storage<DT_F16> {
+  using bits_t = uint16_t;
+  MAZO_HD static float to_f32(bits_t b) { return f16_bits_to_f32(b); }
+  MAZO_HD static bits_t rne(float x) { return (bits_t)f32_to_f16_rne(x); }
+  MAZO_HD static bits_t sr(float x, uint32_t r) { return (bits_t)f32_to_f16_rne(sr_fp16_value(x, r)); }
+};
+
+template <>
+struct Storage<DT_BF16> {
+  using bits_t = uint16_t;
+  MAZO_HD static float to_f32(bits_t b) { return bf16_bits_to_f32(b); }
+  MAZO_HD static bits_t rne(float x) { return (bits_t)rne_bf16_bits(x); }
+  MAZO_HD static bits_t sr(float x, uint32_t r) { return (bits_t)sr_bf16_bits(x, r); }
+};
+
+}  // namespace mazo

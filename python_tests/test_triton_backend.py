@@ -1,0 +1,269 @@
+"""The Triton backend against the reference, bit for bit, through the public API.
+
+On a machine without a GPU this runs the Triton interpreter on CPU tensors (conftest.py sets TRITON_INTERPRET=1);
+with a GPU it runs the compiled kernels on CUDA tensors and compares with the reference on CPU copies.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import mazo_kernels as mk
+from mazo_kernels import reference as ref
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+
+pytestmark = pytest.mark.skipif(
+    not (mk.has_triton() and (CUDA or os.environ.get("TRITON_INTERPRET") == "1")),
+    reason="triton backend needs a GPU or TRITON_INTERPRET=1 set before triton is imported")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16,
+            torch.uint8: torch.uint8, torch.int32: torch.int32}
+
+
+@pytest.fixture(autouse=True)
+def _big_block(monkeypatch):
+    tk = pytest.importorskip("mazo_kernels.triton_kernels")
+    monkeypatch.setattr(tk, "BLOCK", 1024)  # the interpreter pays per op, not per element
+    return tk
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().cpu().contiguous().view(INT_VIEW[t.dtype])
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor, what=""):
+    assert a.dtype == b.dtype and a.shape == b.shape, what
+    ba, bb = bits(a), bits(b)
+    if not torch.equal(ba, bb):
+        bad = (ba != bb).nonzero().reshape(-1)[:8].tolist()
+        raise AssertionError(f"{what}: {int((ba != bb).sum())} of {ba.numel()} differ, first at {bad}: "
+                             f"{ba.reshape(-1)[bad].tolist()} vs {bb.reshape(-1)[bad].tolist()}")
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def weights(shape, dtype, g, scale=0.05, special=False):
+    x = torch.randn(shape, generator=g) * scale
+    if special and x.numel() >= 16:
+        f = x.reshape(-1)
+        f[:10] = torch.tensor([0.0, -0.0, 1e-30, -3e-8, 6e-5, -1e-7, 65000.0, -2.0 ** -24, 1e-40, 3.0])
+    return x.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------ plan builders
+def make_entries(specs, device):
+    """specs: list of dicts (name, tensor (cpu), tid, mask spec, multipliers, offset). Fresh copies every call."""
+    out = []
+    for s in specs:
+        t = s["tensor"].clone().to(device)
+        m = s.get("mask")
+        if m is not None:
+            kind, val = m
+            if kind == "thr":
+                m = mk.ThresholdMask(val)
+            elif kind == "bits":
+                m = mk.BitMask.from_bool(val.to(device))
+            else:
+                m = mk.RowIndexMask(val.to(device))
+        out.append(mk.PlanEntry(s["name"], t, s["tid"], global_offset=s.get("offset", 0),
+                                full_numel=s.get("full"), mask=m, scale_mult=s.get("sm", 1.0),
+                                lr_mult=s.get("lm", 1.0), weight_decay=s.get("wd", 0.0), g_mult=s.get("gm", 1.0)))
+    return out
+
+
+def plans(specs, group=True):
+    """The same plan for the reference (CPU) and for triton (DEV); group=False gives one plan per tensor."""
+    r = make_entries(specs, "cpu")
+    t = make_entries(specs, DEV)
+    if group:
+        return [mk.ZOPlan(r)], [mk.ZOPlan(t)]
+    return [mk.ZOPlan([e]) for e in r], [mk.ZOPlan([e]) for e in t]
+
+
+def compare_plans(pr, pt, what):
+    for a, b in zip(pr, pt):
+        for ea, eb in zip(a.entries, b.entries):
+            assert_same(ea.tensor, eb.tensor, f"{what}: {ea.name}")
+        for ga, gb in zip(a.groups, b.groups):
+            for ma, mb in zip(ga.masks, gb.masks):
+                assert_same(ma, mb, f"{what}: mask/latch")
+
+
+def rowidx(rows, cols, k, g):
+    if k == 0:
+        return torch.zeros(rows, 0, dtype=torch.int32)
+    return torch.stack([torch.randperm(cols, generator=g)[:k].sort().values for _ in range(rows)]).to(torch.int32)
+
+
+def mixed_specs(dtype, g, *, offset_base=0, sizes=(1, 3, 130, 1029), with_masks=True, mults=True):
+    specs = []
+    for i, n in enumerate(sizes):
+        specs.append(dict(name=f"w{i}", tensor=weights((n,), dtype, g, special=(i == len(sizes) - 1)),
+                          tid=(0x9E3779B9 * (i + 1)) & 0xFFFFFFFF, offset=offset_base + 5 * i,
+                          full=offset_base + 5 * i + n,
+                          sm=1.5 if (mults and i % 2) else 1.0, lm=0.5 if (mults and i == 1) else 1.0,
+                          wd=0.01 if (mults and i == 2) else 0.0, gm=-2.0 if (mults and i == 3) else 1.0))
+    specs.append(dict(name="empty", tensor=torch.zeros(0, dtype=dtype), tid=77))
+    if with_masks:
+        w = weights((37, 23), dtype, g)
+        tau = float(w.float().abs().reshape(-1)[5])  # some elements exactly at tau
+        specs.append(dict(name="thr", tensor=w, tid=1001, mask=("thr", tau), offset=11, full=11 + w.numel()))
+        specs.append(dict(name="bits", tensor=weights((301,), dtype, g), tid=1002,
+                          mask=("bits", torch.rand(301, generator=g) < 0.4)))
+        specs.append(dict(name="rows", tensor=weights((19, 40), dtype, g), tid=1003,
+                          mask=("rows", rowidx(19, 40, 7, g)), offset=2 ** 33 + 3, full=2 ** 34))
+        specs.append(dict(name="rows0", tensor=weights((3, 5), dtype, g), tid=1004, mask=("rows", rowidx(3, 5, 0, g))))
+    return specs
+
+
+# ------------------------------------------------------------------------------------------------ noise
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("off,n", [(0, 1), (0, 1000), (3, 777), (128, 300), (2 ** 32 - 5, 700),
+                                   (2 ** 40 + 3, 261), (2 ** 62 - 300, 299)])
+def test_noise_matches_reference(dist, off, n):
+    for seed, tid in ((0, 0), (2 ** 64 - 1, 2 ** 32 - 1), (0xDEADBEEFCAFEF00D, 12345)):
+        a = mk.noise(seed, tid, off, n, dist=dist, backend="reference")
+        b = mk.noise(seed, tid, off, n, dist=dist, device=DEV, backend="triton")
+        assert_same(a, b, f"{dist} seed={seed} tid={tid} off={off}")
+
+
+@pytest.mark.parametrize("block", [128, 256, 4096])
+def test_noise_independent_of_block(block, monkeypatch, _big_block):
+    monkeypatch.setattr(_big_block, "BLOCK", block)
+    for dist in ("gaussian", "rademacher"):
+        for off in (0, 5, 2 ** 35 + 131):
+            a = mk.noise(42, 9, off, 1500, dist=dist, backend="reference")
+            b = mk.noise(42, 9, off, 1500, dist=dist, device=DEV, backend="triton")
+            assert_same(a, b, f"{dist} block={block} off={off}")
+
+
+def test_noise_empty():
+    assert mk.noise(1, 2, 3, 0, device=DEV, backend="triton").numel() == 0
+
+
+# ------------------------------------------------------------------------------------------------ ops
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_step_sequence(dtype, dist):
+    """perturb(+eps, latch write) -> perturb(-eps, prior, latch read) -> update(prior, SR) -> update(no prior)."""
+    g = gen(hash((str(dtype), dist)) & 0xFFFF)
+    specs = mixed_specs(dtype, g)
+    pr, pt = plans(specs)
+    eps, seed = 1e-3, 2 ** 64 - 7
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        mk.perturb_(ps[0], seed, eps, dist=dist, backend=backend)
+    compare_plans(pr, pt, "perturb +eps")
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        mk.perturb_(ps[0], seed, -eps, prior=eps, dist=dist, backend=backend)
+    compare_plans(pr, pt, "perturb -eps")
+    seeds, grads = [seed, 3, 2 ** 63 + 1], [0.75, -1.25e3, 3e-2]
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        gs = torch.tensor(grads, dtype=torch.float32, device=ps[0].device)
+        mk.update_(ps[0], seeds, gs, lr=1e-2, restore_seed=seed, prior=-eps, rounding="stochastic",
+                   sr_seed=2 ** 64 - 1, dist=dist, backend=backend)
+    compare_plans(pr, pt, "update prior SR")
+    for rounding in ("nearest", "stochastic"):
+        for backend, ps in (("reference", pr), ("triton", pt)):
+            mk.update_(ps[0], [11], [1e4], lr=3e-3, rounding=rounding, sr_seed=5, dist=dist, backend=backend)
+        compare_plans(pr, pt, f"update {rounding}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_perturbed_copy_all_masks(dtype):
+    g = gen(7 + DTYPES.index(dtype))
+    specs = mixed_specs(dtype, g, offset_base=2 ** 33 + 1)
+    pr, pt = plans(specs)
+    outs = {}
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        o = [torch.full_like(e.tensor, float("nan")) for e in ps[0].entries]  # poisoned
+        outs[backend] = mk.perturbed_copy(ps[0], 0xABCDEF0123456789, 0.3, out=o, backend=backend)
+    for a, b, e in zip(outs["reference"], outs["triton"], pr[0].entries):
+        assert_same(a, b, f"copy {e.name}")
+    compare_plans(pr, pt, "weights untouched")
+    for e, s in zip(pt[0].entries, specs):
+        assert_same(e.tensor, s["tensor"], "copy must not touch theta")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_grouping_and_block_independence(dtype, monkeypatch, _big_block):
+    g = gen(99 + DTYPES.index(dtype))
+    specs = mixed_specs(dtype, g)
+    pr, _ = plans(specs)
+    mk.perturb_(pr[0], 5, 0.01, backend="reference")
+    mk.update_(pr[0], [6, 7], [0.5, -0.25], lr=0.1, restore_seed=5, prior=0.01, sr_seed=8, backend="reference")
+    for block, group in ((128, True), (2048, False), (512, False)):
+        monkeypatch.setattr(_big_block, "BLOCK", block)
+        _, pt = plans(specs, group=group)
+        for p in pt:
+            mk.perturb_(p, 5, 0.01, backend="triton")
+            mk.update_(p, [6, 7], [0.5, -0.25], lr=0.1, restore_seed=5, prior=0.01, sr_seed=8, backend="triton")
+        for ea in pr[0].entries:
+            eb = [e for p in pt for e in p.entries if e.name == ea.name][0]
+            assert_same(ea.tensor, eb.tensor, f"block={block} group={group} {ea.name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_threshold_modes_near_tau(dtype):
+    g = gen(5)
+    w = weights((600,), dtype, g)
+    vals = w.float().abs().unique()
+    tau = float(vals[len(vals) // 2])
+    w.reshape(-1)[:4] = torch.tensor([tau, -tau, tau * (1 - 2 ** -12), -tau * (1 + 2 ** -12)]).to(dtype)
+    specs = [dict(name="t", tensor=w, tid=3, mask=("thr", tau), offset=7, full=1000)]
+    pr, pt = plans(specs)
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        mk.update_(ps[0], [1], [2.0], lr=0.5, backend=backend)              # THRESH_EVAL
+    compare_plans(pr, pt, "eval")
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        mk.perturb_(ps[0], 9, 0.5, backend=backend)                        # latch write
+    compare_plans(pr, pt, "latch write")
+    assert int(bits(pt[0].groups[0].masks[0]).to(torch.int64).sum()) > 0
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        mk.perturb_(ps[0], 9, -0.5, prior=0.5, backend=backend)            # latch read
+    compare_plans(pr, pt, "latch read")
+
+
+def test_special_values_rounding():
+    """inf/NaN/subnormal/overflow through every rounding path; fp16 tiny stochastic path."""
+    g = gen(3)
+    for dtype in DTYPES:
+        x = weights((300,), dtype, g, scale=1e-3)
+        f = x.reshape(-1)
+        f[:8] = torch.tensor([float("inf"), -float("inf"), 65504.0, -65504.0, 3e38, 1e-7, -2e-8, 6e-8]).to(dtype)
+        if dtype == torch.float16:
+            f[8:200] = (torch.rand(192, generator=g) * 2 ** -23).to(dtype)   # around the fp16 subnormal grid
+        specs = [dict(name="s", tensor=x, tid=4)]
+        pr, pt = plans(specs)
+        for backend, ps in (("reference", pr), ("triton", pt)):
+            mk.update_(ps[0], [1, 2], [1e-3, 7e-4], lr=1e-3, rounding="stochastic", sr_seed=3, backend=backend)
+        compare_plans(pr, pt, f"special SR {dtype}")
+        for backend, ps in (("reference", pr), ("triton", pt)):
+            mk.perturb_(ps[0], 4, 1e-4, backend=backend)
+        compare_plans(pr, pt, f"special RNE {dtype}")
+
+
+def test_direct_kernel_outs_and_multi_seed():
+    """zo_apply_ called directly: explicit outs for COPY with a row-index mask, prior ignored by COPY."""
+    from mazo_kernels import triton_kernels as tk
+    g = gen(11)
+    w = weights((9, 33), torch.bfloat16, g)
+    cols = rowidx(9, 33, 33, g)  # full rows
+    meta = torch.tensor([[5, 2 ** 33 + 3, ref.MASK_ROWIDX, 33]], dtype=torch.int64)
+    fv = torch.tensor([[1.25, 1.0, 0.0, 1.0, 0.0]], dtype=torch.float32)
+    seeds = [-1, 2, 3]
+    gs = torch.tensor([0.5, -0.5], dtype=torch.float32)
+    o_ref = torch.full_like(w, float("nan"))
+    o_tri = torch.full_like(w, float("nan")).to(DEV)
+    ref.zo_apply_([w], [o_ref], [cols], meta, fv, [s & (2 ** 64 - 1) for s in seeds], gs, ref.OP_COPY, 0, 0, 0, 0,
+                  0.1, 0.0, 0.0)
+    tk.zo_apply_([w.to(DEV)], [o_tri], [cols.to(DEV)], meta.to(DEV), fv.to(DEV), seeds, gs.to(DEV), ref.OP_COPY, 0,
+                 0, 0, 0, 0.1, 0.0, 0.0)
+    assert_same(o_ref, o_tri, "copy rows")
