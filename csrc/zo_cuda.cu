@@ -45,7 +45,7 @@ struct KArgs {
 };
 
 template <int DT>
-__global__ void __launch_bounds__(THREADS, 2) zo_apply_kernel(KArgs a) {
+__global__ void __launch_bounds__(THREADS, 4) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
   for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
     int lo = 0, hi = a.T - 1;  // last tensor whose block_start <= b (empty tensors own no block)
@@ -77,26 +77,13 @@ __global__ void __launch_bounds__(THREADS, 2) zo_apply_kernel(KArgs a) {
     const int64_t ub = (b - d.block_start) * UNITS_PER_BLOCK;
     const bits_t* in = reinterpret_cast<const bits_t*>(d.in);
     bits_t* out = reinterpret_cast<bits_t*>(d.out);
-    if (d.work == WORK_ELEMENTS) {
-      // double-buffered: the next unit's load is in flight while this one computes
-      bits_t buf[2][UNIT];
-      int64_t u = ub + threadIdx.x;
-      if (u < d.units) load_unit<DT>(in + u * UNIT, (int)min((int64_t)UNIT, d.n - u * UNIT), buf[0]);
-#pragma unroll
-      for (int it = 0; it < ITERS; ++it) {
-        u = ub + (int64_t)it * THREADS + threadIdx.x;
-        if (u >= d.units) break;
-        const int64_t un = u + THREADS;
-        if (it + 1 < ITERS && un < d.units)
-          load_unit<DT>(in + un * UNIT, (int)min((int64_t)UNIT, d.n - un * UNIT), buf[(it + 1) & 1]);
-        process_loaded_unit<DT>(a.P, T, buf[it & 1], out, d.mask8, d.cols, d.k, d.n, u);
-      }
-    } else {
-      for (int it = 0; it < ITERS; ++it) {
-        const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
-        if (u >= d.units) break;
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+      if (u >= d.units) break;
+      if (d.work == WORK_ELEMENTS)
+        process_element_unit<DT>(a.P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
+      else
         process_entry_unit<DT>(a.P, T, in, out, d.cols, d.k, d.work_n, u);
-      }
     }
   }
 }

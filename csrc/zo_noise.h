@@ -128,10 +128,8 @@ MAZO_HD U4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uin
       k0 += PHILOX_W0;
       k1 += PHILOX_W1;
     }
-    // one widening 32x32->64 multiply gives both halves (a single IMAD.WIDE.U32 on the device)
-    const uint64_t p0 = (uint64_t)PHILOX_M0 * (uint64_t)c0, p1 = (uint64_t)PHILOX_M1 * (uint64_t)c2;
-    const uint32_t hi0 = (uint32_t)(p0 >> 32), lo0 = (uint32_t)p0;
-    const uint32_t hi1 = (uint32_t)(p1 >> 32), lo1 = (uint32_t)p1;
+    const uint32_t hi0 = mulhi32(PHILOX_M0, c0), lo0 = PHILOX_M0 * c0;
+    const uint32_t hi1 = mulhi32(PHILOX_M1, c2), lo1 = PHILOX_M1 * c2;
     const uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
     c0 = n0;
     c1 = lo1;

@@ -27,10 +27,6 @@ _NTAB = 8             # int64 columns of the per-tensor table
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
-# float32 constants of the spec, as exact python floats
-_LOG_P2 = tuple(float(c) for c in ref.LOG_P2)
-_SIN_P = ref.SIN_P
-_COS_P = ref.COS_P
 
 
 # ------------------------------------------------------------------------------------------------ generator
@@ -160,18 +156,28 @@ def _noise(g, gstart, contiguous, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
+def _rbits_rows(row0, tid, k0, k1, BLOCK: tl.constexpr):
+    R: tl.constexpr = BLOCK // 8
+    blk = row0 + tl.arange(0, R).to(tl.int64)
+    x0, x1, x2, x3 = _words(blk, tid, 2, k0, k1)
+    w = _stack4(x0, x1, x2, x3, R)
+    return tl.reshape(tl.join(w & 0xFFFF, w >> 16), [BLOCK])
+
+
+@triton.jit
+def _rbits_elem(g, tid, k0, k1):
+    x0, x1, x2, x3 = _words(g >> 3, tid, 2, k0, k1)
+    w = _select4((g >> 1) & 3, x0, x1, x2, x3)
+    return (w >> ((g & 1) * 16).to(tl.uint32)) & 0xFFFF
+
+
+@triton.jit
 def _rbits(g, gstart, contiguous, tid, k0, k1, BLOCK: tl.constexpr):
     """16 stochastic-rounding bits per element (uint32): half (i & 1) of pair word (i >> 1) & 3, call i >> 3."""
     if contiguous & ((gstart & 7) == 0):
-        R: tl.constexpr = BLOCK // 8
-        blk = (gstart >> 3) + tl.arange(0, R).to(tl.int64)
-        x0, x1, x2, x3 = _words(blk, tid, 2, k0, k1)
-        w = _stack4(x0, x1, x2, x3, R)
-        rb = tl.reshape(tl.join(w & 0xFFFF, w >> 16), [BLOCK])
+        rb = _rbits_rows(gstart >> 3, tid, k0, k1, BLOCK)
     else:
-        x0, x1, x2, x3 = _words(g >> 3, tid, 2, k0, k1)
-        w = _select4((g >> 1) & 3, x0, x1, x2, x3)
-        rb = (w >> ((g & 1) * 16).to(tl.uint32)) & 0xFFFF
+        rb = _rbits_elem(g, tid, k0, k1)
     return rb
 
 
@@ -280,8 +286,11 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
     u = start + tl.arange(0, BLOCK).to(tl.int64)
     valid = u < nunits
     # units -> local element indices
-    col = tl.load(mask_i32 + u, mask=valid & entries, other=0).to(tl.int64)
-    local = tl.where(entries, (u // tl.maximum(kcols, 1)) * row_len + col, u)
+    if entries:  # (a runtime branch: the 64-bit division costs nothing on the common path)
+        col = tl.load(mask_i32 + u, mask=valid, other=0).to(tl.int64)
+        local = (u // tl.maximum(kcols, 1)) * row_len + col
+    else:
+        local = u
 
     raw = tl.load(in_ptr + local, mask=valid)
     x = _to_f32(raw, DT)
