@@ -26,7 +26,8 @@ def _weights(gen, sizes, dtype, device):
     return out
 
 
-def _plan(tensors, masks=None, **kw):
+def _plan(tensors, masks=None, kw=None):
+    kw = kw or {}
     entries = []
     for i, t in enumerate(tensors):
         e = mk.PlanEntry(f"layer{i}.weight", t, mk.stable_tensor_id(f"layer{i}.weight"), **kw.get(i, {}))
@@ -62,7 +63,7 @@ def test_step_matches_reference(backend, dtype, dist, masked):
     masks_cpu = ({0: masks_gpu[0], 1: mk.BitMask(masks_gpu[1].bits.cpu())} if masked else None)
     mults = {2: dict(scale_mult=0.5, lr_mult=2.0, weight_decay=0.1), 4: dict(global_offset=2 ** 33 + 3,
                                                                           full_numel=2 ** 34)}
-    p_gpu, p_cpu = _plan(w_gpu, masks_gpu, **mults), _plan(w_cpu, masks_cpu, **mults)
+    p_gpu, p_cpu = _plan(w_gpu, masks_gpu, mults), _plan(w_cpu, masks_cpu, mults)
     seed, eps = 2 ** 64 - 17, 1e-3
     for plan, b in ((p_gpu, backend), (p_cpu, "reference")):
         mk.perturb_(plan, seed, eps, dist=dist, backend=b)
