@@ -15,8 +15,9 @@ cat "$OUT/env.json"
 tail -3 "$OUT/build.log"
 python3 -c "import mazo_kernels as mk; print('cpu', mk.has_cpu(), 'cuda', mk.has_cuda(), 'triton', mk.has_triton())"
 python3 -m pytest -q -x python_tests/test_gpu_backends.py ${PYTEST_EXTRA:-} --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-python3 -m pytest -q python_tests -k "not gpu_backends and not triton_backend" ${PYTEST_EXTRA:-} 2>&1 | tee "$OUT/cpu_tests_on_gpu_host.log" | tail -5
-python3 bench/bench_transform.py --out "$OUT" 2>&1 | tail -40
+MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py ${PYTEST_EXTRA:-} 2>&1 | tee "$OUT/cuda_via_cpu_suite.log" | tail -3
+PYTHONPATH=.:bench python3 bench/bench_transform.py --out "$OUT" 2>&1 | tail -40
+python3 bench/bench_ops.py --out "$OUT" 2>&1 | tail -12
 python3 - <<'PY'
 import json, os, xml.etree.ElementTree as ET
 out = os.environ.get("OUT", "bench/results/gpu_run")
