@@ -17,6 +17,9 @@ _ROUNDINGS = {"nearest": ref.ROUND_NEAREST, "stochastic": ref.ROUND_STOCHASTIC}
 
 def _seed_bits(seed, what="seed") -> int:
     if isinstance(seed, torch.Tensor):
+        if seed.is_floating_point() or seed.is_complex() or seed.dtype == torch.bool or seed.numel() != 1:
+            raise TypeError(f"{what} must be an int in [0, 2**64) or a one-element integer tensor, got {seed.dtype} "
+                            f"tensor of shape {tuple(seed.shape)}")
         seed = int(seed)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"{what} must be an int in [0, 2**64), got {type(seed).__name__}")
@@ -131,7 +134,7 @@ def noise(seed: int, tensor_id: int, offset: int, n: int, *, dist: str = "gaussi
     if not 0 <= int(tensor_id) < 2 ** 32:
         raise ValueError(f"tensor_id must be in [0, 2**32), got {tensor_id}")
     if offset < 0 or n < 0 or offset + n >= 2 ** 62:
-        raise ValueError(f"bad range offset={offset} n={n}")
+        raise ValueError(f"noise range needs offset >= 0, n >= 0 and offset + n < 2**62; got offset={offset} n={n}")
     zeros = torch.zeros(n, dtype=torch.float32, device=device)
     e = PlanEntry("noise", zeros, int(tensor_id), global_offset=offset, full_numel=offset + n)
     return perturbed_copy(e, seed, 1.0, dist=dist, backend=backend)

@@ -111,6 +111,9 @@ class ZOPlan:
         self.groups = self._build_groups()
 
     def _validate(self):
+        for e in self.entries:
+            if not isinstance(e.tensor, torch.Tensor):
+                raise TypeError(f"{e.name!r} is not a tensor (got {type(e.tensor).__name__})")
         devices = {e.tensor.device for e in self.entries}
         if len(devices) > 1:
             raise ValueError(f"plan mixes devices {sorted(map(str, devices))}; build one plan per device")

@@ -3,6 +3,8 @@ exact restore where the spec promises it, masks, the threshold latch, the update
 and the torch.library op contract (opcheck)."""
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -358,6 +360,37 @@ def test_opcheck(backend):
             (t, [], m, meta, fv, [5], empty, ref.OP_PERTURB, 0, 0, 0, ref.THRESH_LATCH_WRITE, 1e-3, 0.0, 0.0),
             (t, [], m, meta, fv, [5], empty, ref.OP_PERTURB, 1, 0, 0, ref.THRESH_LATCH_READ, -1e-3, 1e-3, 0.0),
             (t, [], m, meta, fv, [5, -3, 9], torch.tensor([0.5, -0.25]), ref.OP_UPDATE, 0, 1, -7,
+             ref.THRESH_LATCH_READ, 0.0, -1e-3, 1e-2),
+            (t, outs, m, meta, fv, [5], empty, ref.OP_COPY, 0, 0, 0, ref.THRESH_EVAL, 1e-3, 0.0, 0.0),
+        ]
+        for args in calls:
+            res = torch.library.opcheck(op, args + (backend,), raise_exception=False)
+            assert all(v == "SUCCESS" for v in res.values()), (name, args[7], res)
+
+
+def _gpu_or_interpreted_backends():
+    out = []
+    if mk.has_triton() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        out.append("triton")
+    if torch.cuda.is_available() and mk.has_cuda():
+        out.append("cuda")
+    return out
+
+
+@pytest.mark.parametrize("backend", _gpu_or_interpreted_backends())
+def test_opcheck_triton_and_cuda(backend):
+    """The same op contract on the GPU backends (Triton interpreted on CPU-only machines)."""
+    op = torch.ops.mazo_kernels.zo_apply_.default
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, grp in _op_cases():
+        t = [x.to(dev) for x in grp.tensors]
+        m = [x.to(dev) for x in grp.masks]
+        meta, fv = grp.meta.to(dev), grp.fvals.to(dev)
+        empty = torch.zeros(0, dtype=torch.float32, device=dev)
+        outs = [torch.full_like(x, float("nan")) for x in t]
+        calls = [
+            (t, [], m, meta, fv, [5], empty, ref.OP_PERTURB, 0, 0, 0, ref.THRESH_LATCH_WRITE, 1e-3, 0.0, 0.0),
+            (t, [], m, meta, fv, [5, -3], torch.tensor([0.5], device=dev), ref.OP_UPDATE, 1, 1, -7,
              ref.THRESH_LATCH_READ, 0.0, -1e-3, 1e-2),
             (t, outs, m, meta, fv, [5], empty, ref.OP_COPY, 0, 0, 0, ref.THRESH_EVAL, 1e-3, 0.0, 0.0),
         ]
