@@ -219,27 +219,6 @@ def main():
 
 
 
-@triton.jit
-def gauss_perturb_kernel_4d(ptr, n, seed_lo, seed_hi, tid, eps, BLOCK8: tl.constexpr):
-    """Offsets built in the [B, 2, 2, 2] shape the joins produce, so no reshape of the noise is needed."""
-    pid = tl.program_id(0)
-    blk = pid.to(tl.int64) * BLOCK8 + tl.arange(0, BLOCK8)
-    c0 = (blk & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (blk >> 32).to(tl.uint32)
-    zero = tl.zeros_like(c0)
-    x0, x1, x2, x3 = _philox(c0, c1, zero + tid.to(tl.uint32), zero, zero + seed_lo.to(tl.uint32),
-                             zero + seed_hi.to(tl.uint32))
-    w = tl.join(tl.join(x0, x2), tl.join(x1, x3))
-    r = _radius(w)
-    c, s = _angle(w)
-    z = tl.join(r * c, r * s)
-    e0 = tl.join(tl.join(blk * 8, blk * 8 + 4), tl.join(blk * 8 + 2, blk * 8 + 6))
-    offs = tl.join(e0, e0 + 1)
-    msk = offs < n
-    th = tl.load(ptr + offs, mask=msk).to(tl.float32)
-    tl.store(ptr + offs, _rne_bf16(th + eps * z), mask=msk)
-
-
 def cuda_plain(res, n, w, dst):
     import plain_cuda_transform as P
     m = P.build()
