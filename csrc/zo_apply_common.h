@@ -63,7 +63,12 @@ MAZO_HD void compute_oct(const OpParams& P, const TensorParams& T, uint64_t o, u
   for (int k = 0; k < P.nupd; ++k) {
     const float gk = fmul(P.gs[k], T.g_mult);
     float z[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-    noise_oct(P.dist, P.useeds[k], T.tid, o, lanes, z);
+    if (P.prior_nonzero && P.useeds[k] == P.seed0) {  // the usual ZO step: same noise as the restore (same bits)
+      MAZO_UNROLL
+      for (int l = 0; l < 8; ++l) z[l] = z0[l];
+    } else {
+      noise_oct(P.dist, P.useeds[k], T.tid, o, lanes, z);
+    }
     MAZO_UNROLL
     for (int l = 0; l < 8; ++l) acc[l] = fadd(acc[l], fmul(gk, z[l]));
   }

@@ -32,7 +32,7 @@ struct Desc {
   int64_t units;
   int64_t block_start;  // first block of this tensor
   int32_t work;         // WORK_ELEMENTS or WORK_ENTRIES
-  int32_t pad;
+  int32_t fast;         // unmasked elements, in/out 16-byte aligned: fast path when offset % 8 == 0
 };
 
 struct KArgs {
@@ -44,9 +44,117 @@ struct KArgs {
   int64_t total_blocks;
 };
 
+// ------------------------------------------------------------------ fast path
+// Unmasked tensors whose global offset is 8-aligned and whose data is 16-byte aligned: every full unit is exactly
+// one global oct, processed without lane masks from one 16-byte (bf16/fp16) or 32-byte (fp32) load and store.
+// The arithmetic is the same header functions, in the same order, as compute_oct (same bits).
 template <int DT>
-__global__ void __launch_bounds__(THREADS, 4) zo_apply_kernel(KArgs a) {
+__device__ __forceinline__ void fast_load(const typename Storage<DT>::bits_t* p, uint32_t raw[DT == DT_F32 ? 8 : 4]) {
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+  const uint4 v = q[0];
+  raw[0] = v.x; raw[1] = v.y; raw[2] = v.z; raw[3] = v.w;
+  if (DT == DT_F32) {
+    const uint4 v1 = q[1];
+    raw[DT == DT_F32 ? 4 : 0] = v1.x; raw[DT == DT_F32 ? 5 : 1] = v1.y;
+    raw[DT == DT_F32 ? 6 : 2] = v1.z; raw[DT == DT_F32 ? 7 : 3] = v1.w;
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void fast_unpack(const uint32_t* raw, float x[8]) {
+  using S = Storage<DT>;
+  if (DT == DT_F32) {
+#pragma unroll
+    for (int l = 0; l < 8; ++l) x[l] = u2f(raw[l]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      x[2 * j] = S::to_f32((typename S::bits_t)(raw[j] & 0xFFFFu));
+      x[2 * j + 1] = S::to_f32((typename S::bits_t)(raw[j] >> 16));
+    }
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void fast_store(typename Storage<DT>::bits_t* p, const typename Storage<DT>::bits_t res[8]) {
+  uint4* q = reinterpret_cast<uint4*>(p);
+  if (DT == DT_F32) {
+    q[0] = make_uint4((uint32_t)res[0], (uint32_t)res[1], (uint32_t)res[2], (uint32_t)res[3]);
+    q[1] = make_uint4((uint32_t)res[4], (uint32_t)res[5], (uint32_t)res[6], (uint32_t)res[7]);
+  } else {
+    q[0] = make_uint4((uint32_t)res[0] | ((uint32_t)res[1] << 16), (uint32_t)res[2] | ((uint32_t)res[3] << 16),
+                      (uint32_t)res[4] | ((uint32_t)res[5] << 16), (uint32_t)res[6] | ((uint32_t)res[7] << 16));
+  }
+}
+
+__device__ __forceinline__ void gaussian_from_words(const U4& w, float z[8]) {
+#pragma unroll
+  for (int pr = 0; pr < 4; ++pr) {
+    const float r = box_muller_radius(w.v[pr]);
+    float c, s;
+    box_muller_angle(w.v[pr], c, s);
+    z[2 * pr] = fmul(r, c);
+    z[2 * pr + 1] = fmul(r, s);
+  }
+}
+
+// compute_oct with all eight lanes selected and z0 given (valid whenever op != UPDATE or prior != 0).
+template <int DT>
+__device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const float x[8],
+                                         const float z0[8], typename Storage<DT>::bits_t res[8]) {
+  using S = Storage<DT>;
+  if (P.op == OP_COPY) {
+    const float s = fmul(P.scale, T.scale_mult);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) res[l] = S::rne(fadd(x[l], fmul(s, z0[l])));
+    return;
+  }
+  float base[8];
+  if (P.prior_nonzero) {
+    const float p = fmul(P.prior, T.scale_mult);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) base[l] = S::to_f32(S::rne(fsub(x[l], fmul(p, z0[l]))));
+  } else {
+#pragma unroll
+    for (int l = 0; l < 8; ++l) base[l] = x[l];
+  }
+  if (P.op == OP_PERTURB) {
+    const float s = fmul(P.scale, T.scale_mult);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) res[l] = S::rne(fadd(base[l], fmul(s, z0[l])));
+    return;
+  }
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int k = 0; k < P.nupd; ++k) {
+    const float gk = fmul(P.gs[k], T.g_mult);
+    float z[8];
+    if (P.prior_nonzero && P.useeds[k] == P.seed0) {
+#pragma unroll
+      for (int l = 0; l < 8; ++l) z[l] = z0[l];
+    } else {
+      noise_oct(P.dist, P.useeds[k], T.tid, o, 0xFFu, z);
+    }
+#pragma unroll
+    for (int l = 0; l < 8; ++l) acc[l] = fadd(acc[l], fmul(gk, z[l]));
+  }
+  const float lrm = fmul(P.lr, T.lr_mult);
+  float nw[8];
+#pragma unroll
+  for (int l = 0; l < 8; ++l) nw[l] = fsub(base[l], fmul(lrm, fadd(acc[l], fmul(T.wd, base[l]))));
+  if (DT != DT_F32 && P.rounding == ROUND_STOCHASTIC) {
+    const U4 rb = rounding_words(P.sr_seed, T.tid, o);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) res[l] = S::sr(nw[l], rounding_bits_of(rb, l));
+  } else {
+#pragma unroll
+    for (int l = 0; l < 8; ++l) res[l] = S::rne(nw[l]);
+  }
+}
+
+template <int DT>
+__global__ void __launch_bounds__(THREADS, 2) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
+  constexpr int RW = DT == DT_F32 ? 8 : 4;  // 32-bit words per unit
   for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
     int lo = 0, hi = a.T - 1;  // last tensor whose block_start <= b (empty tensors own no block)
     while (lo < hi) {
@@ -77,6 +185,60 @@ __global__ void __launch_bounds__(THREADS, 4) zo_apply_kernel(KArgs a) {
     const int64_t ub = (b - d.block_start) * UNITS_PER_BLOCK;
     const bits_t* in = reinterpret_cast<const bits_t*>(d.in);
     bits_t* out = reinterpret_cast<bits_t*>(d.out);
+    if (d.fast && T.kind == MASK_NONE && (T.offset & 7) == 0) {  // block-uniform
+      const int64_t full = d.n >> 3;  // units holding 8 elements
+      const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;  // global oct of the block's first unit
+      uint32_t raw[ITERS][RW];
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {  // all loads first: ITERS units in flight per thread
+        const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+        if (u < full) fast_load<DT>(in + u * UNIT, raw[it]);
+      }
+      const bool need_z0 = a.P.op != OP_UPDATE || a.P.prior_nonzero;
+      U4 rw;  // Rademacher: this lane's Philox call, shared through the warp (one call covers 16 units)
+      if (a.P.dist == DIST_RADEMACHER && need_z0) {
+        const unsigned lane = threadIdx.x & 31u, jj = lane % (3u * ITERS);
+        const uint64_t o_first = o_base + (uint64_t)((jj / 3u) * THREADS + (threadIdx.x & ~31u));
+        rw = philox_words(a.P.seed0, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
+      }
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {
+        const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+        const uint64_t o = o_base + (uint64_t)(it * THREADS + threadIdx.x);
+        float z0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (a.P.dist == DIST_RADEMACHER) {
+          if (need_z0) {
+            const uint64_t o0 = o_base + (uint64_t)(it * THREADS + (threadIdx.x & ~31u));
+            const int src = it * 3 + (int)((o >> 4) - (o0 >> 4));
+            const uint32_t w0 = __shfl_sync(0xFFFFFFFFu, rw.v[0], src);
+            const uint32_t w1 = __shfl_sync(0xFFFFFFFFu, rw.v[1], src);
+            const uint32_t w2 = __shfl_sync(0xFFFFFFFFu, rw.v[2], src);
+            const uint32_t w3 = __shfl_sync(0xFFFFFFFFu, rw.v[3], src);
+            const uint32_t ws = (uint32_t)(o >> 2) & 3u;
+            const uint32_t word = ws == 0 ? w0 : ws == 1 ? w1 : ws == 2 ? w2 : w3;
+            const unsigned sh = (unsigned)((o & 3u) << 3);
+#pragma unroll
+            for (int l = 0; l < 8; ++l) z0[l] = ((word >> (sh + l)) & 1u) ? -1.0f : 1.0f;
+          }
+          if (u >= full) continue;
+        } else {
+          if (u >= full) continue;
+          if (need_z0) gaussian_from_words(philox_words(a.P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
+        }
+        float x[8];
+        fast_unpack<DT>(raw[it], x);
+        bits_t res[8];
+        fast_oct<DT>(a.P, T, o, x, z0, res);
+        fast_store<DT>(out + u * UNIT, res);
+      }
+      if (ub + UNITS_PER_BLOCK > full) {  // the tensor's last, partial unit (n % 8 != 0)
+        for (int it = 0; it < ITERS; ++it) {
+          const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+          if (u >= full && u < d.units) process_element_unit<DT>(a.P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
+        }
+      }
+      continue;
+    }
     for (int it = 0; it < ITERS; ++it) {
       const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
       if (u >= d.units) break;
@@ -134,6 +296,10 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
                   " must be uint8 with ceil(numel / 8) bytes");
       d.mask8 = mask.data_ptr<uint8_t>();
     }
+    d.fast = (d.work == WORK_ELEMENTS && mask.numel() == 0 && (reinterpret_cast<uintptr_t>(d.in) & 15u) == 0 &&
+              (reinterpret_cast<uintptr_t>(d.out) & 15u) == 0)
+                 ? 1
+                 : 0;
     d.units = d.n == 0 ? 0 : (d.work_n + UNIT - 1) / UNIT;
     d.block_start = total_blocks;
     total_blocks += (d.units + UNITS_PER_BLOCK - 1) / UNITS_PER_BLOCK;
