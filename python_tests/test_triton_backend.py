@@ -273,3 +273,77 @@ def test_direct_kernel_outs_and_multi_seed():
     tk.zo_apply_([w.to(DEV)], [o_tri], [cols.to(DEV)], meta.to(DEV), fv.to(DEV), seeds, gs.to(DEV), ref.OP_COPY, 0,
                  0, 0, 0, 0.1, 0.0, 0.0)
     assert_same(o_ref, o_tri, "copy rows")
+
+
+# ------------------------------------------------------------------------------------------------ fast path
+def fast_specs(dtype, g):
+    """Dense aligned tensors (the [BLOCK // 8, 8] fast path at small BLOCK) beside unaligned, partial and masked ones
+    in one call: offsets multiple of 8 and of 128, an odd offset, a tail block, a misaligned data pointer."""
+    buf = weights((300,), dtype, g)
+    specs = [dict(name="a0", tensor=weights((512,), dtype, g), tid=21, offset=0, full=4096),
+             dict(name="a8", tensor=weights((256 + 100,), dtype, g), tid=22, offset=8, full=2 ** 33,
+                  sm=1.5, lm=0.5, wd=0.01, gm=-2.0),
+             dict(name="a128", tensor=weights((8, 40), dtype, g, special=True), tid=23, offset=2 ** 32 - 128,
+                  full=2 ** 33),
+             dict(name="odd", tensor=weights((300,), dtype, g), tid=24, offset=3, full=303),
+             dict(name="misaligned", tensor=buf[1:1 + 256], tid=25, offset=0, full=256),
+             dict(name="bits", tensor=weights((256,), dtype, g), tid=26,
+                  mask=("bits", torch.rand(256, generator=g) < 0.5)),
+             dict(name="thr", tensor=weights((256,), dtype, g), tid=27, mask=("thr", 0.04), offset=1024, full=4096),
+             dict(name="rows", tensor=weights((4, 64), dtype, g), tid=28, mask=("rows", rowidx(4, 64, 9, g)),
+                  offset=2 ** 20, full=2 ** 21)]
+    return specs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_fast_path_mixed_call(dtype, dist, monkeypatch, _big_block):
+    """A ZO step whose update reuses the restore seed (seeds[1] == seeds[0]), then multi-seed updates with a
+    repeated seed and a copy, all with dense aligned blocks beside masked and unaligned tensors in one call."""
+    monkeypatch.setattr(_big_block, "BLOCK", 128)
+    monkeypatch.setattr(_big_block, "FAST_BLOCK", 128 if dist == "gaussian" else 256)
+    g = gen(3 * DTYPES.index(dtype) + (dist == "rademacher"))
+    specs = fast_specs(dtype, g)
+    pr, pt = plans(specs)
+    eps, seed = 1e-3, 0x0123456789ABCDEF
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        mk.perturb_(ps[0], seed, eps, dist=dist, backend=backend)
+    compare_plans(pr, pt, "perturb +eps")
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        mk.perturb_(ps[0], seed, -eps, prior=eps, dist=dist, backend=backend)
+    compare_plans(pr, pt, "perturb -eps prior")
+    for rounding in ("stochastic", "nearest"):
+        for backend, ps in (("reference", pr), ("triton", pt)):
+            gs = torch.tensor([-3e2], dtype=torch.float32, device=ps[0].device)
+            mk.update_(ps[0], [seed], gs, lr=1e-2, restore_seed=seed, prior=-eps, rounding=rounding,
+                       sr_seed=99, dist=dist, backend=backend)
+        compare_plans(pr, pt, f"update reusing z0 {rounding}")
+    for seeds in ([seed, 5, seed, 7, 8], [seed, 5], [4, seed]):   # dynamic loop; reuse + static; no reuse
+        for backend, ps in (("reference", pr), ("triton", pt)):
+            gs = torch.tensor([0.5, -2e2, 3.0, 1.0, -1.0][:len(seeds)], dtype=torch.float32, device=ps[0].device)
+            mk.update_(ps[0], seeds, gs, lr=1e-2, restore_seed=seed, prior=eps, sr_seed=3, dist=dist,
+                       backend=backend)
+        compare_plans(pr, pt, f"update seeds={seeds}")
+    outs = {}
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        o = [torch.full_like(e.tensor, float("nan")) for e in ps[0].entries]
+        outs[backend] = mk.perturbed_copy(ps[0], seed, 0.3, out=o, dist=dist, backend=backend)
+    for a, b, e in zip(outs["reference"], outs["triton"], pr[0].entries):
+        assert_same(a, b, f"copy {e.name}")
+
+
+def test_fast_path_off_matches(monkeypatch, _big_block):
+    """The fast path and the general path give the same bits on the same dense aligned blocks."""
+    monkeypatch.setattr(_big_block, "BLOCK", 128)
+    monkeypatch.setattr(_big_block, "FAST_BLOCK", 256)
+    g = gen(17)
+    specs = fast_specs(torch.bfloat16, g)[:3]
+    res = []
+    for fast in (True, False):
+        monkeypatch.setattr(_big_block, "FAST", fast)
+        _, pt = plans(specs)
+        mk.perturb_(pt[0], 1, 1e-2, backend="triton")
+        mk.update_(pt[0], [1, 2], [1.0, -2.0], lr=1e-2, restore_seed=1, prior=1e-2, sr_seed=5, backend="triton")
+        res.append([e.tensor.clone() for e in pt[0].entries])
+    for a, b in zip(*res):
+        assert_same(a, b, "fast vs general")
