@@ -317,7 +317,7 @@ class GradientScorer(_ScorerBase):
                         raise TypeError("loss_fn must return a one-element loss tensor, got "
                                         f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
                     if not bool(torch.isfinite(loss.detach()).all()):
-                        raise ValueError(f"loss of batch {count} is {float(loss)}; scores would be meaningless")
+                        raise ValueError(f"loss of batch {count} is {float(loss.detach())}; scores would be meaningless")
                     if not loss.requires_grad:
                         raise ValueError("the loss does not depend on any scored weight")
                     loss.reshape(()).backward()

@@ -271,7 +271,7 @@ def save_masks(path, masks: Mapping, *, shapes: Mapping | None = None, format=No
             tensors[f"{name}/bits"] = mask.bits.detach().to("cpu").contiguous()
         elif e["kind"] == "rows":
             tensors[f"{name}/cols"] = mask.cols.detach().to("cpu").contiguous()
-    text = json.dumps(header, sort_keys=True)
+    text = json.dumps(header)   # insertion order: masks load in the order they were saved
     if format == "safetensors":
         if not _have_safetensors():
             raise ImportError("format='safetensors' needs the safetensors package: pip install safetensors")
