@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -263,8 +264,9 @@ class GradientScorer(_ScorerBase):
                          exclude_embeddings=exclude_embeddings, what="GradientScorer")
         self.alpha = _check_coeff(alpha, "alpha")
         self.beta = _check_coeff(beta, "beta")
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+        if dtype not in (torch.float32, torch.bfloat16):
+            # not float16: squared LLM gradients (~1e-12) underflow its range; bfloat16 has float32's exponent
+            raise ValueError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
         self.device = torch.device(device)
         self.dtype = dtype
         self.pin_memory = bool(pin_memory) and self.device.type == "cpu" and torch.cuda.is_available()
@@ -290,6 +292,7 @@ class GradientScorer(_ScorerBase):
         scored = {id(p) for p in params.values()}
         flags = [(p, p.requires_grad) for p in self.model.parameters()]
         handles = []
+        seen = set()
 
         def make_hook(name):
             def hook(p):
@@ -297,6 +300,7 @@ class GradientScorer(_ScorerBase):
                 p.grad = None
                 if g is None:
                     return
+                seen.add(name)
                 g = g.detach().to(self.device, non_blocking=False).to(torch.float32)
                 sum_g[name].add_(g)
                 sum_g2[name].add_(g * g)
@@ -331,6 +335,13 @@ class GradientScorer(_ScorerBase):
                     p.grad = None
         if count == 0:
             raise ValueError("score_task got no batches")
+        missing = [n for n in params if n not in seen]
+        if missing:
+            # e.g. reentrant activation checkpointing with frozen embeddings, or a branch the loss never uses:
+            # these weights are then scored by beta·|w| alone
+            warnings.warn(f"score_task: no gradient reached {len(missing)} scored weight(s), e.g. {missing[:3]}; "
+                          "with reentrant gradient checkpointing call model.enable_input_require_grads()",
+                          stacklevel=2)
         for n, p in params.items():
             w = p.detach().to(self.device)
             s = gradient_task_score(w, sum_g[n].to(torch.float32) / count, sum_g2[n].to(torch.float32) / count,

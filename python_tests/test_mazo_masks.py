@@ -412,6 +412,10 @@ def test_bad_arguments():
         mk.GradientScorer(model, alpha=-1.0)
     with pytest.raises(ValueError, match="beta must be a finite number >= 0"):
         mk.GradientScorer(model, beta=float("inf"))
+    with pytest.raises(ValueError, match="dtype must be torch.float32 or torch.bfloat16"):
+        mk.GradientScorer(model, dtype=torch.float16)
+    with pytest.warns(UserWarning, match="no gradient reached 1 scored weight\\(s\\), e.g. \\['fc2.weight'\\]"):
+        mk.GradientScorer(model).score_task([torch.randn(2, 12)], lambda m, x: m.fc1(x).pow(2).mean())
     with pytest.raises(ValueError, match="scores for 'b' have shape \\(5,\\); MaZO masks need 2-D weights"):
         mk.mazo_masks({"b": torch.rand(5)}, 0.5)
     with pytest.raises(ValueError, match="unknown parameter name 'x': no scores for it"):
