@@ -19,3 +19,9 @@ from .mazo_masks import (MaskDict, MaskInfo, build_mazo_masks, density_to_k, loa
 __all__ += ["magnitude_threshold", "sparse_mezo_masks", "ActivationScorer", "GradientScorer", "combine_task_scores",
             "row_normalize", "MaskDict", "MaskInfo", "build_mazo_masks", "density_to_k", "load_masks", "mazo_masks",
             "save_masks", "topk_columns"]
+
+# The ZO optimizer, its seed log and replay.
+from .optim import ZOSGD, step_seeds
+from .seed_log import SeedLog, replay
+
+__all__ += ["ZOSGD", "step_seeds", "SeedLog", "replay"]

@@ -1,0 +1,462 @@
+"""ZOSGD: MeZO-style zeroth-order SGD on top of the fused kernels (docs/OPTIMIZER.md).
+
+A step perturbs the trainable weights (+eps*z), evaluates the closure, perturbs to -eps*z (undoing the first
+perturbation exactly where the spec allows), evaluates again, and then restores and updates the weights in one fused
+pass per dtype. The projected gradient stays a 0-d device tensor throughout: a step issues no host synchronisation.
+Every step is appended to a seed log from which `mazo_kernels.replay` rebuilds the trained weights bit-exactly.
+
+The engine functions below (tables, pass schedule, update launch) are shared by the optimizer and by replay, so a
+replayed step issues exactly the kernel calls of the original step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+
+import torch
+
+from . import _backends
+from . import reference as ref
+from .api import _seed_bits
+from .masks import BitMask, RowIndexMask, ThresholdMask
+from .ops import zo_apply_
+from .plan import PlanEntry, ZOPlan, stable_tensor_id
+from .seed_log import SeedLog, mask_description
+from .transient import TransientPerturber
+
+M64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15           # SplitMix64 increment (golden ratio)
+
+DISTS = {"gaussian": ref.DIST_GAUSSIAN, "rademacher": ref.DIST_RADEMACHER}
+ROUNDINGS = {"nearest": ref.ROUND_NEAREST, "stochastic": ref.ROUND_STOCHASTIC}
+ESTIMATORS = ("two_sided", "one_sided")
+MODES = ("inplace", "transient")
+FORWARD_MODES = ("eval", "train")
+
+
+# ---------------------------------------------------------------- seeds
+def _mix64(z: int) -> int:
+    """SplitMix64's output function (Steele, Lea, Flood 2014): a bijection of 64-bit words with full avalanche."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    return z ^ (z >> 31)
+
+
+def step_seeds(base_seed: int, step: int, num_perturbations: int = 1):
+    """Seeds of step `step` (0-based, counting skipped steps) of a run with base seed `base_seed`.
+
+    key = mix64(base + (step + 1)*G), sub(j) = mix64(key + (j + 1)*G) (mod 2**64, G = 0x9E3779B97F4A7C15):
+    sub(0) is the stochastic-rounding seed, sub(1) the forward (dropout) seed, sub(2 + i) the i-th direction seed.
+    Returns (direction seeds, sr_seed, forward_seed). Pure integer arithmetic: identical on every machine."""
+    key = _mix64((base_seed + (step + 1) * _GAMMA) & M64)
+
+    def sub(j):
+        return _mix64((key + (j + 1) * _GAMMA) & M64)
+
+    return [sub(2 + i) for i in range(num_perturbations)], sub(0), sub(1)
+
+
+# ---------------------------------------------------------------- launch tables
+def group_mults(eps: float, lr: float, wd: float, eps_ref: float, q: int, sign: bool):
+    """Per-tensor plan multipliers (scale_mult, lr_mult, weight_decay, g_mult) of a param group.
+
+    The kernel computes, per tensor, s = scale*scale_mult, p = prior*scale_mult and
+    w' = base - (lr*lr_mult)*(sum_k (g_k*g_mult)*z_k + weight_decay*base). The optimizer launches with scale, prior in
+    {+1, -1, 0}, lr = 1 and g_k = projected gradient at the reference eps (eps_ref, the first non-empty group's eps), so:
+    scale_mult = eps (the group's own perturbation size), lr_mult = lr, weight_decay = wd, and
+    g_mult = (eps_ref / eps) / q turns g_k into the group's own estimate (L+ - L-)/(2 eps) averaged over q directions
+    (1/q alone for the sign variant, where sign(g) does not depend on eps)."""
+    g_mult = (1.0 if sign else eps_ref / eps) / q
+    return (float(eps), float(lr), float(wd), float(g_mult))
+
+
+class _Table:
+    """One dtype group of a plan, with its own float table and, per param group, the rows it owns."""
+
+    def __init__(self, group, group_of: dict, device):
+        self.tensors, self.masks, self.meta = group.tensors, group.masks, group.meta
+        self.fvals = group.fvals.clone()
+        self.dtype = group.dtype
+        rows = defaultdict(list)
+        for i, e in enumerate(group.entries):
+            rows[group_of[e.name]].append(i)
+        self.rows = {k: torch.tensor(v, dtype=torch.int64, device=device) for k, v in rows.items()}
+        self.applied: dict = {}
+
+    def sync(self, mults: list):
+        """Write changed multipliers with device-side fills (no host-to-device copy, so no synchronisation)."""
+        for k, idx in self.rows.items():
+            m = mults[k]
+            if self.applied.get(k) != m:
+                for col, v in enumerate(m):
+                    self.fvals[:, col].index_fill_(0, idx, v)
+                self.applied[k] = m
+
+
+def build_tables(plan: ZOPlan, group_of: dict):
+    return [_Table(g, group_of, plan.device) for g in plan.groups]
+
+
+def schedule(mode: str, estimator: str, seeds: list):
+    """The passes and forwards of one step, in order, and the final update's (restore seed, prior, threshold mode).
+
+    Items: ("P", seed, scale, prior, threshold_mode) an in-place perturb pass (scale/prior in units of the group's
+    eps); ("F", label, seed, scale) a forward (seed/scale: the transient perturbation, None in place)."""
+    items = []
+    two = estimator == "two_sided"
+    if not two:
+        items.append(("F", ("0", 0), None, 0.0))
+    if mode == "transient":
+        for i, s in enumerate(seeds):
+            items.append(("F", ("+", i), s, 1.0))
+            if two:
+                items.append(("F", ("-", i), s, -1.0))
+        return items, (0, 0.0, ref.THRESH_EVAL)
+    last = -1.0 if two else 1.0
+    for i, s in enumerate(seeds):
+        if i:   # undo the previous direction before the next: its seed differs
+            items.append(("P", seeds[i - 1], 0.0, last, ref.THRESH_LATCH_READ))
+        items.append(("P", s, 1.0, 0.0, ref.THRESH_LATCH_WRITE if i == 0 else ref.THRESH_LATCH_READ))
+        items.append(("F", ("+", i), None, 0.0))
+        if two:
+            items.append(("P", s, -1.0, 1.0, ref.THRESH_LATCH_READ))
+            items.append(("F", ("-", i), None, 0.0))
+    return items, (seeds[-1], last, ref.THRESH_LATCH_READ)
+
+
+def run_pass(tables, item, dist: int, backend: str, empty: torch.Tensor):
+    _, seed, scale, prior, tmode = item
+    for t in tables:
+        zo_apply_(t.tensors, [], t.masks, t.meta, t.fvals, [_seed_bits(seed)], empty, ref.OP_PERTURB, dist,
+                  ref.ROUND_NEAREST, 0, tmode, scale, prior, 0.0, backend)
+
+
+def run_update(tables, seeds, final, gs, finite, dist: int, rounding: int, sr_seed: int, backend: str, lr_col):
+    """The fused restore + update. Where `finite` is False the learning rate is zeroed on the device (gs must then
+    be 0): the pass leaves the restored weights, exactly as a step with lr = 0 (weight decay included)."""
+    restore_seed, prior, tmode = final
+    sbits = [_seed_bits(restore_seed)] + [_seed_bits(s) for s in seeds]
+    for t in tables:
+        fv = t.fvals.masked_fill(lr_col & ~finite, 0.0)
+        zo_apply_(t.tensors, [], t.masks, t.meta, fv, sbits, gs, ref.OP_UPDATE, dist, rounding,
+                  _seed_bits(sr_seed), tmode, 0.0, prior, 1.0, backend)
+
+
+def lr_column(device):
+    col = torch.zeros(5, dtype=torch.bool)
+    col[1] = True
+    return col.to(device)
+
+
+def kernel_grads(g_raw: torch.Tensor, finite: torch.Tensor, sign: bool) -> torch.Tensor:
+    """What the update consumes: g (or sign(g)), or 0 for a skipped step."""
+    g = torch.sign(g_raw) if sign else g_raw
+    return torch.where(finite, g, torch.zeros_like(g))
+
+
+# ---------------------------------------------------------------- the optimizer
+def _normalize_params(params):
+    """Param groups with (name, tensor) pairs; tied weights (one tensor listed twice) kept once, first name."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError("ZOSGD params must be an iterable of (name, tensor) pairs or param-group dicts, "
+                        "e.g. model.named_parameters(), not a tensor")
+    params = list(params)
+    if not params:
+        raise ValueError("ZOSGD got an empty parameter list")
+    groups = params if isinstance(params[0], dict) else [{"params": params}]
+    seen, aliases, out = {}, {}, []
+    for gi, g in enumerate(groups):
+        if not isinstance(g, dict):
+            raise TypeError(f"param group {gi}: expected a dict, got {type(g).__name__} (do not mix groups and "
+                            "parameters)")
+        g = dict(g)
+        ps = g.get("params")
+        if ps is None:
+            raise ValueError(f"param group {gi} has no 'params'")
+        ps = [ps] if isinstance(ps, torch.Tensor) else list(ps)
+        names = g.pop("param_names", None)
+        if names is not None and len(names) != len(ps):
+            raise ValueError(f"param group {gi}: {len(ps)} params but {len(names)} param_names")
+        items = []
+        for j, p in enumerate(ps):
+            if isinstance(p, tuple) and len(p) == 2:
+                n, t = p
+            elif isinstance(p, torch.Tensor):
+                if names is None:
+                    raise TypeError(
+                        "ZOSGD needs parameter names: they key the noise (stable tensor ids) and the seed log. Pass "
+                        "model.named_parameters(), (name, tensor) pairs, or param groups with 'param_names'; got a "
+                        "bare tensor in param group {gi}".format(gi=gi))
+                n, t = names[j], p
+            else:
+                raise TypeError(f"param group {gi}: expected (name, tensor) pairs or tensors, got "
+                                f"{type(p).__name__}")
+            if not isinstance(n, str) or not isinstance(t, torch.Tensor):
+                raise TypeError(f"param group {gi}: expected (name: str, tensor) pairs, got ({type(n).__name__}, "
+                                f"{type(t).__name__})")
+            if id(t) in seen:
+                aliases[n] = seen[id(t)]
+                continue
+            seen[id(t)] = n
+            items.append((n, t))
+        g["params"] = items
+        out.append(g)
+    return out, aliases
+
+
+def _check_group_values(k, lr, eps, wd):
+    lr, eps, wd = float(lr), float(eps), float(wd)
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"Invalid learning rate {lr} in param group {k}: must be finite and >= 0")
+    if not (math.isfinite(eps) and eps > 0):
+        raise ValueError(f"Invalid eps {eps} in param group {k}: the perturbation size must be finite and > 0")
+    if not (math.isfinite(wd) and wd >= 0):
+        raise ValueError(f"Invalid weight_decay {wd} in param group {k}: must be finite and >= 0")
+    return lr, eps, wd
+
+
+class ZOSGD(torch.optim.Optimizer):
+    """Zeroth-order SGD (MeZO) with fused, bit-reproducible kernels. See docs/OPTIMIZER.md.
+
+    params: model.named_parameters(), (name, tensor) pairs, or param-group dicts ({"params": pairs or tensors,
+        "param_names": [...], "lr", "eps", "weight_decay"}). Names are required: they give the stable tensor ids that
+        key the noise. Parameters with requires_grad=False are kept in the groups but never perturbed or updated.
+    lr, eps, weight_decay: defaults for the groups; read from param_groups at every step (LR schedulers work).
+    """
+
+    def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
+                 dist: str = "gaussian", estimator: str = "two_sided", num_perturbations: int = 1,
+                 sign: bool = False, rounding: str | None = None, masks: dict | None = None,
+                 mode: str = "inplace", module: torch.nn.Module | None = None, forward_mode: str = "eval",
+                 seed: int = 0, backend: str = "auto"):
+        _check_group_values("defaults", lr, eps, weight_decay)
+        if dist not in DISTS:
+            raise ValueError(f"dist must be one of {sorted(DISTS)}, got {dist!r}")
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be 'two_sided' or 'one_sided', got {estimator!r}")
+        if isinstance(num_perturbations, bool) or not isinstance(num_perturbations, int) or num_perturbations < 1:
+            raise ValueError(f"num_perturbations must be an int >= 1, got {num_perturbations!r}")
+        if rounding is not None and rounding not in ROUNDINGS:
+            raise ValueError(f"rounding must be None, 'nearest' or 'stochastic', got {rounding!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be 'inplace' or 'transient', got {mode!r}")
+        if mode == "transient" and module is None:
+            raise ValueError("mode='transient' needs module= (the model whose forward the closure runs): the "
+                             "perturbed copies are swapped in by forward hooks on its submodules")
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+        if forward_mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode must be 'eval' or 'train', got {forward_mode!r}")
+        self._base_seed = _seed_bits(seed, "seed") & M64
+        groups, aliases = _normalize_params(params)
+        super().__init__(groups, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        self.dist, self.estimator, self.num_perturbations = dist, estimator, num_perturbations
+        self.sign, self.mode, self.module, self.forward_mode = bool(sign), mode, module, forward_mode
+        self.rounding = "stochastic" if rounding is None else rounding
+
+        masks = dict(masks or {})
+        entries, group_of, by_param = [], {}, {}
+        for k, g in enumerate(self.param_groups):
+            for n, p in zip(g["param_names"], g["params"]):
+                if not p.requires_grad:
+                    continue
+                e = PlanEntry(n, p.detach(), stable_tensor_id(n))
+                entries.append(e)
+                group_of[n] = k
+                by_param[id(p)] = (p, e)
+        if not entries:
+            raise ValueError("ZOSGD: none of the given parameters requires grad; nothing to train")
+        known = {e.name: e for e in entries}
+        unknown = []
+        for name, m in masks.items():
+            target = known.get(name) or known.get(aliases.get(name, ""))
+            if target is None:
+                unknown.append(name)
+            else:
+                target.mask = m
+        if unknown:
+            raise ValueError(f"masks given for unknown parameter names {sorted(unknown)}; masks are keyed by the "
+                             f"names of trainable parameters in the optimizer (e.g. {sorted(known)[:3]})")
+        self._plan = ZOPlan(entries)
+        self._device = self._plan.device
+        self._backend = _backends.resolve(backend, self._device)
+        _backends.require(self._backend)
+        self._group_of = group_of
+        self._tables = build_tables(self._plan, group_of)
+        self._transient = None
+        if mode == "transient":
+            self._transient = TransientPerturber(module, by_param, lambda plan: build_tables(plan, group_of))
+        self._lr_col = lr_column(self._device)
+        self._empty = torch.zeros(0, dtype=torch.float32, device=self._device)
+        self._step_count = 0
+        self._log = SeedLog.new(self._base_seed, [
+            {"name": e.name, "tensor_id": e.tensor_id, "group": group_of[e.name],
+             "dtype": str(e.tensor.dtype).replace("torch.", ""), "shape": list(e.tensor.shape),
+             "mask": mask_description(e.mask)} for e in entries])
+
+    # -------------------------------------------------------------- torch.optim.Optimizer conventions
+    def add_param_group(self, param_group):
+        if getattr(self, "_plan", None) is not None:
+            raise RuntimeError("ZOSGD: add_param_group after construction is not supported (the plan and the seed "
+                               "log describe a fixed parameter set); build a new optimizer")
+        for name in ("lr", "eps", "weight_decay"):
+            if name in param_group:
+                _check_group_values(len(self.param_groups), param_group.get("lr", 0.0),
+                                    param_group.get("eps", 1.0), param_group.get("weight_decay", 0.0))
+        super().add_param_group(param_group)
+
+    @property
+    def seed_log(self) -> SeedLog:
+        return self._log
+
+    @property
+    def plan(self) -> ZOPlan:
+        return self._plan
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["seed_log"] = self._log.to_dict()
+        sd["zo"] = {"step": self._step_count, "seed": self._base_seed}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        log = state_dict.pop("seed_log", None)
+        zo = state_dict.pop("zo", None)
+        if log is None or zo is None:
+            raise ValueError("not a ZOSGD state dict: 'seed_log' and 'zo' entries are missing")
+        log = SeedLog.from_dict(log)
+        log.check_spec()
+        mine = [(p["name"], p["tensor_id"], p["group"], p["dtype"], p["shape"]) for p in self._log.header["params"]]
+        theirs = [(p["name"], p["tensor_id"], p["group"], p["dtype"], p["shape"]) for p in log.header["params"]]
+        if mine != theirs:
+            diff = sorted(set(mine) ^ set(theirs))[:4]
+            raise ValueError(f"state dict was written for other parameters (differences: {diff}); load it into an "
+                             "optimizer built over the same named parameters and groups")
+        super().load_state_dict(state_dict)
+        self._log = log
+        self._step_count = int(zo["step"])
+        self._base_seed = int(zo["seed"])
+
+    # -------------------------------------------------------------- the step
+    def _group_values(self):
+        vals = [_check_group_values(k, g["lr"], g["eps"], g["weight_decay"]) for k, g in enumerate(self.param_groups)]
+        used = sorted(set(self._group_of.values()))
+        eps_ref = vals[used[0]][1]
+        return vals, eps_ref
+
+    @contextlib.contextmanager
+    def _forward_mode(self):
+        if self.forward_mode != "eval" or self.module is None:
+            yield
+            return
+        saved = [(m, m.training) for m in self.module.modules()]
+        self.module.eval()
+        try:
+            yield
+        finally:
+            for m, t in saved:
+                m.training = t
+
+    @contextlib.contextmanager
+    def _rng(self, fwd_seed):
+        """train mode: every forward of a step starts from the same RNG state (same dropout masks), and the global
+        RNG streams are left as they were."""
+        if self.forward_mode != "train":
+            yield
+            return
+        devices = []
+        if self._device.type == "cuda":
+            devices = [self._device.index if self._device.index is not None else torch.cuda.current_device()]
+        with torch.random.fork_rng(devices=devices):
+            torch.default_generator.manual_seed(fwd_seed)
+            if devices:
+                torch.cuda.default_generators[devices[0]].manual_seed(fwd_seed)
+            yield
+
+    def _forward(self, closure, fwd_seed, transient):
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.no_grad())
+            stack.enter_context(self._rng(fwd_seed))
+            if transient is not None:
+                stack.enter_context(self._transient.perturbed(*transient))
+            loss = closure()
+        if isinstance(loss, torch.Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+            return loss.detach().reshape(()).to(device=self._device, dtype=torch.float32)
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+            return torch.tensor(float(loss), dtype=torch.float32, device=self._device)
+        raise TypeError(f"the closure must return the loss as a 0-d tensor, got {type(loss).__name__}")
+
+    def step(self, closure=None):
+        """One ZO step; returns the loss estimate at the pre-step weights (0-d device tensor, no host sync):
+        L(theta) for one_sided, the mean of the L+/L- evaluations for two_sided."""
+        if closure is None:
+            raise ValueError("ZOSGD.step needs a closure: closure() runs a forward (no backward) and returns the loss")
+        vals, eps_ref = self._group_values()            # validated before any weight is touched
+        q, sign = self.num_perturbations, self.sign
+        mults = [group_mults(eps, lr, wd, eps_ref, q, sign) for lr, eps, wd in vals]
+        for t in self._tables:
+            t.sync(mults)
+        if self._transient is not None:
+            for t in self._transient.tables:
+                t.sync(mults)
+        k = self._step_count
+        seeds, sr_seed, fwd_seed = step_seeds(self._base_seed, k, q)
+        items, final = schedule(self.mode, self.estimator, seeds)
+        dist, backend = DISTS[self.dist], self._backend
+        record = {"step": k, "seeds": seeds, "sr_seed": sr_seed, "forward_seed": fwd_seed,
+                  "lr": [v[0] for v in vals], "eps": [v[1] for v in vals], "weight_decay": [v[2] for v in vals],
+                  "eps_ref": eps_ref, "dist": self.dist, "estimator": self.estimator, "sign": sign,
+                  "rounding": self.rounding, "mode": self.mode, "spec_version": ref.SPEC_VERSION}
+        losses, error, pos = {}, None, 0
+        self._step_count += 1        # the seeds of step k are spent even if the step fails
+        with self._forward_mode():
+            try:
+                for pos, item in enumerate(items):
+                    if item[0] == "P":
+                        run_pass(self._tables, item, dist, backend, self._empty)
+                    else:
+                        tr = None if item[2] is None else (_seed_bits(item[2]), item[3], dist, backend)
+                        losses[item[1]] = self._forward(closure, fwd_seed, tr)
+            except BaseException as exc:          # noqa: BLE001 -- restore the weights, then re-raise
+                if items[pos][0] == "P":          # a kernel failed: the weights' state is unknown
+                    self._log.append({**record, "g_bits": [0x7FC00000] * q, "skipped": True,
+                                      "error": f"{type(exc).__name__} in a perturb pass"})
+                    raise
+                error = exc
+        if error is not None:
+            # Finish the step's remaining passes without forwards, then update with g = 0 and lr = 0: the weights end
+            # exactly as after a step with lr = 0 (and replay, which runs the same passes, reproduces them).
+            for item in items[pos + 1:]:
+                if item[0] == "P":
+                    run_pass(self._tables, item, dist, backend, self._empty)
+            zero = torch.zeros(q, dtype=torch.float32, device=self._device)
+            no = torch.zeros((), dtype=torch.bool, device=self._device)
+            run_update(self._tables, seeds, final, zero, no, dist, ROUNDINGS[self.rounding], sr_seed, backend,
+                       self._lr_col)
+            self._log.append({**record, "g_bits": [0x7FC00000] * q, "skipped": True,
+                              "error": f"{type(error).__name__}: {error}"[:200]})
+            raise error
+        two = self.estimator == "two_sided"
+        lp = torch.stack([losses[("+", i)] for i in range(q)])
+        if two:
+            lm = torch.stack([losses[("-", i)] for i in range(q)])
+            g_raw = (lp - lm) / torch.full((), 2.0 * eps_ref, dtype=torch.float32, device=self._device)
+            estimate = torch.cat([lp, lm]).mean()
+        else:
+            l0 = losses[("0", 0)]
+            g_raw = (lp - l0) / torch.full((), eps_ref, dtype=torch.float32, device=self._device)
+            estimate = l0
+        finite = torch.isfinite(g_raw).all()
+        gs = kernel_grads(g_raw, finite, sign)
+        run_update(self._tables, seeds, final, gs, finite, dist, ROUNDINGS[self.rounding], sr_seed, backend,
+                   self._lr_col)
+        self._log.append({**record, "error": None}, g_raw=g_raw, finite=finite)
+        return estimate
