@@ -318,10 +318,11 @@ class GradientScorer(_ScorerBase):
                 for batch in batches:
                     loss = loss_fn(self.model, batch)
                     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                        raise TypeError("loss_fn must return a one-element loss tensor, got "
-                                        f"{type(loss).__name__}{'' if not isinstance(loss, torch.Tensor) else tuple(loss.shape)}")
+                        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+                        raise TypeError(f"loss_fn must return a one-element loss tensor, got {got}")
                     if not bool(torch.isfinite(loss.detach()).all()):
-                        raise ValueError(f"loss of batch {count} is {float(loss.detach())}; scores would be meaningless")
+                        raise ValueError(f"loss of batch {count} is {float(loss.detach())}; "
+                                         "scores would be meaningless")
                     if not loss.requires_grad:
                         raise ValueError("the loss does not depend on any scored weight")
                     loss.reshape(()).backward()
@@ -368,8 +369,8 @@ class GradientScorer(_ScorerBase):
 
 # ---------------------------------------------------------------------------------------------------- activation
 class ActivationScorer(_ScorerBase):
-    """Forward-only MaZO importance (Wanda-style): S_t[i, j] = |W_ij|·‖x_j‖₂ over task t's tokens, row-normalised,
-    summed over tasks. For models where a backward pass does not fit.
+    """Forward-only MaZO importance (Wanda-style): S_t[i, j] = |W_ij|·‖x_j‖₂ over task t's tokens,
+    row-normalised, summed over tasks. For models where a backward pass does not fit.
 
     A forward hook on each scored nn.Linear adds Σ_tokens x_j² per input feature j. Only the per-task vectors of
     input-feature norms are kept ([in_features] float32 per Linear per task: 4·T/out_features bytes per weight,

@@ -431,6 +431,8 @@ def test_bad_arguments():
         mk.mazo_masks({"w": torch.rand(3, 4)}, 0.5, format="dense")
     with pytest.raises(ValueError, match="scorer must be 'gradient' or 'activation'"):
         mk.build_mazo_masks(model, _mlp_tasks(), 0.5, scorer="hessian")
+    with pytest.raises(TypeError, match="loss_fn must return a one-element loss tensor, got float"):
+        mk.GradientScorer(model).score_task([None], lambda m, b: 3.0)
     with pytest.raises(TypeError, match="needs a dict batch"):
         mk.GradientScorer(model).score_task([torch.randn(2, 12)])
     # a failed task leaves flags, modes and weights as they were
