@@ -25,3 +25,17 @@ from .optim import ZOSGD, step_seeds
 from .seed_log import SeedLog, replay
 
 __all__ += ["ZOSGD", "step_seeds", "SeedLog", "replay"]
+
+# Tasks (JSONL task files, sampler, answer loss, scoring). ZOTrainer / ZOArguments need transformers, which is an
+# optional dependency and slow to import: they load on first access.
+from .tasks import Example, MultiTaskSampler, TaskFormatError, evaluate, load_task_file, load_tasks, score_choices
+
+__all__ += ["Example", "MultiTaskSampler", "TaskFormatError", "evaluate", "load_task_file", "load_tasks",
+            "score_choices", "ZOTrainer", "ZOArguments"]
+
+
+def __getattr__(name):
+    if name in ("ZOTrainer", "ZOArguments"):
+        from . import trainer
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'mazo_kernels' has no attribute {name!r}")

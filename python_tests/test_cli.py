@@ -9,7 +9,7 @@ import torch
 
 import mazo_kernels as mk
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 from mazo_kernels import cli  # noqa: E402
 from mazo_kernels.tiny import tiny_llama  # noqa: E402

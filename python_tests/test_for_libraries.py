@@ -6,10 +6,8 @@ import torch
 
 import mazo_kernels as mk
 
-pytest.importorskip("transformers")
-
-from mazo_kernels import tasks as T  # noqa: E402
-from mazo_kernels.tiny import tiny_llama  # noqa: E402
+from mazo_kernels import tasks as T
+from mazo_kernels.tiny import tiny_llama
 
 BACKEND = "cpu" if mk.has_cpu() else "reference"
 

@@ -6,10 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-pytest.importorskip("transformers")
-
-from mazo_kernels import tasks as T  # noqa: E402
-from mazo_kernels.tiny import char_tokenizer, tiny_llama  # noqa: E402
+from mazo_kernels import tasks as T
+from mazo_kernels.tiny import char_tokenizer, tiny_llama
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 SENTIMENT = os.path.join(DATA, "task_sentiment.jsonl")

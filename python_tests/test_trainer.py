@@ -6,7 +6,7 @@ import torch
 
 import mazo_kernels as mk
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402
 
 from mazo_kernels import tasks as T  # noqa: E402
 from mazo_kernels.tiny import tiny_llama  # noqa: E402
@@ -84,7 +84,7 @@ def test_trainer_step_is_exactly_one_zosgd_step(tmp_path, tasks):
 
 
 def test_peft_lora_trains_only_adapters(tmp_path, tasks, no_backward):
-    peft = pytest.importorskip("peft")
+    import peft
     base, tok = tiny_llama(seed=4)
     model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                       lora_dropout=0.0))
