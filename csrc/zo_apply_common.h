@@ -48,7 +48,7 @@ MAZO_HD void compute_oct(const OpParams& P, const TensorParams& T, uint64_t o, u
   if (P.prior_nonzero) {
     const float p = fmul(P.prior, T.scale_mult);
     MAZO_UNROLL
-    for (int l = 0; l < 8; ++l) base[l] = S::to_f32(S::rne(fsub(x[l], fmul(p, z0[l]))));
+    for (int l = 0; l < 8; ++l) base[l] = invert_rounding<DT>(x[l], fmul(p, z0[l]));
   } else {
     MAZO_UNROLL
     for (int l = 0; l < 8; ++l) base[l] = x[l];

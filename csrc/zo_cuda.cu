@@ -113,7 +113,7 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
   if (P.prior_nonzero) {
     const float p = fmul(P.prior, T.scale_mult);
 #pragma unroll
-    for (int l = 0; l < 8; ++l) base[l] = S::to_f32(S::rne(fsub(x[l], fmul(p, z0[l]))));
+    for (int l = 0; l < 8; ++l) base[l] = invert_rounding<DT>(x[l], fmul(p, z0[l]));
   } else {
 #pragma unroll
     for (int l = 0; l < 8; ++l) base[l] = x[l];

@@ -342,4 +342,24 @@ struct Storage<DT_BF16> {
   MAZO_HD static bits_t sr(float x, uint32_t r) { return (bits_t)sr_bf16_bits(x, r); }
 };
 
+// The base a pass starts from when the stored value w carries the shift d = p*z (reference.invert_rounding and
+// docs/NOISE_SPEC.md, "Restore"): c0 = rne(w - d), unless rounding lost a bit and two storage values map to w; then
+// the one with the even bit pattern, so that a weight moved once by a lost bit is returned exactly ever after.
+template <int DT>
+MAZO_HD float invert_rounding(float w, float d) {
+  using S = Storage<DT>;
+  using bits_t = typename S::bits_t;
+  constexpr uint32_t SIGN = DT == DT_F32 ? 0x80000000u : 0x8000u;
+  const float y = fsub(w, d);
+  const uint32_t b0 = S::rne(y);
+  const float c0 = S::to_f32((bits_t)b0);
+  if ((f2u(c0) & 0x7F800000u) == 0x7F800000u || y == c0) return c0;
+  const uint32_t b1 = c0 == 0.f ? ((y < 0.f ? SIGN : 0u) | 1u) : (((y > c0) == (c0 > 0.f)) ? b0 + 1u : b0 - 1u);
+  const float c1 = S::to_f32((bits_t)b1);
+  const uint32_t wb = S::rne(w);
+  const bool ok0 = (uint32_t)S::rne(fadd(c0, d)) == wb;
+  const bool ok1 = (uint32_t)S::rne(fadd(c1, d)) == wb;
+  return (ok1 && (!ok0 || (b1 & 1u) == 0u)) ? c1 : c0;
+}
+
 }  // namespace mazo

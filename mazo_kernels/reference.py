@@ -197,6 +197,44 @@ def round_trip(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return to_storage(x, dtype).to(torch.float32)
 
 
+def storage_bits(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The storage bit pattern (int64, unsigned) of float32 values that are exactly representable in dtype."""
+    if dtype == torch.float32:
+        return _f32_to_bits(v)
+    if dtype == torch.bfloat16:
+        return _f32_to_bits(v) >> 16
+    return v.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+
+
+def storage_from_bits(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.float32:
+        return _bits_to_f32(b)
+    if dtype == torch.bfloat16:
+        return _bits_to_f32(b << 16)
+    return (b - ((b >> 15) << 16)).to(torch.int16).view(torch.float16).to(torch.float32)
+
+
+def invert_rounding(w: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The base a pass starts from when the weights w (float32 of stored values) carry the shift d = fl32(p*z):
+    a storage value c with rne(c + d) == w, chosen by a fixed rule (docs/NOISE_SPEC.md, "Restore").
+
+    c0 = rne(w - d) is the answer unless rounding lost a bit. Then two storage values map to w; the rule keeps the
+    one with an even bit pattern, so a weight that has been moved once by a lost bit sits on an even value and every
+    later ambiguous restore returns it exactly: drift stays bounded instead of random-walking."""
+    y = w - d
+    c0 = round_trip(y, dtype)
+    b0 = storage_bits(c0, dtype)
+    sign = 0x80000000 if dtype == torch.float32 else 0x8000
+    mag_up = (y > c0) == (c0 > 0)
+    b1 = torch.where(c0 == 0, torch.where(y < 0, sign | 1, 1), torch.where(mag_up, b0 + 1, b0 - 1))
+    c1 = storage_from_bits(b1, dtype)
+    wb = storage_bits(w, dtype)
+    ok0 = storage_bits(round_trip(c0 + d, dtype), dtype) == wb
+    ok1 = storage_bits(round_trip(c1 + d, dtype), dtype) == wb
+    take1 = torch.isfinite(c0) & (y != c0) & ok1 & (~ok0 | ((b1 & 1) == 0))
+    return torch.where(take1, c1, c0)
+
+
 # ---------------------------------------------------------------- masks
 MASK_NONE, MASK_THRESHOLD, MASK_BITMASK, MASK_ROWIDX = 0, 1, 2, 3
 THRESH_EVAL, THRESH_LATCH_WRITE, THRESH_LATCH_READ = 0, 1, 2
@@ -269,7 +307,7 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
             flat_out.copy_(flat_in)
             flat_out[local] = res.to(dtype)
             continue
-        base = x if prior == 0.0 else round_trip(x - p * z0, dtype)
+        base = x if prior == 0.0 else invert_rounding(x, p * z0, dtype)
         if op == OP_PERTURB:
             res = to_storage(base + s * z0, dtype)
         else:

@@ -217,6 +217,53 @@ def _rne(x, DT: tl.constexpr):
 
 
 @triton.jit
+def _raw_bits(raw, DT: tl.constexpr):
+    """Storage value (as _rne returns it) -> its bit pattern, uint32."""
+    if DT == 0:
+        b = raw.to(tl.uint32, bitcast=True)
+    elif DT == 1:
+        b = raw.to(tl.uint16, bitcast=True).to(tl.uint32)
+    else:
+        b = raw.to(tl.uint32)
+    return b
+
+
+@triton.jit
+def _bits_f32(b, DT: tl.constexpr):
+    """Storage bit pattern (uint32) -> float32 value."""
+    if DT == 0:
+        v = b.to(tl.float32, bitcast=True)
+    elif DT == 1:
+        v = b.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        v = (b << 16).to(tl.float32, bitcast=True)
+    return v
+
+
+@triton.jit
+def _invert_rounding(w, d, DT: tl.constexpr):
+    """reference.invert_rounding: rne(w - d), or, where rounding lost a bit and two storage values map to w, the
+    one with the even bit pattern (docs/NOISE_SPEC.md, "Restore")."""
+    if DT == 0:
+        neg_tiny = 0x80000001
+    else:
+        neg_tiny = 0x8001
+    y = w - d
+    b0 = _raw_bits(_rne(y, DT), DT)
+    c0 = _bits_f32(b0, DT)
+    mag_up = (y > c0) == (c0 > 0)
+    b1 = tl.where(c0 == 0, tl.where(y < 0, neg_tiny, 1).to(tl.uint32),
+                  tl.where(mag_up, b0 + 1, b0 - 1))
+    c1 = _bits_f32(b1, DT)
+    wb = _raw_bits(_rne(w, DT), DT)
+    ok0 = _raw_bits(_rne(c0 + d, DT), DT) == wb
+    ok1 = _raw_bits(_rne(c1 + d, DT), DT) == wb
+    finite = (c0.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+    take1 = finite & (y != c0) & ok1 & ((ok0 == 0) | ((b1 & 1) == 0))
+    return tl.where(take1, c1, c0)
+
+
+@triton.jit
 def _sr(x, rb, DT: tl.constexpr):
     """float32 -> storage (raw) value, stochastic with 16 random bits rb (uint32). DT is 1 or 2."""
     b = x.to(tl.uint32, bitcast=True)
@@ -308,7 +355,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
         if HAS_PRIOR:
             p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
             z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK)
-            base = _to_f32(_rne(x - p * z0, DT), DT)
+            base = _invert_rounding(x, p * z0, DT)
         else:
             base = x
         if OP == 0:
@@ -464,7 +511,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                 if HAS_PRIOR:
                     p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
                     z0 = _noise(g, gstart, contiguous, tid, k0, k1, DIST, BLOCK)
-                    base = _to_f32(_rne(x - p * z0, DT), DT)
+                    base = _invert_rounding(x, p * z0, DT)
                 else:
                     base = x
                 if OP == 0:

@@ -71,14 +71,15 @@ def test_restore_exact_where_spec_says(backend, dtype):
     e = y.double() - (th + d)
     u = ulp(th, dtype)
     pow2 = torch.frexp(th).mantissa.abs() == 0.5
-    exact_expected = (e.abs() < 0.49 * u) & ~pow2 & (th != 0)
+    coarser = ulp(y.double(), dtype) > u         # two storage values map to y: one bit of theta is gone
+    exact_expected = (e.abs() < 0.49 * u) & ~pow2 & (th != 0) & ~coarser
     restored = ibits(w) == ibits(w0)
     assert bool(restored[exact_expected].all()), int((~restored[exact_expected]).sum())
     frac = float(exact_expected.double().mean())
     # the condition covers nearly all elements in bf16/fp16; in fp32 about 1/16 of the sums are exact ties
     # in bf16/fp16 the exceptions are the sums that land in a coarser binade (|theta| small or near the top of its
-    # binade: ~7% at eps = 1e-3, theta ~ N(0, 0.02^2)); in fp32 also the exact ties (~1/32 of the sums)
-    assert frac > {torch.float32: 0.85, torch.bfloat16: 0.9, torch.float16: 0.9}[dtype], frac
+    # binade: ~10% at eps = 1e-3, theta ~ N(0, 0.02^2)); in fp32 also the exact ties (~1/32 of the sums)
+    assert frac > {torch.float32: 0.8, torch.bfloat16: 0.85, torch.float16: 0.85}[dtype], frac
     if dtype == torch.float32:
         assert float((w.double() - th).abs().max()) <= float(u.max())  # ties: off by at most one ulp
 
