@@ -24,7 +24,11 @@ import sys
 
 import torch
 
-import mazo_kernels as mk
+try:
+    import mazo_kernels as mk
+except ImportError:     # run from a checkout without installing: the package is beside bench/
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import mazo_kernels as mk
 
 VOCAB = 64
 CONFIGS = {
@@ -125,11 +129,12 @@ def environment(device: str) -> dict:
     if device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
-    try:
-        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                           check=True).stdout.strip()
+    try:   # the commit of the checkout, and whether the tree differed from it (then the commit is only a hint)
+        git = lambda *a: subprocess.run(["git", *a], capture_output=True, text=True, check=True).stdout.strip()  # noqa: E731
+        env["git_commit"] = git("rev-parse", "HEAD")
+        env["git_dirty"] = bool(git("status", "--porcelain", "--untracked-files=no"))
     except (OSError, subprocess.CalledProcessError):
-        env["git_commit"] = None
+        env["git_commit"] = env["git_dirty"] = None
     return env
 
 
