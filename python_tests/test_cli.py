@@ -63,7 +63,7 @@ def test_cli_in_process_mazo(tmp_path, capsys):
     out = str(tmp_path / "run")
     rc = cli.main(["--config", "tiny", "--tasks", SENTIMENT, ECHO, "--method", "mazo", "--density", "0.25",
                    "--steps", "8", "--eval-every", "4", "--eval-examples", "4", "--batch-size", "4",
-                   "--lr", "1e-3", "--backend", BACKEND, "--seed", "3", "--mask-batches", "1",
+                   "--lr", "1e-3", "--backend", BACKEND, "--device", "cpu", "--seed", "3", "--mask-batches", "1",
                    "--output-dir", out, "--no-progress"])
     assert rc == 0
     assert "8 steps" in capsys.readouterr().out
@@ -94,7 +94,8 @@ def test_cli_model_dir_and_eval_files(tmp_path):
     tok.save_pretrained(src)
     out = str(tmp_path / "run")
     rc = cli.main(["--model", src, "--tasks", SENTIMENT, "--eval-tasks", ECHO, "--eval-examples", "3",
-                   "--steps", "2", "--batch-size", "2", "--backend", BACKEND, "--output-dir", out, "--no-progress"])
+                   "--steps", "2", "--batch-size", "2", "--backend", BACKEND, "--device", "cpu", "--output-dir", out,
+                   "--no-progress"])
     assert rc == 0
     m = json.load(open(os.path.join(out, "metrics.json")))
     assert set(m["evals"][-1]["tasks"]) == {"echo"} and m["evals"][-1]["tasks"]["echo"]["n"] == 3
