@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--eval-tasks", nargs="+", metavar="JSONL",
                    help="evaluation task files (default: hold out --eval-examples per task from --tasks)")
     d.add_argument("--eval-examples", type=_nonneg_int, default=32,
-                   help="examples per task to evaluate on (held out from --tasks unless --eval-tasks is given; "
-                        "0: no evaluation)")
+                   help="examples per task to evaluate on: held out from --tasks (0: no evaluation), or with "
+                        "--eval-tasks the first N of each task (0: all)")
     d.add_argument("--mixing", choices=["uniform", "proportional"], default="uniform",
                    help="how tasks are mixed in training batches")
     d.add_argument("--max-length", type=_positive_int, default=None, help="truncate prompt+answer to this many "
@@ -224,7 +224,7 @@ def run(a: argparse.Namespace) -> dict:
     masks = build_masks(model, zo, task_batches=batches)
     t_masks = time.perf_counter() - t_masks
     opt = make_zo_optimizer(model, zo, lr=a.lr, weight_decay=a.weight_decay, masks=masks, seed=a.seed)
-    model.eval()
+    model.train(a.forward_mode == "train")   # ZOSGD itself switches to eval() around forwards in "eval" mode
     n_trainable = sum(e.tensor.numel() for e in opt.plan.entries)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
@@ -232,23 +232,21 @@ def run(a: argparse.Namespace) -> dict:
     evals = []
     if eval_tasks:
         evals.append(_eval(model, tok, eval_tasks, a, 0, None))
-    losses = []           # 0-d device tensors: read back at evaluations and for the progress bar, not every step
-    since_eval = []
+    losses = torch.zeros(a.steps, dtype=torch.float32, device=a.device)   # read back every 10 steps, not per step
+    last_eval = 0
     bar = tqdm(total=a.steps, desc=f"{a.method}", unit="step", disable=a.no_progress, dynamic_ncols=True)
     t_train, t_eval_total = time.perf_counter(), 0.0
     for step in range(1, a.steps + 1):
         batch = training_batch(tok, sampler.next_batch(), max_length=a.max_length)
         batch = {k: v.to(a.device) for k, v in batch.items()}
-        loss = opt.step(lambda: batch_loss(model, batch))
-        losses.append(loss)
-        since_eval.append(loss)
+        losses[step - 1] = opt.step(lambda: batch_loss(model, batch))
         bar.update(1)
         if step % 10 == 0 or step == a.steps:
-            bar.set_postfix(loss=f"{float(torch.stack(losses[-10:]).mean()):.4f}")
+            bar.set_postfix(loss=f"{float(losses[max(0, step - 10):step].mean()):.4f}")
         if eval_tasks and (step == a.steps or (a.eval_every and step % a.eval_every == 0)):
             te = time.perf_counter()
-            evals.append(_eval(model, tok, eval_tasks, a, step, float(torch.stack(since_eval).mean())))
-            since_eval = []
+            evals.append(_eval(model, tok, eval_tasks, a, step, float(losses[last_eval:step].mean())))
+            last_eval = step
             t_eval_total += time.perf_counter() - te
             bar.write(f"step {step}: mean accuracy {evals[-1]['mean_accuracy']:.4f} " + " ".join(
                 f"{k}={v['accuracy']:.3f}" for k, v in evals[-1]["tasks"].items()))
@@ -264,7 +262,7 @@ def run(a: argparse.Namespace) -> dict:
         files["masks"] = "masks.safetensors"
     opt.seed_log.to_json(os.path.join(a.output_dir, "seed_log.json"))
     files["seed_log"] = "seed_log.json"
-    train_losses = [float(x) for x in torch.stack(losses).cpu()]
+    train_losses = losses.cpu().tolist()
     metrics = {
         "evals": evals,
         "train_loss": train_losses,

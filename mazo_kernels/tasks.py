@@ -384,14 +384,22 @@ def sequence_scores(model, batch: Mapping):
 
 @torch.no_grad()
 def _score_sequences(model, tokenizer, seqs, batch_size, padding_side):
+    """Scores in eval mode (no dropout); the model's previous mode is restored."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     pad = _pad_id(tokenizer)
     side = _padding_side(tokenizer, padding_side)
     sums, counts, hits = [], [], []
-    for i in range(0, len(seqs), batch_size):
-        s, n, h = sequence_scores(model, collate(seqs[i:i + batch_size], pad, padding_side=side))
-        sums.append(s.cpu())
-        counts.append(n.cpu())
-        hits.append(h.cpu())
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, len(seqs), batch_size):
+            s, n, h = sequence_scores(model, collate(seqs[i:i + batch_size], pad, padding_side=side))
+            sums.append(s.cpu())
+            counts.append(n.cpu())
+            hits.append(h.cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(sums), torch.cat(counts), torch.cat(hits)
 
 
@@ -401,7 +409,7 @@ def score_choices(model, tokenizer, examples: Sequence[Example], *, reduction: s
 
     ``reduction="mean"`` divides each choice's summed token log-probability by its number of tokens (so longer
     choices are not penalised for their length); ``"sum"`` keeps the sum. All choices of all examples are flattened
-    into sequences and scored ``batch_size`` sequences per padded forward."""
+    into sequences and scored ``batch_size`` sequences per padded forward, in eval mode."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
     seqs, owner = [], []
@@ -427,7 +435,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], *, reduction: str = 
     accuracy: choice examples are right when the correct choice has the highest score (``reduction``); completion
     examples when teacher-forced greedy prediction reproduces every completion token. loss: the cross-entropy of
     the gold answers' tokens (the correct choice, or the completion), averaged over tokens as in training.
-    The model is put in eval mode for the duration and restored afterwards."""
+    Scoring runs in eval mode (no dropout); the model's mode is restored afterwards."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
     if not examples:
@@ -440,12 +448,7 @@ def evaluate(model, tokenizer, examples: Sequence[Example], *, reduction: str = 
         else:
             seqs.append(encode(tokenizer, e.prompt, e.completion, max_length=max_length, add_eos=completion_eos))
         spans.append((start, len(seqs)))
-    was_training = model.training
-    model.eval()
-    try:
-        sums, counts, hits = _score_sequences(model, tokenizer, seqs, batch_size, padding_side)
-    finally:
-        model.train(was_training)
+    sums, counts, hits = _score_sequences(model, tokenizer, seqs, batch_size, padding_side)
     correct, nll, ntok = 0, 0.0, 0
     for e, (a, b) in zip(examples, spans):
         if e.is_choice:

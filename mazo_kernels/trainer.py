@@ -263,6 +263,7 @@ class ZOTrainer(Trainer):
         if self.zo_optimizer is None:
             raise RuntimeError("ZOTrainer: the optimizer was given from outside; ZOTrainer builds its own ZOSGD "
                                "(do not pass optimizers=)")
+        model.train()           # as Trainer.training_step does; ZOSGD switches to eval() for forward_mode="eval"
         inputs = self._prepare_inputs(inputs)
 
         def closure():

@@ -146,3 +146,27 @@ def test_bad_task_file_is_one_clear_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert f"{bad}:2: label 5 out of range for 2 choices" in err and "Traceback" not in err
+
+
+def test_cli_config_json_gpt2(tmp_path, capsys):
+    """--config JSON: random init of any architecture (here GPT-2) with the character tokenizer."""
+    from mazo_kernels.tiny import char_tokenizer
+    cfg = transformers.GPT2Config(vocab_size=len(char_tokenizer()), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    path = str(tmp_path / "gpt2.json")
+    cfg.to_json_file(path)
+    out = str(tmp_path / "run")
+    rc = cli.main(["--config", path, "--tasks", SENTIMENT, ECHO, "--eval-examples", "2", "--steps", "3",
+                   "--batch-size", "2", "--backend", BACKEND, "--device", "cpu", "--output-dir", out,
+                   "--no-progress"])
+    assert rc == 0
+    trained = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(out, "model"), local_files_only=True)
+    assert type(trained).__name__ == "GPT2LMHeadModel"
+    assert len(json.load(open(os.path.join(out, "seed_log.json")))["steps"]) == 3
+
+    small = transformers.GPT2Config(vocab_size=10, n_embd=8, n_layer=1, n_head=1)
+    small.to_json_file(path)
+    rc = cli.main(["--config", path, "--tasks", SENTIMENT, "--steps", "1", "--device", "cpu", "--output-dir", out,
+                   "--no-progress"])
+    assert rc == 2
+    assert "vocab_size 10 is smaller than the tokenizer's 101 tokens" in capsys.readouterr().err
