@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mazo: fraction of each weight matrix trained (default 0.1)")
     t.add_argument("--sparsity", type=_float_in(0, 1, hi_open=True), default=None,
                    help="sparse-mezo: fraction of each weight matrix (largest |w|) frozen (default 0.75)")
-    t.add_argument("--unmasked", choices=["train", "freeze"], default="train",
+    t.add_argument("--unmasked", choices=["train", "freeze"], default="freeze",
                    help="sparse-mezo/mazo: weights that get no mask (norms, biases, embeddings for mazo)")
     t.add_argument("--mask-batches", type=_positive_int, default=4, help="mazo: batches per task scored")
     t.add_argument("--mask-scorer", choices=["gradient", "activation"], default="gradient")

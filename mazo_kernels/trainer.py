@@ -34,7 +34,8 @@ class ZOArguments:
     seed: the ZO base seed (None: TrainingArguments.seed). backend: kernel backend ("auto", "cpu", "cuda", ...).
     mask_batches: batches per task that MaZO scores; mask_scorer: "gradient" | "activation".
     unmasked: what happens to trainable weights that get no mask under sparse-mezo/mazo (norms, biases, and for
-        MaZO the embeddings): "train" (densely) or "freeze".
+        MaZO the embeddings and lm_head): "freeze" (default: only the masked elements train, so sparsity/density mean
+        what they say) or "train" (densely).
     score_reduction: choice scoring in evaluation, "mean" | "sum" token log-probability.
     """
     method: str = "mezo"
@@ -52,7 +53,7 @@ class ZOArguments:
     backend: str = "auto"
     mask_batches: int = 4
     mask_scorer: str = "gradient"
-    unmasked: str = "train"
+    unmasked: str = "freeze"
     score_reduction: str = "mean"
 
     def __post_init__(self):

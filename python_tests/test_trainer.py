@@ -101,11 +101,12 @@ def test_peft_lora_trains_only_adapters(tmp_path, tasks, no_backward):
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_sparse_mezo_leaves_large_weights(tmp_path, tasks):
+@pytest.mark.parametrize("unmasked", ["freeze", "train"])
+def test_sparse_mezo_leaves_large_weights(tmp_path, tasks, unmasked):
     model, tok = tiny_llama(seed=5)
     before = _snapshot(model)
     tr = ZOTrainer(model=model, args=_args(tmp_path, max_steps=4),
-                   zo_args=ZOArguments(method="sparse-mezo", sparsity=0.5, backend=BACKEND),
+                   zo_args=ZOArguments(method="sparse-mezo", sparsity=0.5, backend=BACKEND, unmasked=unmasked),
                    train_dataset=T.TaskDataset(tasks["task_sentiment"]), data_collator=T.TaskCollator(tok),
                    processing_class=tok)
     tr.train()
@@ -117,6 +118,10 @@ def test_sparse_mezo_leaves_large_weights(tmp_path, tasks):
         assert 0.4 < frozen.float().mean().item() < 0.6
         assert torch.equal(w1[frozen], w0[frozen])
         assert not torch.equal(w1[~frozen], w0[~frozen])
+    unmasked_params = [n for n in params if n not in tr.zo_masks]
+    assert unmasked_params            # the norms (1-D) get no threshold mask
+    for n in unmasked_params:         # frozen entirely, or trained densely
+        assert torch.equal(params[n], before[n]) == (unmasked == "freeze"), n
 
 
 def test_mazo_builds_masks_from_train_tasks(tmp_path, tasks):
