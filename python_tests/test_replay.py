@@ -88,6 +88,8 @@ def _train_mixed(backend, steps=5, mode="inplace", nan_at=(), raise_at=(), **kw)
     dict(num_perturbations=2),
     dict(estimator="one_sided", dist="rademacher", sign=True),
     dict(mode="transient"),
+    dict(mode="transient", estimator="one_sided", num_perturbations=2),
+    dict(estimator="one_sided", num_perturbations=3, rounding="nearest"),
 ])
 def test_replay_is_bit_exact_across_backends(run_backend, replay_backend, opts):
     model, init, opt, masks = _train_mixed(run_backend, **opts)
@@ -126,7 +128,7 @@ def test_inplace_replay_needs_all_three_passes():
 
 
 def _tiny_llama(seed=0, dropout=0.0):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
@@ -245,7 +247,6 @@ def test_gpu_seed_log_replays_on_cpu(tmp_path):
         meta = json.loads((root / "meta.json").read_text())
         assert meta["device"].startswith("cuda")
     else:
-        pytest.importorskip("transformers")
         root, steps = tmp_path, 3
         _bench_module().main(["--out", str(root), "--steps", str(steps), "--device", "cpu",
                               "--backend", "reference"])
