@@ -19,7 +19,6 @@ import torch
 from . import _backends
 from . import reference as ref
 from .api import _seed_bits
-from .masks import BitMask, RowIndexMask, ThresholdMask
 from .ops import zo_apply_
 from .plan import PlanEntry, ZOPlan, stable_tensor_id
 from .seed_log import SeedLog, mask_description
@@ -75,7 +74,7 @@ class _Table:
     """One dtype group of a plan, with its own float table and, per param group, the rows it owns."""
 
     def __init__(self, group, group_of: dict, device):
-        self.tensors, self.masks, self.meta = group.tensors, group.masks, group.meta
+        self.entries, self.tensors, self.masks, self.meta = group.entries, group.tensors, group.masks, group.meta
         self.fvals = group.fvals.clone()
         self.dtype = group.dtype
         rows = defaultdict(list)
@@ -300,10 +299,8 @@ class ZOSGD(torch.optim.Optimizer):
         if getattr(self, "_plan", None) is not None:
             raise RuntimeError("ZOSGD: add_param_group after construction is not supported (the plan and the seed "
                                "log describe a fixed parameter set); build a new optimizer")
-        for name in ("lr", "eps", "weight_decay"):
-            if name in param_group:
-                _check_group_values(len(self.param_groups), param_group.get("lr", 0.0),
-                                    param_group.get("eps", 1.0), param_group.get("weight_decay", 0.0))
+        _check_group_values(len(self.param_groups), *(param_group.get(k, self.defaults[k])
+                                                      for k in ("lr", "eps", "weight_decay")))
         super().add_param_group(param_group)
 
     @property

@@ -64,11 +64,11 @@ class TransientPerturber:
             outs = [torch.empty_like(x) for x in t.tensors]
             zo_apply_(t.tensors, outs, t.masks, t.meta, t.fvals, [seed_bits], empty, ref.OP_COPY, dist,
                       ref.ROUND_NEAREST, 0, ref.THRESH_EVAL, scale, 0.0, 0.0, backend)
-            for x, o in zip(t.tensors, outs):
-                copies[x.data_ptr()] = o
+            for e, o in zip(t.entries, outs):
+                copies[id(e)] = o
         for p, e in own:
             self._swapped[id(p)] = (p, e.tensor)
-            p.data = copies[e.tensor.data_ptr()]
+            p.data = copies[id(e)]
 
     def _swap_out(self, own):
         for p, e in own:
