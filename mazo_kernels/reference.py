@@ -283,6 +283,17 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     seeds:       uint64 seeds: seeds[0] perturbs/restores; seeds[1:] are the update directions
     gs:          float32 [len(seeds) - 1] projected gradients, one per update seed
     """
+    if any(t.device.type != "cpu" for t in list(params) + list(outs) + list(masks)):
+        # the oracle computes on the host: run on host copies and write the results back
+        hp = [t.detach().cpu() for t in params]
+        ho = [h if o is t else o.detach().cpu() for h, o, t in zip(hp, outs, params)]
+        hm = [m.cpu() for m in masks]
+        zo_apply_(hp, ho, hm, meta, fvals, seeds, gs, op, dist, rounding, sr_seed, threshold_mode, scale, prior, lr)
+        for dst, src in zip(outs, ho):
+            dst.copy_(src)
+        for dst, src in zip(masks, hm):
+            dst.copy_(src)
+        return
     meta = meta.cpu()
     fvals = fvals.cpu()
     gs = gs.detach().cpu().to(torch.float32)
