@@ -415,7 +415,47 @@ def header(device, bw, copy_ms, copy_bytes):
     return h
 
 
-def run_model_dtype(args, sel, timer, device, bw, model, dt, records, launch_cache, emit):
+def _bits(t):
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
+
+
+def check_variants(args, sel, plan, weights, outs, grads, model, dt, mask, checks):
+    """Each variant must give the default's bits: one pass of every op from the same weights (and latches)."""
+    import mazo_kernels as mk
+    runs = [("triton", lab, o) for lab, o in args.triton_variants if "triton" in sel["backends"]]
+    runs += [("cuda", lab, o) for lab, o in args.cuda_variants if "cuda" in sel["backends"]]
+    if not runs:
+        return
+    state = [w.clone() for w in weights] + [m.clone() for g in plan.groups for m in g.masks]
+    live = list(weights) + [m for g in plan.groups for m in g.masks]
+
+    def restore():
+        for a, b in zip(live, state):
+            a.copy_(b)
+
+    for op, dist, (backend, label, opts) in itertools.product(sel["ops"], sel["dists"], runs):
+        fn = op_fn(mk, plan, op, dist, backend, outs, grads)
+        got = []
+        for o in (None, opts):
+            restore()
+            (set_triton_opts if backend == "triton" else set_env_opts)(o)
+            try:
+                fn(0)
+            finally:
+                (set_triton_opts if backend == "triton" else set_env_opts)(None)
+            res = outs() if op == "perturbed_copy" else weights
+            got.append([_bits(t).clone() for t in res])
+        equal = all(torch.equal(a, b) for a, b in zip(*got))
+        checks.append(dict(model=model, dtype=dt, mask=mask, op=op, distribution=dist, backend=backend,
+                           variant=label, bits_equal_default=equal))
+        print(f"  check {backend}:{label} {op} {dist} {mask}: bits {'EQUAL' if equal else 'DIFFER'} to the default",
+              flush=True)
+        del got
+    restore()
+    del state
+
+
+def run_model_dtype(args, sel, timer, device, bw, model, dt, records, launch_cache, emit, checks):
     import mazo_kernels as mk
     shapes = model_shapes(model, args.quick)
     dtype = DTYPES[dt]
@@ -467,9 +507,23 @@ def run_model_dtype(args, sel, timer, device, bw, model, dt, records, launch_cac
             torch.cuda.empty_cache()
             continue
         print(f"  mask {mask}: plan built in {time.time() - t0:.1f} s, mask bytes {mask_bytes}", flush=True)
-        for op, dist, backend in itertools.product(sel["ops"], sel["dists"], sel["backends"]):
+        if numel <= args.check_max_numel and mask in args.variant_masks.split(","):
+            check_variants(args, sel, plan, weights, outs, grads, model, dt, mask, checks)
+        runs = [(b, args.variant, None) for b in sel["backends"]]
+        if mask in args.variant_masks.split(","):
+            if "triton" in sel["backends"]:
+                runs += [("triton", label, opts) for label, opts in args.triton_variants]
+            if "cuda" in sel["backends"]:
+                runs += [("cuda", label, opts) for label, opts in args.cuda_variants]
+        for op, dist, (backend, variant, topts) in itertools.product(sel["ops"], sel["dists"], runs):
+            if backend == "triton":
+                set_triton_opts(topts)
+            else:
+                set_env_opts(topts)
             rec = dict(op=op, dtype=dt, mask=mask, distribution=dist, backend=backend, model=model, numel=numel,
-                       ntensors=len(shapes), variant=args.variant)
+                       ntensors=len(shapes), variant=variant)
+            if topts:
+                rec["variant_opts"] = topts
             floor_bytes = dense_bytes + mask_traffic(mask, op, mask_bytes)
             rec.update(floor_bytes=floor_bytes, floor_ms=floor_bytes / bw * 1e3,
                        dense_floor_ms=dense_bytes / bw * 1e3, mask_bytes=mask_traffic(mask, op, mask_bytes))
@@ -487,7 +541,7 @@ def run_model_dtype(args, sel, timer, device, bw, model, dt, records, launch_cac
                 first = timer.memory(fn, 0)  # the first pass builds the backend's tables and compiles
                 ms, ms_host, all_ms = timer.run(fn)
                 extra = timer.memory(fn, 1)
-                key = (op, dt, mask, dist, backend)
+                key = (op, dt, mask, dist, backend, variant)
                 if key not in launch_cache:
                     launch_cache[key] = timer.launches(fn, 0) + (model,)
                 kern, copies, lmodel = launch_cache[key]
@@ -500,6 +554,8 @@ def run_model_dtype(args, sel, timer, device, bw, model, dt, records, launch_cac
                 rec["error"] = repr(exc)[:500]
                 if isinstance(exc, torch.cuda.OutOfMemoryError):
                     torch.cuda.empty_cache()
+            set_triton_opts(None)
+            set_env_opts(None)
             records.append(rec)
             emit(rec)
         del plan, masks
@@ -512,13 +568,59 @@ def run_model_dtype(args, sel, timer, device, bw, model, dt, records, launch_cac
         torch.cuda.empty_cache()
 
 
+_TRITON_DEFAULTS: dict = {}
+
+
+def set_triton_opts(opts):
+    """Set module-level knobs of mazo_kernels.triton_kernels (e.g. {'SPLIT': 0}); None restores the defaults."""
+    if not opts and not _TRITON_DEFAULTS:
+        return
+    from mazo_kernels import triton_kernels as tk
+    for k, v in _TRITON_DEFAULTS.items():
+        setattr(tk, k, v)
+    for k, v in (opts or {}).items():
+        if not hasattr(tk, k):
+            raise SystemExit(f"mazo_kernels.triton_kernels has no knob {k}")
+        _TRITON_DEFAULTS.setdefault(k, getattr(tk, k))
+        setattr(tk, k, v)
+
+
+_ENV_SAVED: dict = {}
+
+
+def set_env_opts(opts):
+    """Set environment variables that the CUDA extension reads per call (e.g. MAZO_CUDA_WAVES); None restores."""
+    for k, v in _ENV_SAVED.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    _ENV_SAVED.clear()
+    for k, v in (opts or {}).items():
+        _ENV_SAVED[k] = os.environ.get(k)
+        os.environ[k] = str(v)
+
+
+def parse_variants(text):
+    """'old:SPLIT=0;c4:CHUNK=4' -> [('old', {'SPLIT': 0}), ('c4', {'CHUNK': 4})]"""
+    out = []
+    for part in filter(None, (p.strip() for p in (text or "").split(";"))):
+        label, _, kv = part.partition(":")
+        opts = {}
+        for item in filter(None, kv.split(",")):
+            k, _, v = item.partition("=")
+            opts[k.strip()] = int(v)
+        out.append((label.strip(), opts))
+    return out
+
+
 def print_record(r):
     if "error" in r:
         print(f"  {r['op']:15s} {r['mask']:9s} {r['distribution']:10s} {r['backend']:7s} ERROR {r['error'][:200]}",
               flush=True)
         return
     bl = f"{r['baseline_ms']:8.2f}" if r.get("baseline_ms") else "       -"
-    print(f"  {r['op']:15s} {r['mask']:9s} {r['distribution']:10s} {r['backend']:7s} {r['ms']:9.3f} ms "
+    print(f"  {r['op']:15s} {r['mask']:9s} {r['distribution']:10s} {r['backend'] + ':' + r['variant']:11s} {r['ms']:9.3f} ms "
           f"(host {r['ms_host']:8.3f})  floor {r['floor_ms']:8.3f}  {100 * r['fraction_of_floor']:5.1f}%  "
           f"baseline {bl}  extra {r['extra_bytes']} B  launches {r['launches']}", flush=True)
 
@@ -542,6 +644,15 @@ def main(argv=None):
     ap.add_argument("--no-baselines", action="store_true")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--variant", default="", help="label stored in every record (kernel experiments)")
+    ap.add_argument("--triton-variants", type=parse_variants, default=[],
+                    help="extra Triton runs in the same process, 'label:KNOB=int,...;label2:...' (knobs of "
+                         "mazo_kernels.triton_kernels, e.g. 'old:SPLIT=0;chunk4:CHUNK=4')")
+    ap.add_argument("--cuda-variants", type=parse_variants, default=[],
+                    help="extra CUDA runs, 'label:ENVVAR=int,...;...' (variables the extension reads per call, "
+                         "e.g. 'w2:MAZO_CUDA_WAVES=2')")
+    ap.add_argument("--variant-masks", default="none", help="masks whose cases also run the variants")
+    ap.add_argument("--check-max-numel", type=int, default=300_000_000,
+                    help="models up to this size check that every variant gives the default's bits")
     ap.add_argument("--tag", default=None, help="output file name: matrix_<tag>.json (default core/full/custom)")
     ap.add_argument("--out", default="bench/results/matrix", help="output directory")
     ap.add_argument("--dry-run", action="store_true", help="list the cases and exit")
@@ -577,7 +688,8 @@ def main(argv=None):
         getattr(args, k) for k in ("ops", "dtypes", "masks", "dists", "backends")) else "custom")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"matrix_{tag}.json")
-    records, launch_cache = [], {}
+    records, launch_cache, checks = [], {}, []
+    res["variant_checks"] = checks
     res["records"] = records
 
     def emit(rec):
@@ -588,7 +700,7 @@ def main(argv=None):
     order = sorted(sel["models"], key=lambda m: sum(numel_of(s) for _, s in model_shapes(m, args.quick)))
     for model in order:
         for dt in sel["dtypes"]:
-            run_model_dtype(args, sel, timer, device, bw, model, dt, records, launch_cache, emit)
+            run_model_dtype(args, sel, timer, device, bw, model, dt, records, launch_cache, emit, checks)
     if device.type == "cuda":
         bw_end, _ = copy_bandwidth(device, timer, copy_bytes)
         res["copy_bandwidth_end_TBps"] = bw_end / 1e12

@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
 # Build, test and benchmark on the GPU machine in one call; results land in $OUT (or bench/results/gpu_run).
 # Usage (device tool): bash bench/gpu_check.sh
+# Knobs (environment):
+#   SKIP_BUILD=1     use the installed package          SKIP_TESTS=1   skip the GPU test suites
+#   TEST_VARIANT_ENV="VAR=value ..."  run the CUDA tests once more with these variables set
+#   OLD_BENCH=0      skip bench_transform.py / bench_ops.py (the single-tensor first looks; default 1)
+#   MATRIX=core|full|none   bench/bench_matrix.py selection (default core); MATRIX_ARGS: extra arguments for it,
+#                    e.g. "--model 7b --dtypes bf16,fp16"
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu_run}
 mkdir -p "$OUT"
@@ -11,20 +17,41 @@ print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__versi
                   "cuda": torch.version.cuda, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}))
 PY
 cat "$OUT/env.json"
-( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
-tail -3 "$OUT/build.log"
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+  ( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+  tail -3 "$OUT/build.log"
+fi
 python3 -c "import mazo_kernels as mk; print('cpu', mk.has_cpu(), 'cuda', mk.has_cuda(), 'triton', mk.has_triton())"
-python3 -m pytest -q python_tests/test_gpu_backends.py ${PYTEST_EXTRA:-} --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py ${PYTEST_EXTRA:-} 2>&1 | tee "$OUT/cuda_via_cpu_suite.log" | tail -3
-PYTHONPATH=.:bench python3 bench/bench_transform.py --out "$OUT" 2>&1 | tail -40
-python3 bench/bench_ops.py --out "$OUT" 2>&1 | tail -12
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  python3 -m pytest -q python_tests/test_gpu_backends.py ${PYTEST_EXTRA:-} --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py ${PYTEST_EXTRA:-} 2>&1 | tee "$OUT/cuda_via_cpu_suite.log" | tail -3
+  if [ -n "${TEST_VARIANT_ENV:-}" ]; then  # e.g. TEST_VARIANT_ENV=MAZO_CUDA_WAVES=1: the GPU suite once more under it
+    env $TEST_VARIANT_ENV python3 -m pytest -q python_tests/test_gpu_backends.py -k "${TEST_VARIANT_K:-cuda}" 2>&1 | tee "$OUT/gpu_tests_variant.log" | tail -3
+    env $TEST_VARIANT_ENV MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py 2>&1 | tee -a "$OUT/gpu_tests_variant.log" | tail -3
+  fi
+fi
+if [ "${OLD_BENCH:-1}" = 1 ]; then
+  PYTHONPATH=.:bench python3 bench/bench_transform.py --out "$OUT" 2>&1 | tail -40
+  python3 bench/bench_ops.py --out "$OUT" 2>&1 | tail -12
+fi
+case "${MATRIX:-core}" in
+  core) python3 bench/bench_matrix.py --core ${MATRIX_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/matrix.log" | grep -v '^  baseline' ;;
+  full) python3 bench/bench_matrix.py --full ${MATRIX_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/matrix.log" | grep -v '^  baseline' ;;
+  none) ;;
+  *) echo "MATRIX must be core, full or none"; exit 2 ;;
+esac
 python3 - <<'PY'
 import json, os, xml.etree.ElementTree as ET
 out = os.environ.get("OUT", "bench/results/gpu_run")
 env = json.load(open(os.path.join(out, "env.json")))
-r = ET.parse(os.path.join(out, "gpu_tests.xml")).getroot()
-ts = r if r.tag == "testsuite" else r.find("testsuite")
-env["gpu_tests"] = {k: int(ts.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
+x = os.path.join(out, "gpu_tests.xml")
+if os.path.exists(x):
+    r = ET.parse(x).getroot()
+    ts = r if r.tag == "testsuite" else r.find("testsuite")
+    env["gpu_tests"] = {k: int(ts.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
 json.dump(env, open(os.path.join(out, "gpu_check_summary.json"), "w"), indent=1)
 print(json.dumps(env))
 PY
+# the device tool returns at most 8 files: logs go back as one archive
+( cd "$OUT" && ls *.log *.xml env.json 2>/dev/null | tar czf logs.tgz -T - && ls *.log *.xml env.json 2>/dev/null | xargs rm -f )
+ls -la "$OUT"

@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -155,8 +156,11 @@ template <int DT>
 __global__ void __launch_bounds__(THREADS, 2) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
   constexpr int RW = DT == DT_F32 ? 8 : 4;  // 32-bit words per unit
+  int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
   for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
-    int lo = 0, hi = a.T - 1;  // last tensor whose block_start <= b (empty tensors own no block)
+    // last tensor whose block_start <= b (empty tensors own no block); usually still lo_prev (one load)
+    int lo = lo_prev, hi = a.T - 1;
+    if (lo < hi && a.descs[lo + 1].block_start > b) hi = lo;
     while (lo < hi) {
       const int mid = (lo + hi + 1) >> 1;
       if (a.descs[mid].block_start <= b)
@@ -164,6 +168,7 @@ __global__ void __launch_bounds__(THREADS, 2) zo_apply_kernel(KArgs a) {
       else
         hi = mid - 1;
     }
+    lo_prev = lo;
     const Desc& d = a.descs[lo];
     TensorParams T;
     const int64_t* mp = a.meta + 4 * (int64_t)lo;
@@ -329,7 +334,20 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   a.fvals = fvals_d.data_ptr<float>();
   a.T = T;
   a.total_blocks = total_blocks;
-  const int64_t max_grid = 1 << 30;
+  // Grid: one block per 8192 units (default), or, with MAZO_CUDA_WAVES=w > 0 (a speed experiment), w times the
+  // blocks that fit on the device at once, each looping over blocks (same work per block, same bits).
+  int64_t max_grid = 1 << 30;
+  const char* waves_env = std::getenv("MAZO_CUDA_WAVES");  // read per call so that one process can compare
+  const int waves = waves_env ? std::atoi(waves_env) : 0;
+  const void* kfn = dt == DT_F32 ? (const void*)zo_apply_kernel<DT_F32>
+                    : dt == DT_F16 ? (const void*)zo_apply_kernel<DT_F16>
+                                   : (const void*)zo_apply_kernel<DT_BF16>;
+  if (waves > 0) {
+    int per_sm = 0, sms = 0;
+    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kfn, THREADS, 0));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
+    max_grid = (int64_t)waves * (per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
+  }
   const unsigned grid = (unsigned)(total_blocks < max_grid ? total_blocks : max_grid);
   switch (dt) {
     case DT_F32: zo_apply_kernel<DT_F32><<<grid, THREADS, 0, stream>>>(a); break;

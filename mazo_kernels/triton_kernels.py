@@ -26,6 +26,11 @@ NUM_WARPS = 4
 FAST = True          # dense aligned blocks of unmasked tensors take the [FAST_BLOCK // 8, 8] fast path
 FAST_BLOCK = 4096    # elements per program of the fast kernel (the plain kernel's BLOCK8=512); power of two
 FAST_NUM_WARPS = 4
+SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
+                     # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
+                     # skips the fast blocks on the device (two launches, one general program per BLOCK)
+CHUNK = 1            # FBLOCK blocks per fast program (SPLIT)
+GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SPLIT)
 _NTAB = 8             # int64 columns of the per-tensor table
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
@@ -392,6 +397,104 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                 res = _rne(new, DT)
         tl.store(out_ptr + offs, res)
 
+@triton.jit
+def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, nsteps, entries, tid, off, kind, row_len,
+                   scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr, n_seeds,
+                   OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, TMODE: tl.constexpr, DT: tl.constexpr,
+                   HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, BLOCK: tl.constexpr):
+    """Units [start, start + BLOCK) of one tensor, any mask, any alignment (start is a multiple of BLOCK)."""
+    mask_u8 = mask_addr.to(tl.pointer_type(tl.uint8))
+    mask_i32 = mask_addr.to(tl.pointer_type(tl.int32))
+
+    u = start + tl.arange(0, BLOCK).to(tl.int64)
+    valid = u < nunits
+    # units -> local element indices
+    if entries:  # (a runtime branch: the 64-bit division costs nothing on the common path)
+        col = tl.load(mask_i32 + u, mask=valid, other=0).to(tl.int64)
+        local = (u // tl.maximum(kcols, 1)) * row_len + col
+    else:
+        local = u
+
+    raw = tl.load(in_ptr + local, mask=valid)
+    x = _to_f32(raw, DT)
+
+    # selection
+    use_thr = (kind == 1) & (TMODE != 2)
+    use_bits = (kind == 2) | ((kind == 1) & (TMODE == 2))
+    thr = tl.abs(x) < tau
+    byte = tl.load(mask_u8 + (local >> 3), mask=valid & use_bits, other=0)
+    bit = ((byte.to(tl.int32) >> (local & 7).to(tl.int32)) & 1) != 0
+    sel = valid & tl.where(use_thr, thr, tl.where(use_bits, bit, True))
+    if OP == 2:
+        # row-index mask in COPY: units are elements; find each one's column in its row (binary search)
+        is_ri = (kind == 3) & (~entries)
+        rl = tl.maximum(row_len, 1)
+        row = local // rl
+        c = local - row * rl
+        base_i = row * kcols
+        lo = tl.zeros([BLOCK], tl.int64)
+        hi = tl.zeros([BLOCK], tl.int64) + kcols
+        for _ in range(nsteps):
+            act = lo < hi
+            mid = (lo + hi) >> 1
+            v = tl.load(mask_i32 + base_i + mid, mask=valid & is_ri & act, other=0).to(tl.int64)
+            less = v < c
+            lo = tl.where(act & less, mid + 1, lo)
+            hi = tl.where(act & (v >= c), mid, hi)
+        inb = lo < kcols
+        fv = tl.load(mask_i32 + base_i + lo, mask=valid & is_ri & inb, other=-1).to(tl.int64)
+        sel = tl.where(is_ri, valid & inb & (fv == c), sel)
+
+    if TMODE == 1:
+        # threshold latch: this program owns bytes [start/8, start/8 + BLOCK/8); every byte is rewritten
+        bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
+        packed = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+        bidx = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
+        tl.store(mask_u8 + bidx, packed.to(tl.uint8), mask=(bidx < ((numel + 7) >> 3)) & (kind == 1) & (~entries))
+
+    g = off + local
+    gstart = off + start
+    contiguous = ~entries
+    s = _f32_arg(call_ptr, 2 * n_seeds + 2) * scale_mult
+    k0 = tl.load(call_ptr).to(tl.uint32)
+    k1 = tl.load(call_ptr + 1).to(tl.uint32)
+    if OP == 2:
+        z0 = _noise(g, gstart, contiguous, tid, k0, k1, DIST, BLOCK)
+        res = _rne(x + s * z0, DT)
+        tl.store(out_ptr + local, tl.where(sel, res, raw), mask=valid)
+    else:
+        if HAS_PRIOR:
+            p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
+            z0 = _noise(g, gstart, contiguous, tid, k0, k1, DIST, BLOCK)
+            base = _invert_rounding(x, p * z0, DT)
+        else:
+            base = x
+        if OP == 0:
+            if not HAS_PRIOR:
+                z0 = _noise(g, gstart, contiguous, tid, k0, k1, DIST, BLOCK)
+            res = _rne(base + s * z0, DT)
+        else:
+            acc = tl.zeros([BLOCK], tl.float32)
+            if REUSE0:  # seeds[1] == seeds[0]: z(seeds[1]) is z0, bit for bit
+                acc = acc + (tl.load(gs_ptr) * g_mult) * z0
+            for k in range(1 + REUSE0, n_seeds):
+                gk = tl.load(gs_ptr + (k - 1)) * g_mult
+                kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
+                kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
+                acc = acc + gk * _noise(g, gstart, contiguous, tid, kk0, kk1, DIST, BLOCK)
+            step = acc + wd * base
+            lr = _f32_arg(call_ptr, 2 * n_seeds + 4)
+            new = base - (lr * lr_mult) * step
+            if SR and DT != 0:
+                sk0 = tl.load(call_ptr + 2 * n_seeds).to(tl.uint32)
+                sk1 = tl.load(call_ptr + 2 * n_seeds + 1).to(tl.uint32)
+                rb = _rbits(g, gstart, contiguous, tid, sk0, sk1, BLOCK)
+                res = _sr(new, rb, DT)
+            else:
+                res = _rne(new, DT)
+        tl.store(out_ptr + local, res, mask=sel)
+
+
 # ------------------------------------------------------------------------------------------------ the kernel
 @triton.jit
 def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
@@ -399,8 +502,13 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, MODE: tl.constexpr,
                FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    t = tl.load(prog_ptr + 2 * pid)
-    start = tl.load(prog_ptr + 2 * pid + 1)
+    if MODE >= 3:   # [t, start, number of FBLOCK blocks]
+        t = tl.load(prog_ptr + 3 * pid)
+        start = tl.load(prog_ptr + 3 * pid + 1)
+        nblk = tl.load(prog_ptr + 3 * pid + 2).to(tl.int32)
+    else:
+        t = tl.load(prog_ptr + 2 * pid)
+        start = tl.load(prog_ptr + 2 * pid + 1)
     tb = tab_ptr + t * NTAB
     in_addr = tl.load(tb + 0)
     out_addr = tl.load(tb + 1)
@@ -431,14 +539,34 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
         out_ptr = out_addr.to(tl.pointer_type(tl.uint16))
     # Dense aligned blocks of unmasked tensors take the plain kernel's structure. They run in a kernel of their own
     # (MODE 2, program block FBLOCK == BLOCK), so its registers are not those of the general path; the general kernel
-    # (MODE 1) skips the units those blocks cover. MODE 0: the general path does everything.
+    # (MODE 1) skips the units those blocks cover. MODE 0: the general path does everything (of its program list).
+    # SPLIT: the host gives each MODE 3 program `nblk` consecutive full FBLOCK blocks of a tensor that has no mask
+    # tensor and 16-byte aligned data. Only the device knows whether such a block is dense (its global offset aligned
+    # to the generator's call, mask kind none); if not, MODE 3 leaves it and a guard program of the general kernel
+    # (MODE 4, nblk > 0) runs it through the general path, BLOCK units at a time. A guard covers many FBLOCK blocks,
+    # so a dense call's general launch is a few thousand programs that exit at once. (Running the general path
+    # inside MODE 3 instead raised its registers from 72 to 96-121 per thread.) MODE 4 rows with nblk == 0 are
+    # ordinary general programs.
     gstart0 = off + start
     if DIST == 0:
         aligned = (gstart0 & 7) == 0
     else:
         aligned = (gstart0 & 127) == 0
     dense = (kind == 0) & (~entries) & aligned & (((in_addr | out_addr) & 15) == 0)   # 16-byte vector access
-    if MODE == 2:
+    if MODE == 3:
+        if dense:
+            for j in range(nblk):
+                st = start + j * FBLOCK
+                _fast_block(tl.multiple_of(in_ptr + st, 16), tl.multiple_of(out_ptr + st, 16), off + st, tid,
+                            scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, OP, DIST, SR, DT, HAS_PRIOR,
+                            REUSE0, NSTAT, FBLOCK)
+    elif MODE == 4:
+        nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
+        for q in range(nsub):
+            _general_block(in_ptr, out_ptr, mask_addr, start + q * BLOCK, numel, nunits, kcols, nsteps, entries,
+                           tid, off, kind, row_len, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr,
+                           n_seeds, OP, DIST, SR, TMODE, DT, HAS_PRIOR, REUSE0, BLOCK)
+    elif MODE == 2:
         if dense & (start + BLOCK <= numel):
             _fast_block(tl.multiple_of(in_ptr + start, 16), tl.multiple_of(out_ptr + start, 16), gstart0, tid,
                         scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, OP, DIST, SR, DT, HAS_PRIOR,
@@ -448,96 +576,9 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
         if MODE == 1:   # FBLOCK is a multiple of BLOCK; the fast kernel's block holding `start` is full
             run = ~(dense & ((start - (start & (FBLOCK - 1))) + FBLOCK <= numel))
         if run:
-            mask_u8 = mask_addr.to(tl.pointer_type(tl.uint8))
-            mask_i32 = mask_addr.to(tl.pointer_type(tl.int32))
-
-            u = start + tl.arange(0, BLOCK).to(tl.int64)
-            valid = u < nunits
-            # units -> local element indices
-            if entries:  # (a runtime branch: the 64-bit division costs nothing on the common path)
-                col = tl.load(mask_i32 + u, mask=valid, other=0).to(tl.int64)
-                local = (u // tl.maximum(kcols, 1)) * row_len + col
-            else:
-                local = u
-
-            raw = tl.load(in_ptr + local, mask=valid)
-            x = _to_f32(raw, DT)
-
-            # selection
-            use_thr = (kind == 1) & (TMODE != 2)
-            use_bits = (kind == 2) | ((kind == 1) & (TMODE == 2))
-            thr = tl.abs(x) < tau
-            byte = tl.load(mask_u8 + (local >> 3), mask=valid & use_bits, other=0)
-            bit = ((byte.to(tl.int32) >> (local & 7).to(tl.int32)) & 1) != 0
-            sel = valid & tl.where(use_thr, thr, tl.where(use_bits, bit, True))
-            if OP == 2:
-                # row-index mask in COPY: units are elements; find each one's column in its row (binary search)
-                is_ri = (kind == 3) & (~entries)
-                rl = tl.maximum(row_len, 1)
-                row = local // rl
-                c = local - row * rl
-                base_i = row * kcols
-                lo = tl.zeros([BLOCK], tl.int64)
-                hi = tl.zeros([BLOCK], tl.int64) + kcols
-                for _ in range(nsteps):
-                    act = lo < hi
-                    mid = (lo + hi) >> 1
-                    v = tl.load(mask_i32 + base_i + mid, mask=valid & is_ri & act, other=0).to(tl.int64)
-                    less = v < c
-                    lo = tl.where(act & less, mid + 1, lo)
-                    hi = tl.where(act & (v >= c), mid, hi)
-                inb = lo < kcols
-                fv = tl.load(mask_i32 + base_i + lo, mask=valid & is_ri & inb, other=-1).to(tl.int64)
-                sel = tl.where(is_ri, valid & inb & (fv == c), sel)
-
-            if TMODE == 1:
-                # threshold latch: this program owns bytes [start/8, start/8 + BLOCK/8); every byte is rewritten
-                bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
-                packed = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
-                bidx = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
-                tl.store(mask_u8 + bidx, packed.to(tl.uint8), mask=(bidx < ((numel + 7) >> 3)) & (kind == 1) & (~entries))
-
-            g = off + local
-            gstart = off + start
-            contiguous = ~entries
-            s = _f32_arg(call_ptr, 2 * n_seeds + 2) * scale_mult
-            k0 = tl.load(call_ptr).to(tl.uint32)
-            k1 = tl.load(call_ptr + 1).to(tl.uint32)
-            if OP == 2:
-                z0 = _noise(g, gstart, contiguous, tid, k0, k1, DIST, BLOCK)
-                res = _rne(x + s * z0, DT)
-                tl.store(out_ptr + local, tl.where(sel, res, raw), mask=valid)
-            else:
-                if HAS_PRIOR:
-                    p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
-                    z0 = _noise(g, gstart, contiguous, tid, k0, k1, DIST, BLOCK)
-                    base = _invert_rounding(x, p * z0, DT)
-                else:
-                    base = x
-                if OP == 0:
-                    if not HAS_PRIOR:
-                        z0 = _noise(g, gstart, contiguous, tid, k0, k1, DIST, BLOCK)
-                    res = _rne(base + s * z0, DT)
-                else:
-                    acc = tl.zeros([BLOCK], tl.float32)
-                    if REUSE0:  # seeds[1] == seeds[0]: z(seeds[1]) is z0, bit for bit
-                        acc = acc + (tl.load(gs_ptr) * g_mult) * z0
-                    for k in range(1 + REUSE0, n_seeds):
-                        gk = tl.load(gs_ptr + (k - 1)) * g_mult
-                        kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
-                        kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
-                        acc = acc + gk * _noise(g, gstart, contiguous, tid, kk0, kk1, DIST, BLOCK)
-                    step = acc + wd * base
-                    lr = _f32_arg(call_ptr, 2 * n_seeds + 4)
-                    new = base - (lr * lr_mult) * step
-                    if SR and DT != 0:
-                        sk0 = tl.load(call_ptr + 2 * n_seeds).to(tl.uint32)
-                        sk1 = tl.load(call_ptr + 2 * n_seeds + 1).to(tl.uint32)
-                        rb = _rbits(g, gstart, contiguous, tid, sk0, sk1, BLOCK)
-                        res = _sr(new, rb, DT)
-                    else:
-                        res = _rne(new, DT)
-                tl.store(out_ptr + local, res, mask=sel)
+            _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, nsteps, entries, tid, off, kind,
+                           row_len, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr, n_seeds, OP, DIST, SR,
+                           TMODE, DT, HAS_PRIOR, REUSE0, BLOCK)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -575,6 +616,55 @@ def _tables(params, outs, masks, op: int, block: int, device):
     starts = (torch.arange(tidx.numel(), dtype=torch.int64) - first[tidx]) * block
     prog = torch.stack([tidx, starts], 1).contiguous()
     hit = (tab.to(device), prog.to(device), int(prog.shape[0]))
+    _TABLE_CACHE[key] = hit
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        _TABLE_CACHE.popitem(last=False)
+    return hit
+
+
+def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: int, guard: int, device):
+    """Program lists of the SPLIT launches: fast programs [t, start, nblk] over the full FBLOCK blocks of tensors with
+    no mask tensor and 16-byte aligned data (chunk blocks per program); general programs [t, start, 0] over
+    everything else at BLOCK granularity, and guards [t, start, nblk] (guard fast blocks each) that run the fast
+    blocks the device finds not dense. Returns (tab, fast_prog, n_fast, gen_prog, n_gen)."""
+    rows, cand = [], []
+    for theta, out, mask in zip(params, outs, masks):
+        n = theta.numel()
+        ri = _is_rowidx(mask)
+        kcols = int(mask.shape[1]) if ri else 0
+        entries = ri and op != ref.OP_COPY
+        nunits = mask.numel() if entries else n
+        nsteps = kcols.bit_length() + 1 if ri else 0
+        rows.append((theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, nunits, kcols, nsteps, int(entries)))
+        cand.append(not ri and mask.numel() == 0 and (theta.data_ptr() | out.data_ptr()) % 16 == 0)
+    key = ("split", str(device), block, fblock, chunk, guard, tuple(rows), tuple(cand))
+    hit = _TABLE_CACHE.get(key)
+    if hit is not None:
+        _TABLE_CACHE.move_to_end(key)
+        return hit
+    tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
+    T = tab.shape[0]
+    numel, nunits = tab[:, 3], tab[:, 4]
+    nfull = torch.where(torch.tensor(cand, dtype=torch.bool), numel // fblock, torch.zeros_like(numel))
+    # fast programs: ceil(nfull / chunk) per tensor
+    nfp = (nfull + chunk - 1) // chunk
+    tf = torch.repeat_interleave(torch.arange(T, dtype=torch.int64), nfp)
+    jf = torch.arange(tf.numel(), dtype=torch.int64) - (torch.cumsum(nfp, 0) - nfp)[tf]
+    fprog = torch.stack([tf, jf * chunk * fblock, torch.minimum(nfull[tf] - jf * chunk,
+                                                                torch.full_like(jf, chunk))], 1).contiguous()
+    # general programs: units [nfull * fblock, nunits) per tensor, nblk 0
+    g0 = nfull * fblock
+    ngp = torch.clamp(nunits - g0 + block - 1, min=0) // block
+    tg = torch.repeat_interleave(torch.arange(T, dtype=torch.int64), ngp)
+    jg = torch.arange(tg.numel(), dtype=torch.int64) - (torch.cumsum(ngp, 0) - ngp)[tg]
+    # guards: GUARD fast blocks each, for the blocks the device finds not dense
+    nguard = (nfull + guard - 1) // guard
+    tq = torch.repeat_interleave(torch.arange(T, dtype=torch.int64), nguard)
+    jq = torch.arange(tq.numel(), dtype=torch.int64) - (torch.cumsum(nguard, 0) - nguard)[tq]
+    gprog = torch.cat([torch.stack([tg, g0[tg] + jg * block, torch.zeros_like(tg)], 1),
+                       torch.stack([tq, jq * guard * fblock, torch.minimum(nfull[tq] - jq * guard,
+                                                                          torch.full_like(jq, guard))], 1)]).contiguous()
+    hit = (tab.to(device), fprog.to(device), int(fprog.shape[0]), gprog.to(device), int(gprog.shape[0]))
     _TABLE_CACHE[key] = hit
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -631,9 +721,17 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
         for t, m_ in enumerate(masks):
             if (int(meta[t, 2]) == ref.MASK_ROWIDX) != _is_rowidx(m_):
                 raise ValueError(f"tensor {t}: mask kind {int(meta[t, 2])} does not match its mask tensor")
-    tab, prog, nprog = _tables(params, outs, masks, op, block, device)
-    if nprog == 0:
-        return
+    fblock = max(block, int(FAST_BLOCK))
+    split = bool(FAST and SPLIT)
+    if split:
+        tab, fprog, nf, gprog, ng = _split_tables(params, outs, masks, op, block, fblock, max(1, int(CHUNK)),
+                                                      max(1, int(GUARD)), device)
+        if nf + ng == 0:
+            return
+    else:
+        tab, prog, nprog = _tables(params, outs, masks, op, block, device)
+        if nprog == 0:
+            return
     meta_d = meta.to(device=device, dtype=torch.int64).contiguous()
     fv_d = fvals.to(device=device, dtype=torch.float32).contiguous()
     call = _call_table(seeds, sr_seed, scale, prior, lr, device)
@@ -647,7 +745,14 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
                   NSTAT=(len(seeds) if op == ref.OP_UPDATE and len(seeds) <= 4 else 0), NTAB=_NTAB,
                   enable_fp_fusion=False)
-    fblock = max(block, int(FAST_BLOCK))
+    if split:
+        if nf:
+            _zo_kernel[(nf,)](tab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=3, FBLOCK=fblock, BLOCK=block,
+                              num_warps=FAST_NUM_WARPS, **consts)
+        if ng:
+            _zo_kernel[(ng,)](tab, gprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=4, FBLOCK=fblock, BLOCK=block,
+                              num_warps=NUM_WARPS, **consts)
+        return
     mode = 0
     if FAST and any(p_.numel() >= fblock for p_ in params):
         # dense aligned blocks first, in their own kernel; the general kernel then skips them (disjoint elements)
