@@ -4,6 +4,7 @@
 # Knobs (environment):
 #   SKIP_BUILD=1     use the installed package          SKIP_TESTS=1   skip the GPU test suites
 #   TEST_VARIANT_ENV="VAR=value ..."  run the CUDA tests once more with these variables set
+#   CPU_SUITE=0      skip test_cpu_backend.py through the CUDA backend   WARM_TRITON=1  compile Triton during the build
 #   OLD_BENCH=0      skip bench_transform.py / bench_ops.py (the single-tensor first looks; default 1)
 #   MATRIX=core|full|none   bench/bench_matrix.py selection (default core); MATRIX_ARGS: extra arguments for it,
 #                    e.g. "--model 7b --dtypes bf16,fp16"
@@ -17,14 +18,23 @@ print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__versi
                   "cuda": torch.version.cuda, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}))
 PY
 cat "$OUT/env.json"
+WARM_PID=
+if [ "${WARM_TRITON:-0}" = 1 ]; then  # compile the matrix's Triton kernels (disk cache) while the extensions build
+  ( PYTHONPATH=. python3 bench/bench_matrix.py --core ${MATRIX_ARGS:-} --model 125m --backends triton --iters 1 \
+      --warmup 0 --no-baselines --check-max-numel 0 --out /tmp/triton_warm > /tmp/triton_warm.log 2>&1 ) &
+  WARM_PID=$!
+fi
 if [ "${SKIP_BUILD:-0}" != 1 ]; then
   ( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
   tail -3 "$OUT/build.log"
 fi
+if [ -n "$WARM_PID" ]; then wait "$WARM_PID"; tail -2 /tmp/triton_warm.log; fi
 python3 -c "import mazo_kernels as mk; print('cpu', mk.has_cpu(), 'cuda', mk.has_cuda(), 'triton', mk.has_triton())"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   python3 -m pytest -q python_tests/test_gpu_backends.py ${PYTEST_EXTRA:-} --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
-  MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py ${PYTEST_EXTRA:-} 2>&1 | tee "$OUT/cuda_via_cpu_suite.log" | tail -3
+  if [ "${CPU_SUITE:-1}" = 1 ]; then
+    MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py ${PYTEST_EXTRA:-} 2>&1 | tee "$OUT/cuda_via_cpu_suite.log" | tail -3
+  fi
   if [ -n "${TEST_VARIANT_ENV:-}" ]; then  # e.g. TEST_VARIANT_ENV=MAZO_CUDA_WAVES=1: the GPU suite once more under it
     env $TEST_VARIANT_ENV python3 -m pytest -q python_tests/test_gpu_backends.py -k "${TEST_VARIANT_K:-cuda}" 2>&1 | tee "$OUT/gpu_tests_variant.log" | tail -3
     env $TEST_VARIANT_ENV MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py 2>&1 | tee -a "$OUT/gpu_tests_variant.log" | tail -3
