@@ -8,6 +8,9 @@
 #   OLD_BENCH=0      skip bench_transform.py / bench_ops.py (the single-tensor first looks; default 1)
 #   MATRIX=core|full|none   bench/bench_matrix.py selection (default core); MATRIX_ARGS: extra arguments for it,
 #                    e.g. "--model 7b --dtypes bf16,fp16"
+#   SEEDLOG=1        bench/gpu_seedlog.py: ZOSGD runs whose seed logs python_tests/test_replay.py replays on the CPU
+#                    (-> $OUT/gpu_seedlog.tgz; unpack into bench/results/)
+#   ZOSTEP=1         bench/bench_zo_step.py: one ZO step in place / transient / MeZO-style (time, memory, drift)
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu_run}
 mkdir -p "$OUT"
@@ -50,6 +53,13 @@ case "${MATRIX:-core}" in
   none) ;;
   *) echo "MATRIX must be core, full or none"; exit 2 ;;
 esac
+if [ "${SEEDLOG:-0}" = 1 ]; then
+  rm -rf /tmp/gpu_seedlog && python3 bench/gpu_seedlog.py --out /tmp/gpu_seedlog 2>&1 | tail -8
+  tar czf "$OUT/gpu_seedlog.tgz" -C /tmp gpu_seedlog
+fi
+if [ "${ZOSTEP:-0}" = 1 ]; then
+  python3 bench/bench_zo_step.py ${ZOSTEP_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/zo_step.log" | tail -12
+fi
 python3 - <<'PY'
 import json, os, xml.etree.ElementTree as ET
 out = os.environ.get("OUT", "bench/results/gpu_run")
