@@ -13,7 +13,7 @@ __all__ = ["__version__", "SPEC_VERSION", "PlanEntry", "ZOPlan", "stable_tensor_
 # Mask construction: Sparse MeZO thresholds, MaZO importance masks, the mask file.
 from .sparse_mezo import magnitude_threshold, sparse_mezo_masks
 from .importance import ActivationScorer, GradientScorer, combine_task_scores, row_normalize
-from .mazo_masks import (MaskDict, MaskInfo, build_mazo_masks, density_to_k, load_masks, mazo_masks, save_masks,
+from .mask_builder import (MaskDict, MaskInfo, build_mazo_masks, density_to_k, load_masks, mazo_masks, save_masks,
                          topk_columns)
 
 __all__ += ["magnitude_threshold", "sparse_mezo_masks", "ActivationScorer", "GradientScorer", "combine_task_scores",

@@ -195,7 +195,7 @@ def run(a: argparse.Namespace) -> dict:
     """Train as the parsed arguments say and write the output directory; returns the metrics written."""
     from tqdm.auto import tqdm
 
-    from .mazo_masks import save_masks
+    from .mask_builder import save_masks
     from .tasks import MultiTaskSampler, batch_loss, load_tasks, split_tasks, training_batch
     from .trainer import ZOArguments, build_masks, make_zo_optimizer, task_batches_for_masks
 

@@ -12,7 +12,7 @@ import math
 import torch
 
 from .importance import select_weights
-from .mazo_masks import MaskDict, MaskInfo
+from .mask_builder import MaskDict, MaskInfo
 from .masks import ThresholdMask
 
 # tau when nothing is frozen: |w| < FLT_MAX holds for every finite float32, bf16 and fp16 value, now and later.

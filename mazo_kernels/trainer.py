@@ -126,7 +126,7 @@ def build_masks(model, zo: ZOArguments, *, task_batches: Mapping | None = None, 
         from .sparse_mezo import sparse_mezo_masks
         masks = sparse_mezo_masks(model, zo.sparsity)
     else:
-        from .mazo_masks import build_mazo_masks
+        from .mask_builder import build_mazo_masks
         if not task_batches:
             raise ValueError("method 'mazo' needs task batches to score importance: pass mask_batches= "
                              "({task: [batch, ...]}), masks=, or a TaskDataset / MixedTaskDataset as train_dataset")

@@ -11,7 +11,7 @@ import mazo_kernels as mk
 from mazo_kernels import reference as ref
 from mazo_kernels.importance import gradient_task_score
 
-mm = importlib.import_module("mazo_kernels.mazo_masks")   # the package attribute of that name is the function
+mm = importlib.import_module("mazo_kernels.mask_builder")
 
 
 def _selection(mask, shape):
