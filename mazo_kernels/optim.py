@@ -142,6 +142,55 @@ def run_update(tables, seeds, final, gs, finite, dist: int, rounding: int, sr_se
                   _seed_bits(sr_seed), tmode, 0.0, prior, 1.0, backend)
 
 
+class _Part:
+    """The trainable tensors on one device: their plan, backend, launch tables and small device constants."""
+
+    def __init__(self, plan: ZOPlan, group_of: dict, backend: str):
+        self.plan, self.device = plan, plan.device
+        self.backend = _backends.resolve(backend, self.device)
+        _backends.require(self.backend)
+        self.tables = build_tables(plan, group_of)
+        self.lr_col = lr_column(self.device)
+        self.empty = torch.zeros(0, dtype=torch.float32, device=self.device)
+
+
+def _device_key(t: torch.Tensor):
+    return t.device
+
+
+def build_parts(entries: list, group_of: dict, backend: str) -> list:
+    """One plan per device (a model split by device_map="auto" gets one per GPU), in order of first appearance."""
+    by_dev: dict = {}
+    for e in entries:
+        by_dev.setdefault(_device_key(e.tensor), []).append(e)
+    return [_Part(ZOPlan(es), group_of, backend) for es in by_dev.values()]
+
+
+_DTENSOR = []
+
+
+def is_dtensor(t) -> bool:
+    """True for torch.distributed.tensor.DTensor parameters (FSDP2 / fully_shard shards)."""
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except Exception:                 # noqa: BLE001 -- torch built without distributed
+            DTensor = ()
+        _DTENSOR.append(DTensor)
+    return bool(_DTENSOR[0]) and isinstance(t, _DTENSOR[0])
+
+
+def plan_entry(name: str, p: torch.Tensor, tensor_id: int | None = None, mask=None) -> PlanEntry:
+    """The plan entry of a parameter: the tensor itself, or for a DTensor its local shard with the shard's offset
+    in the full tensor (the noise of every element is then that of its global index)."""
+    tid = stable_tensor_id(name) if tensor_id is None else tensor_id
+    if is_dtensor(p):
+        from .distributed import local_shard
+        local, offset, full = local_shard(p, name)
+        return PlanEntry(name, local, tid, global_offset=offset, full_numel=full, mask=mask)
+    return PlanEntry(name, p.detach(), tid, mask=mask)
+
+
 def lr_column(device):
     col = torch.zeros(5, dtype=torch.bool)
     col[1] = True
@@ -155,6 +204,17 @@ def kernel_grads(g_raw: torch.Tensor, finite: torch.Tensor, sign: bool) -> torch
 
 
 # ---------------------------------------------------------------- the optimizer
+def _fsdp_modules(module) -> list:
+    """The FSDP2 (fully_shard) modules of `module`, root first; [] without torch.distributed or FSDP."""
+    if module is None or not isinstance(module, torch.nn.Module):
+        return []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except Exception:                     # noqa: BLE001 -- torch built without distributed
+        return []
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
 def _normalize_params(params):
     """Param groups with (name, tensor) pairs; tied weights (one tensor listed twice) kept once, first name."""
     if isinstance(params, torch.Tensor):
@@ -228,7 +288,7 @@ class ZOSGD(torch.optim.Optimizer):
                  dist: str = "gaussian", estimator: str = "two_sided", num_perturbations: int = 1,
                  sign: bool = False, rounding: str | None = None, masks: dict | None = None,
                  mode: str = "inplace", module: torch.nn.Module | None = None, forward_mode: str = "eval",
-                 seed: int = 0, backend: str = "auto"):
+                 seed: int = 0, backend: str = "auto", loss_reduce=None):
         _check_group_values("defaults", lr, eps, weight_decay)
         if dist not in DISTS:
             raise ValueError(f"dist must be one of {sorted(DISTS)}, got {dist!r}")
@@ -247,7 +307,12 @@ class ZOSGD(torch.optim.Optimizer):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be 'eval' or 'train', got {forward_mode!r}")
+        if loss_reduce is not None and not callable(loss_reduce):
+            raise TypeError(f"loss_reduce must be callable (losses -> reduced losses), got {type(loss_reduce).__name__}")
         self._base_seed = _seed_bits(seed, "seed") & M64
+        self._fsdp_modules = _fsdp_modules(module)
+        for m in self._fsdp_modules:      # sharded parameters are registered only while the modules are resharded
+            m.reshard()
         groups, aliases = _normalize_params(params)
         super().__init__(groups, dict(lr=lr, eps=eps, weight_decay=weight_decay))
         self.dist, self.estimator, self.num_perturbations = dist, estimator, num_perturbations
@@ -255,13 +320,14 @@ class ZOSGD(torch.optim.Optimizer):
         self.rounding = "stochastic" if rounding is None else rounding
 
         masks = dict(masks or {})
-        entries, group_of, by_param = [], {}, {}
+        entries, group_of, by_param, shapes = [], {}, {}, {}
         for k, g in enumerate(self.param_groups):
             for n, p in zip(g["param_names"], g["params"]):
                 if not p.requires_grad:
                     continue
-                e = PlanEntry(n, p.detach(), stable_tensor_id(n))
+                e = plan_entry(n, p)
                 entries.append(e)
+                shapes[n] = list(p.shape)
                 group_of[n] = k
                 by_param[id(p)] = (p, e)
         if not entries:
@@ -277,21 +343,29 @@ class ZOSGD(torch.optim.Optimizer):
         if unknown:
             raise ValueError(f"masks given for unknown parameter names {sorted(unknown)}; masks are keyed by the "
                              f"names of trainable parameters in the optimizer (e.g. {sorted(known)[:3]})")
-        self._plan = ZOPlan(entries)
-        self._device = self._plan.device
-        self._backend = _backends.resolve(backend, self._device)
-        _backends.require(self._backend)
+        sharded = [e.name for e in entries if e.full_numel is not None]
+        if sharded and not self._fsdp_modules:
+            raise ValueError(f"ZOSGD: parameters {sharded[:3]} are sharded (DTensor) but module= is not an FSDP2 "
+                             "(fully_shard) model; pass module=model so the optimizer can reshard it before every "
+                             "forward (docs/DISTRIBUTED.md)")
+        if sharded and mode == "transient":
+            raise ValueError("ZOSGD: mode='transient' does not support sharded (FSDP2) parameters; use 'inplace'")
         self._group_of = group_of
-        self._tables = build_tables(self._plan, group_of)
+        self._parts = build_parts(entries, group_of, backend)
+        home = self._parts[0]
+        self._plan, self._device, self._backend = home.plan, home.device, home.backend
+        self._tables, self._lr_col, self._empty = home.tables, home.lr_col, home.empty
         self._transient = None
         if mode == "transient":
+            if len({pt.backend for pt in self._parts}) > 1:
+                raise ValueError("ZOSGD: mode='transient' needs one kernel backend for every device, got "
+                                 f"{sorted({pt.backend for pt in self._parts})}")
             self._transient = TransientPerturber(module, by_param, lambda plan: build_tables(plan, group_of))
-        self._lr_col = lr_column(self._device)
-        self._empty = torch.zeros(0, dtype=torch.float32, device=self._device)
+        self.loss_reduce = loss_reduce
         self._step_count = 0
         self._log = SeedLog.new(self._base_seed, [
             {"name": e.name, "tensor_id": e.tensor_id, "group": group_of[e.name],
-             "dtype": str(e.tensor.dtype).replace("torch.", ""), "shape": list(e.tensor.shape),
+             "dtype": str(e.tensor.dtype).replace("torch.", ""), "shape": shapes[e.name],
              "mask": mask_description(e.mask)} for e in entries])
 
     # -------------------------------------------------------------- torch.optim.Optimizer conventions
@@ -309,7 +383,13 @@ class ZOSGD(torch.optim.Optimizer):
 
     @property
     def plan(self) -> ZOPlan:
+        """The plan of the trainable tensors (the first device's, when the model spans several: see plans)."""
         return self._plan
+
+    @property
+    def plans(self) -> list:
+        """One plan per device holding trainable tensors (several for a model split by device_map)."""
+        return [pt.plan for pt in self._parts]
 
     @property
     def backend(self) -> str:
@@ -367,13 +447,12 @@ class ZOSGD(torch.optim.Optimizer):
         if self.forward_mode != "train":
             yield
             return
-        devices = []
-        if self._device.type == "cuda":
-            devices = [self._device.index if self._device.index is not None else torch.cuda.current_device()]
+        devices = sorted({pt.device.index if pt.device.index is not None else torch.cuda.current_device()
+                          for pt in self._parts if pt.device.type == "cuda"})
         with torch.random.fork_rng(devices=devices):
             torch.default_generator.manual_seed(fwd_seed)
-            if devices:
-                torch.cuda.default_generators[devices[0]].manual_seed(fwd_seed)
+            for d in devices:
+                torch.cuda.default_generators[d].manual_seed(fwd_seed)
             yield
 
     def _forward(self, closure, fwd_seed, transient):
@@ -382,7 +461,13 @@ class ZOSGD(torch.optim.Optimizer):
             stack.enter_context(self._rng(fwd_seed))
             if transient is not None:
                 stack.enter_context(self._transient.perturbed(*transient))
-            loss = closure()
+            for m in self._fsdp_modules:   # the forward must all-gather the shards as the passes left them
+                m.reshard()
+            try:
+                loss = closure()
+            finally:
+                for m in self._fsdp_modules:   # FSDP2 keeps the root unsharded after a forward: free it
+                    m.reshard()
         if isinstance(loss, torch.Tensor):
             if loss.numel() != 1:
                 raise ValueError(f"the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
@@ -399,8 +484,9 @@ class ZOSGD(torch.optim.Optimizer):
         vals, eps_ref = self._group_values()            # validated before any weight is touched
         q, sign = self.num_perturbations, self.sign
         mults = [group_mults(eps, lr, wd, eps_ref, q, sign) for lr, eps, wd in vals]
-        for t in self._tables:
-            t.sync(mults)
+        for pt in self._parts:
+            for t in pt.tables:
+                t.sync(mults)
         if self._transient is not None:
             for t in self._transient.tables:
                 t.sync(mults)
@@ -413,12 +499,15 @@ class ZOSGD(torch.optim.Optimizer):
                   "eps_ref": eps_ref, "dist": self.dist, "estimator": self.estimator, "sign": sign,
                   "rounding": self.rounding, "mode": self.mode, "spec_version": ref.SPEC_VERSION}
         losses, error, pos = {}, None, 0
+        two = self.estimator == "two_sided"
+        keys = ([] if two else [("0", 0)]) + [("+", i) for i in range(q)] + ([("-", i) for i in range(q)] if two else [])
+        reduced, reduce_called = None, False
         self._step_count += 1        # the seeds of step k are spent even if the step fails
         with self._forward_mode():
             try:
                 for pos, item in enumerate(items):
                     if item[0] == "P":
-                        run_pass(self._tables, item, dist, backend, self._empty)
+                        self._run_pass(item, dist)
                     else:
                         tr = None if item[2] is None else (_seed_bits(item[2]), item[3], dist, backend)
                         losses[item[1]] = self._forward(closure, fwd_seed, tr)
@@ -426,34 +515,74 @@ class ZOSGD(torch.optim.Optimizer):
                 if items[pos][0] == "P":          # a kernel failed: the weights' state is unknown
                     self._log.append({**record, "g_bits": [0x7FC00000] * q, "skipped": True,
                                       "error": f"{type(exc).__name__} in a perturb pass"})
+                    self._reduce_nan(len(keys))
                     raise
                 error = exc
+        if error is None:
+            vec = torch.stack([losses[key] for key in keys])
+            if self.loss_reduce is not None:
+                # Data parallel: the one collective of the step (every rank's losses, combined in rank order). An
+                # exception here (e.g. replicas found to diverge) skips the step like a failing closure.
+                reduce_called = True
+                try:
+                    reduced = self._reduce(vec)
+                except BaseException as exc:      # noqa: BLE001
+                    error = exc
+            else:
+                reduced = vec
         if error is not None:
             # Finish the step's remaining passes without forwards, then update with g = 0 and lr = 0: the weights end
             # exactly as after a step with lr = 0 (and replay, which runs the same passes, reproduces them).
             for item in items[pos + 1:]:
                 if item[0] == "P":
-                    run_pass(self._tables, item, dist, backend, self._empty)
+                    self._run_pass(item, dist)
+            if not reduce_called:
+                self._reduce_nan(len(keys))       # keep the other ranks' collective matched (they skip the step)
             zero = torch.zeros(q, dtype=torch.float32, device=self._device)
             no = torch.zeros((), dtype=torch.bool, device=self._device)
-            run_update(self._tables, seeds, final, zero, no, dist, ROUNDINGS[self.rounding], sr_seed, backend,
-                       self._lr_col)
+            self._run_update(seeds, final, zero, no, dist, sr_seed)
             self._log.append({**record, "g_bits": [0x7FC00000] * q, "skipped": True,
                               "error": f"{type(error).__name__}: {error}"[:200]})
             raise error
-        two = self.estimator == "two_sided"
-        lp = torch.stack([losses[("+", i)] for i in range(q)])
+        at = {key: i for i, key in enumerate(keys)}
+        lp = reduced[[at[("+", i)] for i in range(q)]]
         if two:
-            lm = torch.stack([losses[("-", i)] for i in range(q)])
+            lm = reduced[[at[("-", i)] for i in range(q)]]
             g_raw = (lp - lm) / torch.full((), 2.0 * eps_ref, dtype=torch.float32, device=self._device)
             estimate = torch.cat([lp, lm]).mean()
         else:
-            l0 = losses[("0", 0)]
+            l0 = reduced[at[("0", 0)]]
             g_raw = (lp - l0) / torch.full((), eps_ref, dtype=torch.float32, device=self._device)
             estimate = l0
         finite = torch.isfinite(g_raw).all()
         gs = kernel_grads(g_raw, finite, sign)
-        run_update(self._tables, seeds, final, gs, finite, dist, ROUNDINGS[self.rounding], sr_seed, backend,
-                   self._lr_col)
+        self._run_update(seeds, final, gs, finite, dist, sr_seed)
         self._log.append({**record, "error": None}, g_raw=g_raw, finite=finite)
         return estimate
+
+    # -------------------------------------------------------------- passes over every device's plan
+    def _run_pass(self, item, dist):
+        for pt in self._parts:
+            run_pass(pt.tables, item, dist, pt.backend, pt.empty)
+
+    def _run_update(self, seeds, final, gs, finite, dist, sr_seed):
+        for pt in self._parts:
+            g, f = (gs, finite) if pt.device == self._device else (gs.to(pt.device), finite.to(pt.device))
+            run_update(pt.tables, seeds, final, g, f, dist, ROUNDINGS[self.rounding], sr_seed, pt.backend, pt.lr_col)
+
+    def _reduce(self, vec: torch.Tensor) -> torch.Tensor:
+        out = self.loss_reduce(vec)
+        if not isinstance(out, torch.Tensor) or out.shape != vec.shape:
+            raise TypeError(f"loss_reduce must return a tensor of shape {tuple(vec.shape)}, got "
+                            f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        return out.to(device=self._device, dtype=torch.float32)
+
+    def _reduce_nan(self, n: int):
+        """After a failure on this rank: take part in the step's collective with NaN losses, so that the other
+        ranks do not wait forever and skip the step too (a NaN loss skips it everywhere)."""
+        if self.loss_reduce is None:
+            return
+        try:
+            self.loss_reduce(torch.full((n,), float("nan"), dtype=torch.float32, device=self._device))
+        except BaseException:                     # noqa: BLE001 -- the original error is the one to report
+            pass

@@ -17,9 +17,8 @@ import os
 
 import torch
 
-from . import _backends
 from .masks import BitMask, RowIndexMask, ThresholdMask
-from .plan import PlanEntry, ZOPlan, stable_tensor_id
+from .plan import stable_tensor_id
 from .reference import SPEC_VERSION
 from .version import __version__
 
@@ -231,30 +230,27 @@ def replay(model_or_named_params, seed_log, backend: str = "auto", *, masks: dic
                 if not isinstance(mask, want):
                     raise ValueError(f"{p['name']!r} was trained with a {want.__name__}; pass it as "
                                      f"masks={{{p['name']!r}: ...}}")
-        entries.append(PlanEntry(p["name"], t.detach(), p["tensor_id"], mask=mask))
+        # A sharded (DTensor) parameter replays on its local shard, with the noise of its global indices.
+        entries.append(O.plan_entry(p["name"], t, p["tensor_id"], mask=mask))
         group_of[p["name"]] = p["group"]
     n_groups = max(group_of.values()) + 1
     for i, r in enumerate(steps):
         _check_step(i, r, n_groups)
-    plan = ZOPlan(entries)
-    b = _backends.resolve(backend, plan.device)
-    _backends.require(b)
-    tables = O.build_tables(plan, group_of)
-    lr_col = O.lr_column(plan.device)
-    empty = torch.zeros(0, dtype=torch.float32, device=plan.device)
+    parts = O.build_parts(entries, group_of, backend)      # one plan per device (device_map="auto" models)
     for r in steps:
         q = len(r["seeds"])
         mults = [O.group_mults(e, lr, wd, r["eps_ref"], q, r["sign"])
                  for lr, e, wd in zip(r["lr"], r["eps"], r["weight_decay"])]
-        for t in tables:
-            t.sync(mults)
         items, final = O.schedule(r["mode"], r["estimator"], r["seeds"])
         dist = O.DISTS[r["dist"]]
-        for item in items:
-            if item[0] == "P":
-                O.run_pass(tables, item, dist, b, empty)
-        finite = torch.tensor(not r["skipped"], device=plan.device)
-        gs = O.kernel_grads(bits_f32(r["g_bits"]).to(plan.device), finite, r["sign"])
-        O.run_update(tables, r["seeds"], final, gs, finite, dist, O.ROUNDINGS[r["rounding"]], r["sr_seed"], b,
-                     lr_col)
+        for pt in parts:
+            for t in pt.tables:
+                t.sync(mults)
+            for item in items:
+                if item[0] == "P":
+                    O.run_pass(pt.tables, item, dist, pt.backend, pt.empty)
+            finite = torch.tensor(not r["skipped"], device=pt.device)
+            gs = O.kernel_grads(bits_f32(r["g_bits"]).to(pt.device), finite, r["sign"])
+            O.run_update(pt.tables, r["seeds"], final, gs, finite, dist, O.ROUNDINGS[r["rounding"]], r["sr_seed"],
+                         pt.backend, pt.lr_col)
     return len(steps)
