@@ -497,10 +497,12 @@ def weight_stats(named, snapshot):
             "finite": finite}
 
 
-def run_method(method, model, ids, args, clock, mem, cache, snapshot):
+def run_method(rec, model, ids, args, clock, mem, cache, snapshot):
+    """Fills `rec` as it goes (so a failure keeps what was measured; rec["phase"] says where it stopped)."""
+    method = rec["method"]
     impl, mask_kind, mode = METHODS[method]
-    rec = {"method": method, "impl": impl, "mask": mask_kind,
-           "mode": mode if impl == "ours" else ("inplace" if mode else "out_of_place")}
+    rec.update(impl=impl, mask=mask_kind, mode=mode if impl == "ours" else ("inplace" if mode else "out_of_place"),
+               phase="setup")
     init_weights(model, args.seed)
     gc.collect()
     if clock.cuda:
@@ -530,6 +532,7 @@ def run_method(method, model, ids, args, clock, mem, cache, snapshot):
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     # 1. the two forwards alone, in the method's forward context
+    rec["phase"] = "forwards"
     ctx = torch.inference_mode if impl == "mezo" else torch.no_grad
     rec["forward_context"] = ctx.__name__
 
@@ -543,6 +546,7 @@ def run_method(method, model, ids, args, clock, mem, cache, snapshot):
     rec["mem_peak_forward_bytes"] = mem.peak()
 
     # 2. the passes of one step alone
+    rec["phase"] = "passes"
     labels, fns = opt.pass_fns() if impl == "mezo" else ours_pass_fns(opt)
     mem.reset()
     with torch.no_grad():
@@ -554,6 +558,7 @@ def run_method(method, model, ids, args, clock, mem, cache, snapshot):
     rec["mem_peak_passes_bytes"] = mem.peak()
 
     # 3. whole steps
+    rec["phase"] = "steps"
     init_weights(model, args.seed)
     losses = []
 
@@ -566,6 +571,11 @@ def run_method(method, model, ids, args, clock, mem, cache, snapshot):
     rec["host_ms"] = median(host)
     rec["mem_peak_step_bytes"] = mem.peak()
     rec["mem_peak_reserved_bytes"] = mem.peak_reserved()
+    if clock.cuda:
+        wb = nbytes(model.parameters())
+        rec["mem_peak_step_over_weights"] = rec["mem_peak_step_bytes"] / wb
+        rec["mem_step_minus_forward_bytes"] = rec["mem_peak_step_bytes"] - rec["mem_peak_forward_bytes"]
+        rec["mem_passes_minus_resident_bytes"] = rec["mem_peak_passes_bytes"] - rec["mem_resident_before_bytes"]
     last = losses[-1]
     rec["loss_last"] = float(last) if isinstance(last, torch.Tensor) else float(last)
     rec["losses_finite"] = all(math.isfinite(float(x)) for x in losses)
@@ -579,6 +589,7 @@ def run_method(method, model, ids, args, clock, mem, cache, snapshot):
     rec["step_over_fwd2"] = st / fw if fw else None
 
     # weights: changed by the timed steps? restored by an lr = 0 step?
+    rec["phase"] = "check"
     if snapshot is not None:
         rec["check"] = {"after_timed_steps": weight_stats(named, snapshot),
                         "timed_steps": args.warmup + args.steps, "lr": args.lr}
@@ -588,16 +599,18 @@ def run_method(method, model, ids, args, clock, mem, cache, snapshot):
         clock.sync()
         rec["check"]["after_one_lr0_step"] = weight_stats(named, snapshot)
     del opt, dense
+    rec["phase"] = "done"
     return rec
 
 
 def safe_run_method(method, model, ids, args, clock, mem, cache, snapshot):
+    rec = {"method": method}
     try:
-        rec = run_method(method, model, ids, args, clock, mem, cache, snapshot)
+        run_method(rec, model, ids, args, clock, mem, cache, snapshot)
         rec["status"] = "ok"
     except Exception as exc:    # noqa: BLE001 -- record and go on with the next method
         oom = isinstance(exc, _OOM) or "out of memory" in str(exc).lower()
-        rec = {"method": method, "status": "oom" if oom else "error", "error": f"{type(exc).__name__}: {exc}"[:1500]}
+        rec.update(status="oom" if oom else "error", error=f"{type(exc).__name__}: {exc}"[:1500])
         if not oom:
             rec["traceback"] = traceback.format_exc()[-4000:]
             traceback.print_exc()
