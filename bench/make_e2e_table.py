@@ -8,7 +8,8 @@ Columns: step = median whole-step ms; 2 fwd = two forward+loss calls alone; pass
 weights alone; rest = step - 2 fwd - passes; 1 pass = the step's first pass (theta + eps*z); ovh/pass =
 (step - 2 fwd) / 1 pass (the issue's target for ZOSGD in place: <= 3.3); x MeZO = the baseline's step time over this
 method's (dense methods against `mezo`, MeZO as written; masked methods against their MeZO-style equivalent);
-x in-place = against `mezo-inplace`; peak = peak allocated GiB during the steps (weights' own GiB in brackets).
+x in-place = against `mezo-inplace`; host = host time to issue one step (when it
+approaches the step time, Python and launches bound the step); peak = peak allocated GiB during the steps (weights' own GiB in brackets).
 """
 from __future__ import annotations
 
@@ -73,8 +74,8 @@ def provenance(docs):
 
 def main_table(docs):
     lines = ["| model | batch x seq | method | step ms | 2 fwd ms | passes ms | rest ms | 1 pass ms | ovh/pass | "
-             "x MeZO | x in-place | peak GiB (weights) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "x MeZO | x in-place | host ms | peak GiB (weights) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in docs:
         h = d["header"]
         for cfg in d["configs"]:
@@ -84,7 +85,7 @@ def main_table(docs):
                 bs = f"{cfg['batch']}x{cfg['seq']}"
                 if r.get("status") != "ok":
                     why = r.get("status", "?")
-                    lines.append(f"| {shape} | {bs} | `{r['method']}` | {why} | | | | | | | | |")
+                    lines.append(f"| {shape} | {bs} | `{r['method']}` | {why} | | | | | | | | | |")
                     continue
                 base = ok.get(BASELINE.get(r["method"], ""))
                 inpl = ok.get("mezo-inplace") if r["method"] in ("zosgd", "zosgd-transient") else None
@@ -94,7 +95,7 @@ def main_table(docs):
                 lines.append(
                     f"| {shape} | {bs} | `{r['method']}` | {_f(r['step_ms'], 1)} | {_f(b['forwards'], 1)} | "
                     f"{_f(b['passes'], 1)} | {_f(b['rest'], 1)} | {_f(r['one_pass_ms'], 1)} | "
-                    f"{_f(r['overhead_over_one_pass'])} | {x_base} | {x_inpl} | "
+                    f"{_f(r['overhead_over_one_pass'])} | {x_base} | {x_inpl} | {_f(r.get('host_ms'), 1)} | "
                     f"{_gib(r.get('mem_peak_step_bytes'))} ({_gib(h.get('weights_bytes'))}) |")
     return lines
 
