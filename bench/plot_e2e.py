@@ -94,8 +94,8 @@ def draw(pans, out_path):
         ax.set_title(p["title"], fontsize=10)
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, ["2 forwards", "passes over the weights", "rest"][:len(handles)], loc="upper left",
-               fontsize=8, ncol=3)
+    names = {"forwards": "2 forwards", "passes": "passes over the weights", "rest": "rest"}
+    axes.flat[0].legend(handles, [names[x] for x in labels], loc="upper left", fontsize=7, ncol=3, framealpha=0.8)
     devs = sorted({f"{p['device']} {p['date']}" for p in pans})
     fig.suptitle("ZO step time breakdown (x: speedup over the MeZO-style baseline; *: rest < 0 drawn as 0)\n"
                  + "; ".join(devs), fontsize=10)
