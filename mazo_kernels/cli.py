@@ -7,6 +7,13 @@ Also ``python -m mazo_kernels.cli``. Nothing is downloaded: --model is a local d
 local_files_only), --config builds a random-init model ("tiny": a small LLaMA with a character tokenizer, or a
 config JSON). The output directory receives model/ (save_pretrained, safetensors, with the tokenizer), masks.safetensors
 (sparse-mezo / mazo), seed_log.json and metrics.json. docs/TRAINING.md describes the files.
+
+Under torchrun (WORLD_SIZE > 1) the run is ZO data parallel (docs/DISTRIBUTED.md): every process builds the same
+model and draws the same global batches, takes its contiguous share of each (--batch-size is the global batch and
+must be divisible by the number of processes), and one all-gather of the losses per step keeps the replicas
+bit-identical; CUDA processes use NCCL and GPU LOCAL_RANK, CPU processes gloo. Only rank 0 evaluates and writes.
+
+    torchrun --nproc_per_node 2 -m mazo_kernels.cli --config tiny --tasks ... --batch-size 16 --output-dir out
 """
 from __future__ import annotations
 
@@ -120,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="choice score: mean or sum of the choice tokens' log-probabilities")
     e.add_argument("--output-dir", required=True, metavar="DIR")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.add_argument("--replica-check-every", type=_nonneg_int, default=100,
+                   help="under torchrun: steps between checks that the replicas are bit-identical (0: never)")
     return p
 
 
@@ -200,10 +209,15 @@ def run(a: argparse.Namespace) -> dict:
     from .trainer import ZOArguments, build_masks, make_zo_optimizer, task_batches_for_masks
 
     t_start = time.perf_counter()
+    rank, world = _init_distributed(a)
+    if a.batch_size % world:
+        raise CLIError(f"--batch-size {a.batch_size} is the global batch; it must be divisible by the {world} "
+                       "processes")
     zo = ZOArguments(method=a.method, eps=a.eps, sparsity=a.sparsity, density=a.density, dist=a.dist,
                      num_perturbations=a.q, estimator=a.estimator, rounding=a.rounding, mode=a.mode,
                      forward_mode=a.forward_mode, seed=a.seed, backend=a.backend, mask_batches=a.mask_batches,
-                     mask_scorer=a.mask_scorer, unmasked=a.unmasked, score_reduction=a.score)
+                     mask_scorer=a.mask_scorer, unmasked=a.unmasked, score_reduction=a.score,
+                     replica_check_every=a.replica_check_every)
     tasks = load_tasks(a.tasks)
     if a.eval_tasks:
         train_tasks, eval_tasks = tasks, load_tasks(a.eval_tasks)
@@ -213,7 +227,8 @@ def run(a: argparse.Namespace) -> dict:
             train_tasks, eval_tasks = split_tasks(tasks, a.eval_examples, seed=a.seed)
         except ValueError as exc:
             raise CLIError(f"--eval-examples {a.eval_examples}: {exc}") from None
-    os.makedirs(a.output_dir, exist_ok=True)
+    if rank == 0:
+        os.makedirs(a.output_dir, exist_ok=True)
 
     model, tok = load_model(a)
     batches = None
@@ -222,28 +237,37 @@ def run(a: argparse.Namespace) -> dict:
                                          max_length=a.max_length)
     t_masks = time.perf_counter()
     masks = build_masks(model, zo, task_batches=batches)
+    if world > 1 and masks:
+        from .distributed import sync_masks
+        sync_masks(masks)                     # scores computed on GPUs can differ in the last bits between ranks
     t_masks = time.perf_counter() - t_masks
     opt = make_zo_optimizer(model, zo, lr=a.lr, weight_decay=a.weight_decay, masks=masks, seed=a.seed)
+    if world > 1:
+        from .distributed import data_parallel
+        data_parallel(opt, check_every=a.replica_check_every)   # also checks now that every rank starts equal
     model.train(a.forward_mode == "train")   # ZOSGD itself switches to eval() around forwards in "eval" mode
     n_trainable = sum(e.tensor.numel() for e in opt.plan.entries)
     n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
     sampler = MultiTaskSampler(train_tasks, a.batch_size, mixing=a.mixing, seed=a.seed)
     evals = []
-    if eval_tasks:
+    if eval_tasks and rank == 0:
         evals.append(_eval(model, tok, eval_tasks, a, 0, None))
+    share = a.batch_size // world
     losses = torch.zeros(a.steps, dtype=torch.float32, device=a.device)   # read back every 10 steps, not per step
     last_eval = 0
-    bar = tqdm(total=a.steps, desc=f"{a.method}", unit="step", disable=a.no_progress, dynamic_ncols=True)
+    bar = tqdm(total=a.steps, desc=f"{a.method}", unit="step", disable=a.no_progress or rank != 0,
+               dynamic_ncols=True)
     t_train, t_eval_total = time.perf_counter(), 0.0
     for step in range(1, a.steps + 1):
-        batch = training_batch(tok, sampler.next_batch(), max_length=a.max_length)
+        exs = sampler.next_batch()                            # the global batch: the same on every rank
+        batch = training_batch(tok, exs[rank * share:(rank + 1) * share], max_length=a.max_length)
         batch = {k: v.to(a.device) for k, v in batch.items()}
         losses[step - 1] = opt.step(lambda: batch_loss(model, batch))
         bar.update(1)
         if step % 10 == 0 or step == a.steps:
             bar.set_postfix(loss=f"{float(losses[max(0, step - 10):step].mean()):.4f}")
-        if eval_tasks and (step == a.steps or (a.eval_every and step % a.eval_every == 0)):
+        if eval_tasks and rank == 0 and (step == a.steps or (a.eval_every and step % a.eval_every == 0)):
             te = time.perf_counter()
             evals.append(_eval(model, tok, eval_tasks, a, step, float(losses[last_eval:step].mean())))
             last_eval = step
@@ -253,6 +277,9 @@ def run(a: argparse.Namespace) -> dict:
     bar.close()
     train_time = time.perf_counter() - t_train - t_eval_total
 
+    if rank != 0:                 # only rank 0 writes; the replicas are bit-identical
+        _finish_distributed()
+        return {"rank": rank, "world_size": world, "steps": a.steps, "evals": evals}
     model_dir = os.path.join(a.output_dir, "model")
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
@@ -275,6 +302,7 @@ def run(a: argparse.Namespace) -> dict:
         "total_params": n_params,
         "backend": opt.backend,
         "device": str(a.device),
+        "world_size": world,
         "tasks": {k: len(v) for k, v in train_tasks.items()},
         "eval_tasks": {k: len(v) for k, v in eval_tasks.items()},
         "zo_args": zo.to_dict(),
@@ -283,7 +311,35 @@ def run(a: argparse.Namespace) -> dict:
     }
     with open(os.path.join(a.output_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=1)
+    _finish_distributed()
     return metrics
+
+
+def _init_distributed(a):
+    """(rank, world size); under torchrun initialises the process group and picks this process's GPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    from .distributed import init_from_env
+    dev = torch.device(a.device)
+    owned = not dist.is_initialized()
+    rank, world, local_rank = init_from_env("nccl" if dev.type == "cuda" else "gloo")
+    if dev.type == "cuda":
+        a.device = f"cuda:{local_rank}"
+    _DIST_STATE["owned"] = owned
+    return rank, world
+
+
+_DIST_STATE = {"owned": False}
+
+
+def _finish_distributed():
+    if _DIST_STATE["owned"]:
+        import torch.distributed as dist
+        dist.barrier()
+        dist.destroy_process_group()
+        _DIST_STATE["owned"] = False
 
 
 def main(argv=None) -> int:
@@ -294,6 +350,8 @@ def main(argv=None) -> int:
     except (TaskFormatError, CLIError) as exc:      # bad task files or configs: one clear line, not a traceback
         print(f"mazo-train: error: {exc}", file=sys.stderr)
         return 2
+    if m.get("rank", 0) != 0:
+        return 0
     last = m["evals"][-1] if m["evals"] else None
     summary = f"{m['steps']} steps in {m['train_time_s']:.1f} s ({m['steps_per_s']:.2f} steps/s)"
     if last is not None:

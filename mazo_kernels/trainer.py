@@ -37,6 +37,8 @@ class ZOArguments:
         MaZO the embeddings and lm_head): "freeze" (default: only the masked elements train, so sparsity/density mean
         what they say) or "train" (densely).
     score_reduction: choice scoring in evaluation, "mean" | "sum" token log-probability.
+    replica_check_every: under a distributed launch (data parallel), steps between the checks that the replicas
+        are still bit-identical (0: never; docs/DISTRIBUTED.md).
     """
     method: str = "mezo"
     eps: float = 1e-3
@@ -55,6 +57,7 @@ class ZOArguments:
     mask_scorer: str = "gradient"
     unmasked: str = "freeze"
     score_reduction: str = "mean"
+    replica_check_every: int = 100
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -79,6 +82,9 @@ class ZOArguments:
             raise ValueError(f"ZOArguments.mask_scorer must be 'gradient' or 'activation', got {self.mask_scorer!r}")
         if self.unmasked not in ("train", "freeze"):
             raise ValueError(f"ZOArguments.unmasked must be 'train' or 'freeze', got {self.unmasked!r}")
+        if isinstance(self.replica_check_every, bool) or not isinstance(self.replica_check_every, int) \
+                or self.replica_check_every < 0:
+            raise ValueError(f"ZOArguments.replica_check_every must be an int >= 0, got {self.replica_check_every!r}")
         if self.score_reduction not in T.REDUCTIONS:
             raise ValueError(f"ZOArguments.score_reduction must be one of {list(T.REDUCTIONS)}, "
                              f"got {self.score_reduction!r}")
@@ -166,6 +172,16 @@ def make_zo_optimizer(model, zo: ZOArguments, *, lr: float, weight_decay: float 
 _TRAINER_OPT_CLASS = None
 
 
+def _distributed() -> bool:
+    import torch.distributed as dist
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+    return dist.get_world_size() if _distributed() else 1
+
+
 def _trainer_optimizer_class():
     """ZOSGD whose closure-less step() does nothing.
 
@@ -200,6 +216,12 @@ class ZOTrainer(Trainer):
     - training_step runs ZOSGD.step(closure), closure = compute_loss on the batch (ZOSGD runs it under no_grad,
       twice); no backward runs and no .grad is ever populated. Gradient accumulation and fp16 mixed precision
       (a GradScaler needs gradients) are refused.
+    - Under a distributed launch (torchrun / accelerate launch, one process per device) the run is ZO data
+      parallel: each process evaluates its shard of the batch, one all-gather of the loss pair per step combines
+      the losses (mazo_kernels.distributed.data_parallel), and the replicas stay bit-identical. The model is not
+      wrapped in DistributedDataParallel (_wrap_model): there are no gradients to synchronise, and DDP's buffer
+      broadcast would add collectives. Trainer-managed FSDP and DeepSpeed are refused (for sharded weights, apply
+      fully_shard yourself and use ZOSGD: docs/DISTRIBUTED.md).
     - evaluate(): with ``eval_tasks`` ({task: [Example, ...]}), per-task choice accuracy and loss
       (tasks.evaluate_tasks); otherwise the Trainer's own evaluation.
     """
@@ -210,6 +232,10 @@ class ZOTrainer(Trainer):
             if args.gradient_accumulation_steps != 1:
                 raise ValueError("ZOTrainer: gradient_accumulation_steps must be 1 (a ZO step has no gradients to "
                                  f"accumulate; use a larger batch instead), got {args.gradient_accumulation_steps}")
+            if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+                raise ValueError("ZOTrainer: Trainer-managed FSDP / DeepSpeed is not supported (ZO data parallelism "
+                                 "needs no wrapper); for sharded weights apply torch.distributed.fsdp.fully_shard to "
+                                 "the model and train it with ZOSGD (docs/DISTRIBUTED.md)")
             if args.fp16:
                 raise ValueError("ZOTrainer: fp16=True (mixed precision with a GradScaler) needs gradients; load the "
                                  "model in float16/bfloat16 instead and leave fp16/bf16 off")
@@ -222,6 +248,7 @@ class ZOTrainer(Trainer):
         self.zo_mask_batches = mask_batches
         self.eval_tasks = eval_tasks
         self.zo_optimizer = None
+        self._zo_aliases_checked = False
 
     # ---------------------------------------------------------------- optimizer
     def _tasks_of_train_dataset(self):
@@ -246,6 +273,9 @@ class ZOTrainer(Trainer):
                 batches = task_batches_for_masks(tasks, tok, batch_size=self.args.per_device_train_batch_size,
                                                  n_batches=self.zo_args.mask_batches)
         self.zo_masks = build_masks(self.model, self.zo_args, task_batches=batches)
+        if self.zo_masks is not None and _world_size() > 1:
+            from .distributed import sync_masks
+            sync_masks(self.zo_masks)          # gradient scores on GPUs can differ in the last bits between ranks
         return self.zo_masks
 
     def create_optimizer(self, *args, **kwargs):
@@ -256,14 +286,45 @@ class ZOTrainer(Trainer):
                 model, self.zo_args, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
                 masks=self._masks(), decay_parameter_names=decay, seed=self.args.seed,
                 optimizer_class=_trainer_optimizer_class())
+            if _distributed():
+                from .distributed import data_parallel
+                data_parallel(self.zo_optimizer, check_every=self.zo_args.replica_check_every)
             self.optimizer = self.zo_optimizer
         return self.optimizer
 
+    def _wrap_model(self, model, training=True, dataloader=None):
+        """No DistributedDataParallel: a ZO step has no gradients to all-reduce, and DDP would broadcast buffers
+        before every forward (collectives beyond the one all-gather of the losses). Under a distributed launch the
+        model (already placed on args.device by Trainer.__init__) is marked as prepared, so the Trainer's
+        accelerator.prepare(model, optimizer) leaves it as it is: no wrapper, no move (a move after the optimizer
+        is built could re-allocate the weights the optimizer's plan points at), no autocast."""
+        if training and _distributed():
+            model._is_accelerate_prepared = True
+            return model
+        return super()._wrap_model(model, training, dataloader)
+
     # ---------------------------------------------------------------- the step
+    def _check_plan_aliases_model(self):
+        """Once: the optimizer's plan must point at the model's current weights (a move or re-allocation after
+        create_optimizer would leave it perturbing stale copies while the forwards see unchanged weights)."""
+        from .optim import is_dtensor
+        current = {}
+        for n, p in self.model.named_parameters():
+            current.setdefault(p.data_ptr() if not is_dtensor(p) else p.to_local().data_ptr(), n)
+        stale = [e.name for pt in self.zo_optimizer._parts for e in pt.plan.entries
+                 if e.tensor.numel() and e.tensor.data_ptr() not in current]
+        if stale:
+            raise RuntimeError(f"ZOTrainer: the weights of {stale[:3]} were re-allocated after the ZO optimizer was "
+                               "built (e.g. a .to(device) after create_optimizer); build the optimizer after the "
+                               "model is placed")
+        self._zo_aliases_checked = True
+
     def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
         if self.zo_optimizer is None:
             raise RuntimeError("ZOTrainer: the optimizer was given from outside; ZOTrainer builds its own ZOSGD "
                                "(do not pass optimizers=)")
+        if not self._zo_aliases_checked:
+            self._check_plan_aliases_model()
         model.train()           # as Trainer.training_step does; ZOSGD switches to eval() for forward_mode="eval"
         inputs = self._prepare_inputs(inputs)
 

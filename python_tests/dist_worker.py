@@ -160,6 +160,37 @@ def scenario_fsdp(out, rank, world):
                    os.path.join(out, f"fsdp_w{world}.pt"))
 
 
+def scenario_trainer(out, rank, world):
+    """ZOTrainer under a distributed launch: data parallel without a DDP wrapper; replicas bit-identical."""
+    import transformers
+
+    from mazo_kernels import tasks as T
+    from mazo_kernels.tiny import tiny_llama
+    from mazo_kernels.trainer import ZOArguments, ZOTrainer
+
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    tasks = T.load_tasks([os.path.join(data, "task_sentiment.jsonl"), os.path.join(data, "task_echo.jsonl")])
+    model, tok = tiny_llama(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    args = transformers.TrainingArguments(
+        output_dir=os.path.join(out, f"trainer_r{rank}"), max_steps=3, per_device_train_batch_size=2,
+        learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+        use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
+    trainer = ZOTrainer(model=model, args=args, zo_args=ZOArguments(eps=1e-3, backend=BACKEND, replica_check_every=1),
+                        train_dataset=T.TaskDataset([e for exs in tasks.values() for e in exs]),
+                        data_collator=T.TaskCollator(tok), processing_class=tok)
+    trainer.train()
+    wrapped = [type(m).__name__ for m in (trainer.model_wrapped, trainer.model)]
+    ddp = any(isinstance(m, torch.nn.parallel.DistributedDataParallel)
+              for m in (trainer.model_wrapped, trainer.model, *trainer.model.modules()))
+    opt = trainer.zo_optimizer
+    mkd.check_replicas(trainer.model)
+    torch.save({"weights": _state(trainer.model), "wrapped": wrapped, "ddp": ddp,
+                "same_object": trainer.model_wrapped is trainer.model, "world": trainer.args.world_size,
+                "reduce": type(opt.loss_reduce).__name__, "checked": getattr(opt.loss_reduce, "last_checked_step", None),
+                "log": opt.state_dict()["seed_log"]},
+               os.path.join(out, f"trainer_w{world}_r{rank}.pt"))
+
+
 def main():
     out, scenarios = sys.argv[1], sys.argv[2:]
     torch.set_num_threads(1)

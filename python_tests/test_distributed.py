@@ -78,7 +78,7 @@ def launch(world, out, scenarios, script=WORKER, args=None, timeout=240, extra_e
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     launch(1, out, ["fsdp"])
-    launch(2, out, ["dp", "tamper", "fail", "fsdp"])
+    launch(2, out, ["dp", "tamper", "fail", "fsdp", "trainer"])
     launch(4, out, ["dp", "fsdp"])
     return out
 
@@ -110,9 +110,10 @@ def single_process(cfg, micro, steps=W.STEPS, fail_step=None):
     return {n: p.detach().clone() for n, p in model.named_parameters()}, opt.state_dict()["seed_log"]
 
 
-def _ulp(t: torch.Tensor) -> float:
+def _ulp(t: torch.Tensor, dtype: torch.dtype) -> float:
+    """The storage ulp of the largest |value| in t (an upper bound for every element's ulp)."""
     m = float(t.detach().float().abs().max())
-    mant = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[t.dtype]
+    mant = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
     return 2.0 ** (math.floor(math.log2(max(m, 1e-30))) - mant)
 
 
@@ -126,7 +127,7 @@ def whole_batch_bound(log_a, log_b, weights, z_max=Z_MAX):
                                          mk.seed_log.bits_f32(sb["g_bits"]).tolist())]
         lr, wd, eps = sa["lr"][0], sa["weight_decay"][0], sa["eps"][0]
         for n, w in weights.items():
-            ulp = _ulp(w.float().abs() + eps * z_max)
+            ulp = _ulp(w.float().abs() + eps * z_max, w.dtype)
             bound[n] = bound[n] * (1 + lr * wd) + lr * z_max * sum(dg) / len(dg) + 8 * ulp
     return bound
 
@@ -225,6 +226,85 @@ def test_fsdp_weights_match_single_process_and_other_rank_counts(runs, world):
     mk.replay(model, d["log"], backend=W.BACKEND)
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), d["weights"][n]), n
+
+
+# ---------------------------------------------------------------------------------------------------- ZOTrainer, CLI
+def test_zo_trainer_under_distributed_launch_is_data_parallel_without_ddp(runs):
+    from mazo_kernels.tiny import tiny_llama
+    r0, r1 = _load(runs, "trainer_w2_r0.pt"), _load(runs, "trainer_w2_r1.pt")
+    for d in (r0, r1):
+        assert d["world"] == 2 and d["ddp"] is False and d["same_object"] is True
+        assert d["wrapped"] == ["LlamaForCausalLM", "LlamaForCausalLM"]
+        assert d["reduce"] == "LossAllGather" and d["checked"] == 2        # replica checks ran (every step)
+    for n, t in r0["weights"].items():
+        assert torch.equal(t, r1["weights"][n]), n
+    assert all(s["g"][0] not in (0.0, None) for s in r0["log"]["steps"])   # the forwards saw the perturbations
+    init, _ = tiny_llama(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    mk.replay(init, r0["log"], backend=W.BACKEND)
+    for n, p in init.named_parameters():
+        assert torch.equal(p.detach(), r0["weights"][n]), n
+
+
+def test_zo_trainer_refuses_a_plan_that_no_longer_aliases_the_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from mazo_kernels import tasks as T
+    from mazo_kernels.tiny import tiny_llama
+    from mazo_kernels.trainer import ZOArguments, ZOTrainer
+
+    tasks = T.load_tasks([os.path.join(ROOT, "python_tests", "data", "task_echo.jsonl")])
+    model, tok = tiny_llama(seed=0, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                                          report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no")
+    trainer = ZOTrainer(model=model, args=args, zo_args=ZOArguments(backend=W.BACKEND),
+                        train_dataset=T.TaskDataset([e for exs in tasks.values() for e in exs]),
+                        data_collator=T.TaskCollator(tok), processing_class=tok)
+    trainer.create_optimizer()
+    model.to(torch.float64).to(torch.float32)          # new storage for every weight
+    with pytest.raises(RuntimeError, match="re-allocated"):
+        trainer.train()
+    with pytest.raises(ValueError, match="FSDP / DeepSpeed"):
+        ZOTrainer(model=model, args=transformers.TrainingArguments(output_dir=str(tmp_path), fsdp="full_shard",
+                                                                   report_to=[], use_cpu=True))
+
+
+def test_mazo_train_under_torchrun_matches_the_micro_batch_reference(tmp_path):
+    pytest.importorskip("transformers")
+    from mazo_kernels import cli
+    from mazo_kernels.tasks import MultiTaskSampler, batch_loss, load_tasks, split_tasks, training_batch
+    from mazo_kernels.tiny import tiny_llama
+    from mazo_kernels.trainer import ZOArguments, make_zo_optimizer
+
+    out = tmp_path / "run"
+    data = os.path.join(ROOT, "python_tests", "data")
+    files = [os.path.join(data, "task_sentiment.jsonl"), os.path.join(data, "task_echo.jsonl")]
+    argv = ["--config", "tiny", "--tasks", *files, "--steps", "4", "--batch-size", "4", "--eval-examples", "4",
+            "--lr", "1e-3", "--output-dir", str(out), "--no-progress", "--backend", W.BACKEND,
+            "--replica-check-every", "2", "--seed", "3"]
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", MAZO_SKIP_CUDA="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(port), "-m", "mazo_kernels.cli", *argv], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["metrics.json", "model", "seed_log.json"]
+    import json
+    metrics = json.load(open(out / "metrics.json"))
+    assert metrics["world_size"] == 2 and len(metrics["train_loss"]) == 4
+
+    # one process, the same global batches, each split into the two ranks' halves and combined in rank order
+    a = cli.parse_args(argv)
+    train_tasks, _ = split_tasks(load_tasks(files), a.eval_examples, seed=a.seed)
+    model, tok = tiny_llama(seed=a.seed)
+    opt = make_zo_optimizer(model, ZOArguments(eps=a.eps, seed=a.seed, backend=a.backend), lr=a.lr, seed=a.seed)
+    sampler = MultiTaskSampler(train_tasks, a.batch_size, mixing=a.mixing, seed=a.seed)
+    for _ in range(a.steps):
+        exs = sampler.next_batch()
+        mbs = [training_batch(tok, exs[i:i + 2]) for i in (0, 2)]
+        opt.step(mkd.micro_batch_closure(lambda b: batch_loss(model, b), mbs))
+    from safetensors.torch import load_file
+    saved = load_file(str(out / "model" / "model.safetensors"))
+    for n, p in model.named_parameters():
+        assert torch.equal(saved[n], p.detach()), n
 
 
 # ---------------------------------------------------------------------------------------------------- in process
