@@ -279,7 +279,7 @@ def test_mazo_train_under_torchrun_matches_the_micro_batch_reference(tmp_path):
     files = [os.path.join(data, "task_sentiment.jsonl"), os.path.join(data, "task_echo.jsonl")]
     argv = ["--config", "tiny", "--tasks", *files, "--steps", "4", "--batch-size", "4", "--eval-examples", "4",
             "--lr", "1e-3", "--output-dir", str(out), "--no-progress", "--backend", W.BACKEND,
-            "--replica-check-every", "2", "--seed", "3"]
+            "--replica-check-every", "2", "--seed", "3", "--device", "cpu"]
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", MAZO_SKIP_CUDA="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
