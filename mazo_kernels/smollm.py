@@ -14,7 +14,9 @@ Where the file comes from, first match wins: the ``path=`` argument, the environ
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 
 import torch
@@ -89,8 +91,11 @@ def load_smollm(dtype=torch.float32, device="cpu", path=None, *, tokenizer: bool
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p),
-                                                     dtype=dtype, local_files_only=True)
+        # transformers' GGUF reader draws its own tqdm bar on stderr whatever the logging settings say
+        quiet = contextlib.redirect_stderr(io.StringIO()) if not progress else contextlib.nullcontext()
+        with quiet:
+            model = AutoModelForCausalLM.from_pretrained(os.path.dirname(p), gguf_file=os.path.basename(p),
+                                                         dtype=dtype, local_files_only=True)
     finally:
         if prev and not progress:
             hf_logging.enable_progress_bar()

@@ -100,12 +100,16 @@ def _vader_rows():
 
 def sentiment_items():
     """[(word, label)]: label 1 = positive (mean rating > 0), 0 = negative."""
+    rows = list(_vader_rows())
+    seen = {}
+    for word, _, _ in rows:
+        seen[word] = seen.get(word, 0) + 1
     out = []
-    for word, mean, std in _vader_rows():
-        if word.isalpha() and word.isascii() and word.islower() and len(word) >= 3 \
-                and abs(mean) >= SENTIMENT_MIN_ABS and std <= SENTIMENT_MAX_STD:
+    for word, mean, std in rows:
+        if seen[word] == 1 and word.isalpha() and word.isascii() and word.islower() and len(word) >= 3 \
+                and abs(mean) >= SENTIMENT_MIN_ABS and std <= SENTIMENT_MAX_STD:   # words listed twice are left out
             out.append((word, int(mean > 0)))
-    return sorted(set(out))
+    return sorted(out)
 
 
 def capital_items():
