@@ -463,7 +463,7 @@ def make_method(method, model, args, masks, dense):
         elif mask_kind == "bits":
             m = {n: masks[n] for n, _ in named}
         opt = mk.ZOSGD(named, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, mode=mode, module=model,
-                       masks=m, backend=args.backend, seed=args.seed)
+                       masks=m, backend=args.backend, seed=args.seed, dist=args.dist)
         return opt, named
     opt = MezoBaseline(model, named, args.lr, args.eps, args.weight_decay, inplace=mode, mask_kind=mask_kind,
                        taus=masks if mask_kind == "threshold" else None, dense=dense, seed=args.seed)
@@ -689,7 +689,7 @@ def cuda_graph_experiment(model, ids, args, clock, write, res=None):
 
     def new_opt():
         return mk.ZOSGD(model.named_parameters(), lr=args.lr, eps=args.eps, module=model, backend=args.backend,
-                        seed=args.seed)
+                        seed=args.seed, dist=args.dist)
 
     opt = new_opt()
     res["backend"] = opt.backend
@@ -894,6 +894,8 @@ def build_parser():
     ap.add_argument("--sparsity", type=float, default=0.75, help="Sparse MeZO: fraction of each matrix frozen")
     ap.add_argument("--density", type=float, default=0.1, help="MaZO: fraction of each row trained")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dist", choices=["gaussian", "rademacher"], default="gaussian",
+                    help="noise of the ZOSGD methods (the MeZO baselines always draw Gaussian, as MeZO does)")
     ap.add_argument("--memory-cap", default="none",
                     help="none | h100-80gb | GiB: cap the allocator to emulate a smaller card (CUDA)")
     ap.add_argument("--cuda-graph", action="store_true", help="also capture a ZOSGD step in a CUDA graph")
@@ -922,7 +924,7 @@ def main(argv=None):
 
     header = environment(str(device))
     header.update({"model_shape": args.model_shape, "dtype": args.dtype, "args": vars(args), "methods": methods,
-                   "shapes": [list(s) for s in shapes], "label": args.label})
+                   "shapes": [list(s) for s in shapes], "label": args.label, "dist": args.dist})
     memory = {}
     if device.type == "cuda":
         torch.zeros(1, device=device)          # create the context
