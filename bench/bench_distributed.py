@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -145,8 +144,9 @@ def part_scaling(a, device, backend):
     # 1. data parallel over every rank, each its share of the global batch
     opt = mk.ZOSGD(model.named_parameters(), lr=1e-6, eps=1e-3, module=model, seed=1, backend=backend)
     hook = mkd.data_parallel(opt, check_every=0)
-    ms = timed_steps(opt, lambda k: (lambda ids=batch(k, a.batch, a.seq, vocab, device)[RANK * share:(RANK + 1) * share]:
-                                     loss_of(model, ids)), a.steps, a.warmup, device)
+    mine = slice(RANK * share, (RANK + 1) * share)
+    ms = timed_steps(opt, lambda k: (lambda ids=batch(k, a.batch, a.seq, vocab, device)[mine]: loss_of(model, ids)),
+                     a.steps, a.warmup, device)
     per_rank = [None] * WORLD
     dist.all_gather_object(per_rank, statistics.median(ms))
     res["dp"] = summary(ms) | {"median_ms_by_rank": per_rank, "rows_per_rank": share}
@@ -188,12 +188,9 @@ def part_scaling(a, device, backend):
         res["single"] = summary(ms1) | {"rows": a.batch}
         res["speedup"] = res["single"]["median_ms"] / res["dp"]["median_ms"]
         res["scaling_efficiency"] = res["speedup"] / WORLD
-        log(f"  1 GPU: {res['single']['median_ms']:.1f} ms/step; speedup x{res['speedup']:.2f} "
+        log(f"  1 device: {res['single']['median_ms']:.1f} ms/step; speedup x{res['speedup']:.2f} "
             f"(efficiency {res['scaling_efficiency']:.0%}); forward ms by rows {fwd}")
     barrier()
-    del model, opt
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return res
 
 
@@ -424,6 +421,8 @@ def main(argv=None):
         t = time.perf_counter()
         if p == "scaling":
             out["scaling"] = part_scaling(a, device, a.backend)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()          # the 7B model is gone: give its memory back
         elif p == "dp":
             out["dp"] = part_dp(a, device, a.backend)
             whole_state = out["dp"].pop("_whole_state", None)

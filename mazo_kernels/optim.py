@@ -308,7 +308,8 @@ class ZOSGD(torch.optim.Optimizer):
         if forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be 'eval' or 'train', got {forward_mode!r}")
         if loss_reduce is not None and not callable(loss_reduce):
-            raise TypeError(f"loss_reduce must be callable (losses -> reduced losses), got {type(loss_reduce).__name__}")
+            raise TypeError("loss_reduce must be callable (losses -> reduced losses), got "
+                            f"{type(loss_reduce).__name__}")
         self._base_seed = _seed_bits(seed, "seed") & M64
         self._fsdp_modules = _fsdp_modules(module)
         for m in self._fsdp_modules:      # sharded parameters are registered only while the modules are resharded
@@ -344,6 +345,12 @@ class ZOSGD(torch.optim.Optimizer):
             raise ValueError(f"masks given for unknown parameter names {sorted(unknown)}; masks are keyed by the "
                              f"names of trainable parameters in the optimizer (e.g. {sorted(known)[:3]})")
         sharded = [e.name for e in entries if e.full_numel is not None]
+        if self._fsdp_modules and len(sharded) < len(entries):
+            plain = [e.name for e in entries if e.full_numel is None]
+            raise ValueError(f"ZOSGD: module= is an FSDP2 model but parameters {plain[:3]} are not sharded DTensors: "
+                             "they were listed while FSDP had them unsharded (after a forward). Pass "
+                             "model.named_parameters() itself (the optimizer reshards first), or call reshard() on "
+                             "the FSDP modules before listing them")
         if sharded and not self._fsdp_modules:
             raise ValueError(f"ZOSGD: parameters {sharded[:3]} are sharded (DTensor) but module= is not an FSDP2 "
                              "(fully_shard) model; pass module=model so the optimizer can reshard it before every "
@@ -500,7 +507,8 @@ class ZOSGD(torch.optim.Optimizer):
                   "rounding": self.rounding, "mode": self.mode, "spec_version": ref.SPEC_VERSION}
         losses, error, pos = {}, None, 0
         two = self.estimator == "two_sided"
-        keys = ([] if two else [("0", 0)]) + [("+", i) for i in range(q)] + ([("-", i) for i in range(q)] if two else [])
+        keys = ([] if two else [("0", 0)]) + [("+", i) for i in range(q)]
+        keys += [("-", i) for i in range(q)] if two else []        # the order loss_reduce sees
         reduced, reduce_called = None, False
         self._step_count += 1        # the seeds of step k are spent even if the step fails
         with self._forward_mode():

@@ -153,10 +153,20 @@ def scenario_fsdp(out, rank, world):
 
         opt.step(closure)
     final = mkd.full_state(model)
+    errors = {}
+    with torch.no_grad():
+        model(*mkd.shard_batch(global_batch(0)))        # FSDP2 leaves the root unsharded after a forward
+    for what, params, module in (("unsharded_list", list(model.named_parameters()), model),
+                                 ("no_module", None, None)):
+        try:
+            mk.ZOSGD(params if params is not None else model.named_parameters(), module=module, backend=BACKEND)
+        except ValueError as exc:
+            errors[what] = str(exc)
     all_shards = [None] * world
     dist.all_gather_object(all_shards, shards)
     if rank == 0:
-        torch.save({"perturbed": seen, "weights": final, "log": opt.state_dict()["seed_log"], "shards": all_shards},
+        torch.save({"perturbed": seen, "weights": final, "log": opt.state_dict()["seed_log"], "shards": all_shards,
+                    "errors": errors},
                    os.path.join(out, f"fsdp_w{world}.pt"))
 
 
@@ -186,7 +196,8 @@ def scenario_trainer(out, rank, world):
     mkd.check_replicas(trainer.model)
     torch.save({"weights": _state(trainer.model), "wrapped": wrapped, "ddp": ddp,
                 "same_object": trainer.model_wrapped is trainer.model, "world": trainer.args.world_size,
-                "reduce": type(opt.loss_reduce).__name__, "checked": getattr(opt.loss_reduce, "last_checked_step", None),
+                "reduce": type(opt.loss_reduce).__name__,
+                "checked": getattr(opt.loss_reduce, "last_checked_step", None),
                 "log": opt.state_dict()["seed_log"]},
                os.path.join(out, f"trainer_w{world}_r{rank}.pt"))
 

@@ -95,14 +95,14 @@ def single_process(cfg, micro, steps=W.STEPS, fail_step=None):
     opt = W.make_opt(model, cfg)
     for k in range(steps):
         x, y = W.global_batch(k)
-        if micro is None:
+        if k == fail_step:
+            def closure():
+                raise RuntimeError("injected failure")
+        elif micro is None:
             closure = (lambda: model(x, y))
         else:
             mbs = [mkd.shard_batch((x, y), r, micro) for r in range(micro)]
             closure = mkd.micro_batch_closure(lambda mb: model(*mb), mbs)
-        if k == fail_step:
-            def closure():
-                raise RuntimeError("injected failure")
         try:
             opt.step(closure)
         except RuntimeError:
@@ -203,6 +203,12 @@ def test_fsdp_every_element_gets_the_noise_of_its_global_index(runs, world):
     ref1 = _load(runs, "fsdp_w1.pt")["perturbed"]
     for n in theta0:
         assert torch.equal(d["perturbed"][n], ref1[n]), n
+
+
+def test_fsdp_needs_the_sharded_parameters_and_the_module(runs):
+    errors = _load(runs, "fsdp_w2.pt")["errors"]
+    assert "not sharded DTensors" in errors["unsharded_list"]
+    assert "pass module=model" in errors["no_module"]
 
 
 def test_fsdp_shards_are_uneven_and_empty_where_the_rows_run_out(runs):
@@ -383,7 +389,8 @@ def test_data_parallel_needs_a_process_group():
 
 def test_plans_per_device_match_one_plan(monkeypatch):
     """A model split across devices (device_map="auto") gets one plan per device. Here two 'devices' are
-    simulated on the CPU by keying the split on the storage of fc2's tensors; the result must equal one plan bit for bit."""
+    simulated on the CPU by keying the split on the storage of fc2's tensors; the result must equal one plan bit for
+    bit."""
     def run(split):
         if split:
             monkeypatch.setattr(O, "_device_key", lambda t: ("fake", t.data_ptr() in fc2_ids))
