@@ -7,7 +7,8 @@
 #   2. mazo-train under torchrun (NCCL) on the tiny config; the saved weights are checked by replaying the seed log
 #      -> $OUT/cli_dp.json
 #   3. python_tests/test_distributed.py (the CPU gloo suite) under this machine's torch -> $OUT/logs.tgz
-# Knobs: NGPU (default 2), BENCH_ARGS (extra bench_distributed.py arguments), CLI=0, CPU_TESTS=0.
+# Knobs: NGPU (default 2), BENCH_ARGS (extra bench_distributed.py arguments), CLI=0, CPU_TESTS=0,
+#        BUDGET (seconds for the whole script, default 470: each stage's timeout is cut to what is left).
 # NVLink multicast stays off: NCCL_NVLS_ENABLE=0 and TORCH_SYMM_MEM_DISABLE_MULTICAST=1 (exported below).
 set -uo pipefail
 OUT=${OUT:-bench/results/distributed_run}
@@ -16,6 +17,10 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 PYTHONUNBUFFERED=1
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
 NGPU=${NGPU:-2}
 T0=$(date +%s)
+BUDGET=${BUDGET:-470}
+left() {  # seconds left of the budget, capped at $1
+  local l=$(( BUDGET - ($(date +%s) - T0) )); [ "$l" -gt "$1" ] && l=$1; echo $(( l > 0 ? l : 1 ))
+}
 if ! python3 -c "import mazo_kernels._C_cuda" 2>/dev/null; then     # a fresh machine: build the package first
   echo "building mazo_kernels (CUDA extension missing)"
   ( time python3 -m pip install --no-build-isolation --no-deps -e . ) > "$OUT/build.log" 2>&1 \
@@ -26,14 +31,14 @@ python3 -c "import mazo_kernels as mk; print('cpu', mk.has_cpu(), 'cuda', mk.has
 nvidia-smi --query-gpu=index,name,memory.total --format=csv > "$OUT/gpus.txt" 2>&1
 nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
 
-timeout 420 python3 -m torch.distributed.run --nproc_per_node "$NGPU" bench/bench_distributed.py --out "$OUT" \
+timeout "$(left 330)" python3 -m torch.distributed.run --nproc_per_node "$NGPU" bench/bench_distributed.py --out "$OUT" \
     ${BENCH_ARGS:-} > "$OUT/bench_distributed.log" 2>&1
 echo "bench_distributed rc $? after $(( $(date +%s) - T0 )) s"
 grep -v "Warning\|return func" "$OUT/bench_distributed.log" | tail -12
 
-if [ "${CLI:-1}" = 1 ]; then
+if [ "${CLI:-1}" = 1 ] && [ "$(left 999)" -gt 60 ]; then
   rm -rf /tmp/cli_dp
-  timeout 150 python3 -m torch.distributed.run --nproc_per_node "$NGPU" -m mazo_kernels.cli --config tiny \
+  timeout "$(left 100)" python3 -m torch.distributed.run --nproc_per_node "$NGPU" -m mazo_kernels.cli --config tiny \
       --tasks python_tests/data/task_sentiment.jsonl python_tests/data/task_echo.jsonl --steps 20 --batch-size 8 \
       --eval-examples 8 --lr 1e-3 --output-dir /tmp/cli_dp --no-progress --replica-check-every 5 \
       > "$OUT/cli_dp.log" 2>&1
@@ -60,8 +65,8 @@ print("cli_dp", json.dumps(res))
 PY
 fi
 
-if [ "${CPU_TESTS:-1}" = 1 ]; then
-  timeout 240 python3 -m pytest -q python_tests/test_distributed.py > "$OUT/cpu_dist_tests.log" 2>&1
+if [ "${CPU_TESTS:-1}" = 1 ] && [ "$(left 999)" -gt 100 ]; then
+  timeout "$(left 200)" python3 -m pytest -q python_tests/test_distributed.py > "$OUT/cpu_dist_tests.log" 2>&1
   echo "test_distributed.py (CPU, gloo) rc $?: $(tail -1 "$OUT/cpu_dist_tests.log")"
 fi
 echo "total $(( $(date +%s) - T0 )) s"
