@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
@@ -86,8 +87,8 @@ def shard_batch(batch, rank: int | None = None, world_size: int | None = None, g
                                  "micro-batches; make the global batch a multiple of the world size")
             m = n // world_size
             return x[rank * m:(rank + 1) * m]
-        if isinstance(x, dict):
-            return type(x)({k: cut(v) for k, v in x.items()}) if type(x) is dict else {k: cut(v) for k, v in x.items()}
+        if isinstance(x, Mapping):          # dicts, transformers' BatchEncoding (a UserDict): a plain dict back
+            return {k: cut(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return type(x)(cut(v) for v in x)
         return x

@@ -331,6 +331,8 @@ def test_shard_batch():
     assert parts[2]["n"] == 3
     with pytest.raises(ValueError, match="multiple of the world size"):
         mkd.shard_batch(b, 0, 4)
+    from collections import UserDict                # transformers' BatchEncoding is a UserDict
+    assert mkd.shard_batch(UserDict(b), 2, 3)["y"].tolist() == [4, 5]
 
 
 def test_replica_checksum_sees_one_ulp_and_ignores_order_of_summation():
