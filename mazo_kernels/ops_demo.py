@@ -1,4 +1,4 @@
-"""A one-minute tour of mazo_kernels on an embedded default: `python -m mazo_kernels.demo`.
+"""A one-minute tour of the kernels on an embedded default: `python -m mazo_kernels.ops_demo` (or `python -m mazo_kernels.demo --ops`).
 
 (a) noise() is bit-identical on every backend available here;
 (b) ZO steps (perturb +eps, perturb -eps, fused restore + update) drive a toy quadratic loss down;

