@@ -43,14 +43,14 @@ PLANS = {
     # GPU: ~60 ms per ZO step alone; several workers share the GPU
     "full": dict(zo_steps=800, sweep_steps=300, adamw_steps=300, adamw_sweep_steps=150, drift_steps=1000,
                  eval_every=200, seeds=(0, 1, 2), timing_steps=20,
-                 lr_grid={"mezo": (3e-7, 1e-6, 3e-6), "sparse-mezo": (1e-6, 3e-6, 1e-5),
-                          "mazo": (1e-5, 3e-5, 1e-4), "adamw": (1e-5, 3e-5, 1e-4)},
-                 single=True, ablations=True, dev_limit=None, test_limit=None),
+                 lr_grid={"mezo": (3e-7, 1e-6, 3e-6, 1e-5), "sparse-mezo": (1e-6, 3e-6, 1e-5, 3e-5),
+                          "mazo": (1e-5, 3e-5, 1e-4, 3e-4), "adamw": (1e-5, 3e-5, 1e-4)},
+                 single=TASKS, ablations=None, dev_limit=None, test_limit=None),
     # CPU check of the machinery: a few steps of everything
     "smoke": dict(zo_steps=3, sweep_steps=2, adamw_steps=2, adamw_sweep_steps=2, drift_steps=3, eval_every=2,
                   seeds=(0, 1), timing_steps=2,
                   lr_grid={"mezo": (1e-6,), "sparse-mezo": (1e-5,), "mazo": (3e-4, 1e-3), "adamw": (3e-5,)},
-                  single=True, ablations=True, dev_limit=6, test_limit=6),
+                  single=("capital",), ablations=("density0.001", "lr_x3"), dev_limit=6, test_limit=6),
 }
 DEFAULT_MAZO = dict(density=0.01, mask_batches=4, mask_alpha=1.0, mask_beta=0.0)
 
@@ -105,13 +105,15 @@ def phase_b(plan, lrs):
         if i == 0:
             jobs += [job("bf16_ours_mezo", "numerics", "mezo", lr=lrs["mezo"], steps=z, dtype="bf16"),
                      job("bf16_mezo-naive", "numerics", "mezo-naive", lr=lrs["mezo"], steps=z, dtype="bf16")]
-    if plan["ablations"]:
+    if plan["ablations"] != ():
         lr = lrs["mazo"]
         abl = [("density0.001", dict(density=0.001)), ("density0.1", dict(density=0.1)),
                ("batches1", dict(mask_batches=1)), ("batches16", dict(mask_batches=16)),
                ("alpha0", dict(mask_alpha=0.0)), ("beta1", dict(mask_beta=1.0)),
                ("lr_x0.3", dict(lr=lr * 0.3)), ("lr_x3", dict(lr=lr * 3))]
         for tag, over in abl:
+            if plan["ablations"] is not None and tag not in plan["ablations"]:
+                continue
             over = dict(over)
             jlr = over.pop("lr", lr)
             jobs.append(job(f"abl_mazo_{tag}", "ablation", "mazo", lr=jlr, steps=z, **over))
@@ -121,7 +123,7 @@ def phase_b(plan, lrs):
              job("drift_mezo-naive_bf16", "drift", "mezo-naive", lr=0.0, steps=d, dtype="bf16", evals=("dev",),
                  kind="drift")]
     if plan["single"]:
-        for t in TASKS:
+        for t in plan["single"]:
             for m in ZO + ("adamw",):
                 jobs.append(job(f"single_{t}_{m}", "single", m, lr=lrs[m], steps=a if m == "adamw" else z,
                                 train=(t,)))
@@ -185,10 +187,11 @@ def run_job(spec, out_dir, deadline):
         train = {t: sp["train"][t] for t in spec["train"]}
         evals = {e: sp[e] for e in spec["evals"]}
         cfg = F.RunConfig(method=spec["method"], steps=spec["steps"], lr=spec["lr"], seed=spec["seed"],
-                          eval_every=_W["plan"]["eval_every"], deadline=deadline, **spec["cfg"])
+                          eval_every=_W["plan"]["eval_every"], deadline=deadline,
+                          eval_batch_size=256 if _W["device"].type == "cuda" else 64, **spec["cfg"])
         drift_ref = None
         if spec["kind"] == "drift":
-            drift_ref = {k: v.to(_W["device"]) for k, v in model.state_dict().items()}
+            drift_ref = {k: v.detach().clone() for k, v in model.state_dict().items()}   # a copy, not the weights
         rec = F.run(model, _W["tok"], train, evals, cfg, final_only=("test",))
         res["record"] = rec
         if drift_ref is not None:
@@ -304,6 +307,11 @@ def cmd_run(a):
 
     model_dir = a.model_dir or os.path.join(a.out, "_model")
     model, tok = smollm.load_smollm(torch.float32, device, path=a.gguf)
+    # the weights are already dequantized: save them as a plain checkpoint (transformers refuses to save a model
+    # that still carries its GGUF quantizer)
+    model.hf_quantizer = None
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
     model.save_pretrained(model_dir)
     tok.save_pretrained(model_dir)
     print(f"{stamp(t0)} GGUF dequantized and saved to {model_dir}", flush=True)
@@ -512,7 +520,7 @@ def report(results_dir, md_path, plots_dir=None):
         f = _final(r, "test")
         loss = r["record"]["loss"] if r and "record" in r else []
         k = max(1, len(loss) // 10)
-        w(f"| {lab} | {wt} | {up} | {'—' if f is None else f'{100 * f['mean_accuracy']:.1f}'} | "
+        w(f"| {lab} | {wt} | {up} | {'—' if f is None else format(100 * f['mean_accuracy'], '.1f')} | "
           f"{'—' if not loss else f'{statistics.fmean(loss[-k:]):.4f}'} |")
     w("")
     w("lr = 0: the same steps with a learning rate of 0, so every step should leave the weights where they were; "
@@ -545,8 +553,8 @@ def report(results_dir, md_path, plots_dir=None):
         c = r["record"]["config"]
         d, t = _final(r, "dev"), _final(r, "test")
         w(f"| {lab} | {c['density']} | {c['mask_batches']} | {c['mask_alpha']} | {c['mask_beta']} | {c['lr']:g} | "
-          f"{'—' if d is None else f'{100 * d['mean_accuracy']:.1f}'} | "
-          f"{'—' if t is None else f'{100 * t['mean_accuracy']:.1f}'} |")
+          f"{'—' if d is None else format(100 * d['mean_accuracy'], '.1f')} | "
+          f"{'—' if t is None else format(100 * t['mean_accuracy'], '.1f')} |")
     w("")
     # sweep
     w("### Learning-rate sweep (seed 0, dev mean accuracy %, shorter runs)")

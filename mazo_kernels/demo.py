@@ -23,7 +23,7 @@ import platform
 import sys
 import time
 
-DEFAULTS = dict(steps=150, batch_size=16, lr=1e-3, eps=1e-3, density=0.01, mask_batches=2, eval_examples=50)
+DEFAULTS = dict(steps=300, batch_size=8, lr=1e-4, eps=1e-3, density=0.01, mask_batches=2, eval_examples=100)
 
 
 def _parser():
@@ -54,14 +54,21 @@ def _parser():
 
 
 def _table(before, after, tasks):
-    lines = [f"{'task':<12}{'n':>5}{'zero-shot':>11}{'after':>9}{'change':>9}", "-" * 46]
+    """Per task: accuracy and the classification loss (cross-entropy over the choices), before and after."""
+    head = (f"{'task':<12}{'n':>4} | {'accuracy: zero-shot':>19}{'after':>8}{'change':>8} | "
+            f"{'loss: zero-shot':>15}{'after':>8}")
+    lines = [head, "-" * len(head)]
+
+    def row(name, n, b_acc, a_acc, b_ce, a_ce):
+        return (f"{name:<12}{n:>4} | {100 * b_acc:>18.1f}%{100 * a_acc:>7.1f}%{100 * (a_acc - b_acc):>+8.1f} | "
+                f"{b_ce:>15.3f}{a_ce:>8.3f}")
     for t in tasks:
         b, a = before["tasks"][t], after["tasks"][t]
-        lines.append(f"{t:<12}{b['n']:>5}{100 * b['accuracy']:>10.1f}%{100 * a['accuracy']:>8.1f}%"
-                     f"{100 * (a['accuracy'] - b['accuracy']):>+8.1f}")
-    lines.append("-" * 46)
-    lines.append(f"{'mean':<12}{'':>5}{100 * before['mean_accuracy']:>10.1f}%{100 * after['mean_accuracy']:>8.1f}%"
-                 f"{100 * (after['mean_accuracy'] - before['mean_accuracy']):>+8.1f}")
+        lines.append(row(t, b["n"], b["accuracy"], a["accuracy"], b["choice_ce"], a["choice_ce"]))
+    lines.append("-" * len(head))
+    mb = sum(before["tasks"][t]["choice_ce"] for t in tasks) / len(tasks)
+    ma = sum(after["tasks"][t]["choice_ce"] for t in tasks) / len(tasks)
+    lines.append(row("mean", "", before["mean_accuracy"], after["mean_accuracy"], mb, ma))
     return "\n".join(lines)
 
 

@@ -117,7 +117,8 @@ def _sequence_logprobs(model, batch):
 def evaluate(model, tokenizer, examples: Sequence[T.Example], *, batch_size: int = 64,
              reduction: str = "mean") -> dict:
     """accuracy (argmax of the choices' mean token log-probability; ``reduction="sum"`` for the sum), loss (gold
-    answers' token cross-entropy), n, and the predictions. Choice examples only; eval mode, mode restored."""
+    answers' token cross-entropy), choice_ce (cross-entropy of the correct choice over the choices' scores: the
+    classification training loss), n, and the predictions. Choice examples only; eval mode, mode restored."""
     seqs, spans = [], []
     for e in examples:
         if not e.is_choice:
@@ -141,7 +142,7 @@ def evaluate(model, tokenizer, examples: Sequence[T.Example], *, batch_size: int
             counts[idx] = n.float().cpu()
     finally:
         model.train(was)
-    correct, nll, ntok, preds = 0, 0.0, 0, []
+    correct, nll, ntok, ce, preds = 0, 0.0, 0, 0.0, []
     for e, (a, b) in zip(examples, spans):
         vals = sums[a:b] / counts[a:b] if reduction == "mean" else sums[a:b]
         p = int(vals.argmax())
@@ -149,8 +150,10 @@ def evaluate(model, tokenizer, examples: Sequence[T.Example], *, batch_size: int
         correct += int(p == e.label)
         nll -= float(sums[a + e.label])
         ntok += int(counts[a + e.label])
+        ce += float(torch.logsumexp(vals, 0) - vals[e.label])
     n = len(examples)
-    return {"accuracy": correct / n if n else math.nan, "loss": nll / max(ntok, 1), "n": n, "predictions": preds}
+    return {"accuracy": correct / n if n else math.nan, "loss": nll / max(ntok, 1),
+            "choice_ce": ce / n if n else math.nan, "n": n, "predictions": preds}
 
 
 def evaluate_tasks(model, tokenizer, tasks: Mapping[str, Sequence[T.Example]], *, batch_size: int = 64,
