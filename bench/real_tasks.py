@@ -143,8 +143,8 @@ def _init_worker(model_dir, data_dir, device, plan_name, threads):
     from mazo_kernels import task_data
     from mazo_kernels.tasks import prepare_tokenizer
     dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
+    if dev.type == "cuda" and dev.index is not None:
+        torch.cuda.set_device(dev.index)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, local_files_only=True).to(dev).eval()
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir, local_files_only=True))
     tok.padding_side = "right"

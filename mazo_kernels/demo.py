@@ -88,7 +88,7 @@ def plot(record, path):
         ma = [sum(loss[i - w + 1:i + 1]) / w for i in range(w - 1, len(loss))]
         ax1.plot(range(w, len(loss) + 1), ma, lw=2, label=f"moving average ({w} steps)")
     ax1.set_xlabel("ZO step")
-    ax1.set_ylabel("answer cross-entropy")
+    ax1.set_ylabel("training loss (cross-entropy over the choices)")
     ax1.set_title(f"{record['config']['method']} on SmolLM2-135M (Q4_1 dequantized)")
     ax1.legend()
     x = range(len(tasks) + 1)
