@@ -43,7 +43,7 @@ PLANS = {
     # GPU: ~60 ms per ZO step alone; several workers share the GPU
     "full": dict(zo_steps=800, sweep_steps=300, adamw_steps=300, adamw_sweep_steps=150, drift_steps=1000,
                  eval_every=200, seeds=(0, 1, 2), timing_steps=20,
-                 lr_grid={"mezo": (3e-7, 1e-6, 3e-6, 1e-5), "sparse-mezo": (1e-6, 3e-6, 1e-5, 3e-5),
+                 lr_grid={"mezo": (1e-6, 3e-6, 1e-5, 3e-5, 1e-4), "sparse-mezo": (3e-6, 1e-5, 3e-5, 1e-4),
                           "mazo": (1e-5, 3e-5, 1e-4, 3e-4), "adamw": (1e-5, 3e-5, 1e-4)},
                  single=TASKS, ablations=None, dev_limit=None, test_limit=None),
     # CPU check of the machinery: a few steps of everything
@@ -273,12 +273,14 @@ def env_info(device):
             "device": (torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()})"),
             "weights": "SmolLM2-135M-Instruct, Q4_1 4-bit GGUF weights dequantized by transformers (not the "
                        "original bf16 checkpoint)"}
-    try:
-        import subprocess
-        info["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-                                        text=True).stdout.strip()
-    except OSError:
-        pass
+    info["commit"] = os.environ.get("MAZO_COMMIT", "")
+    if not info["commit"]:
+        try:
+            import subprocess
+            info["commit"] = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"],
+                                            capture_output=True, text=True).stdout.strip()
+        except OSError:
+            pass
     return info
 
 
@@ -559,6 +561,11 @@ def report(results_dir, md_path, plots_dir=None):
     # sweep
     w("### Learning-rate sweep (seed 0, dev mean accuracy %, shorter runs)")
     w("")
+    grid = pc.get("lr_grid", {})
+    edge = [m for m, lr in lrs.items() if grid.get(m) and lr in (min(grid[m]), max(grid[m]))]
+    if edge:
+        w(f"The best lr of {', '.join(edge)} is at an end of its grid: a wider sweep might find a better one.")
+        w("")
     w("| method | lr | steps | dev mean accuracy | final dev loss |")
     w("|---|---|---|---|---|")
     for n in sorted(x for x in jobs if x.startswith("sweep_")):

