@@ -78,7 +78,7 @@ def phase_a(plan):
 
 
 def best_lrs(plan, results):
-    """Per method, the sweep lr with the best final dev mean accuracy (ties: lower final dev loss)."""
+    """Per method, the sweep lr with the best final dev mean accuracy (ties: lower final dev classification loss)."""
     out = {}
     for m in ZO + ("adamw",):
         cands = []
@@ -87,7 +87,7 @@ def best_lrs(plan, results):
             if r is None or "record" not in r:
                 continue
             dev = r["record"]["evals"][-1]["dev"]
-            loss = statistics.fmean(v["loss"] for v in dev["tasks"].values())
+            loss = statistics.fmean(v.get("choice_ce", v["loss"]) for v in dev["tasks"].values())
             cands.append((-dev["mean_accuracy"], loss if math.isfinite(loss) else 1e30, lr))
         grid = plan["lr_grid"][m]
         out[m] = min(cands)[2] if cands else grid[len(grid) // 2]
@@ -566,15 +566,16 @@ def report(results_dir, md_path, plots_dir=None):
     if edge:
         w(f"The best lr of {', '.join(edge)} is at an end of its grid: a wider sweep might find a better one.")
         w("")
-    w("| method | lr | steps | dev mean accuracy | final dev loss |")
+    w("| method | lr | steps | dev mean accuracy | final dev loss (cross-entropy over the choices) |")
     w("|---|---|---|---|---|")
-    for n in sorted(x for x in jobs if x.startswith("sweep_")):
+    for n in sorted((x for x in jobs if x.startswith("sweep_")),
+                    key=lambda x: (jobs[x]["spec"]["method"], jobs[x]["spec"]["lr"])):
         r = jobs[n]
         d = _final(r, "dev")
         if d is None:
             w(f"| {r['spec']['method']} | {r['spec']['lr']:g} | {_status(r)} | | |")
             continue
-        loss = statistics.fmean(v["loss"] for v in d["tasks"].values())
+        loss = statistics.fmean(v.get("choice_ce", v["loss"]) for v in d["tasks"].values())
         w(f"| {r['spec']['method']} | {r['spec']['lr']:g} | {r['record']['steps_done']} | "
           f"{100 * d['mean_accuracy']:.1f} | {loss:.3f} |")
     w("")
