@@ -35,6 +35,12 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+try:                                   # an installed mazo_kernels older than this checkout: use the checkout's
+    import mazo_kernels.finetune  # noqa: F401
+except ImportError:
+    sys.path.insert(0, ROOT)
+    for _m in [m for m in sys.modules if m == "mazo_kernels" or m.startswith("mazo_kernels.")]:
+        del sys.modules[_m]
 DEFAULT_DATA = os.path.join(HERE, "data", "real_tasks")
 TASKS = ("sentiment", "capital", "past_tense", "article")
 ZO = ("mezo", "sparse-mezo", "mazo")
@@ -307,7 +313,8 @@ def cmd_run(a):
     print(f"{stamp(t0)} {info['device']} torch {info['torch']} transformers {info['transformers']} "
           f"plan {a.plan}, {a.workers} workers, budget {a.budget_s} s", flush=True)
 
-    model_dir = a.model_dir or os.path.join(a.out, "_model")
+    import tempfile
+    model_dir = a.model_dir or os.path.join(tempfile.gettempdir(), f"mazo_real_tasks_model_{os.getpid()}")
     model, tok = smollm.load_smollm(torch.float32, device, path=a.gguf)
     # the weights are already dequantized: save them as a plain checkpoint (transformers refuses to save a model
     # that still carries its GGUF quantizer)
@@ -668,7 +675,7 @@ def main(argv=None):
     r.add_argument("--plan", default="full", choices=sorted(PLANS))
     r.add_argument("--workers", type=int, default=int(os.environ.get("WORKERS", 8)))
     r.add_argument("--threads", type=int, default=1, help="torch CPU threads per worker")
-    r.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 450)))
+    r.add_argument("--budget-s", type=float, default=float(os.environ.get("BUDGET_S", 400)))
     r.add_argument("--device", default=None)
     r.add_argument("--model-dir", default=None)
     r.add_argument("--keep-model", action="store_true")

