@@ -357,8 +357,11 @@ def cmd_run(a):
             p = os.path.join(a.out, "jobs", j["name"] + ".json")
             if a.skip_existing and os.path.exists(p):
                 with open(p) as f:
-                    if json.load(f).get("status") == "done":
-                        continue
+                    old = json.load(f)
+                same = all(old.get("spec", {}).get(k) == j[k] for k in ("method", "lr", "steps", "seed", "train",
+                                                                        "dtype", "cfg"))
+                if old.get("status") == "done" and same:      # done with these settings: keep it
+                    continue
             out.append(j)
         return out
 
@@ -684,7 +687,8 @@ def main(argv=None):
                    help="JSON {method: lr} (e.g. an earlier run's best_lrs.json): no sweep")
     r.add_argument("--groups", default=os.environ.get("GROUPS") or None,
                    help="comma-separated job groups to run: sweep, main, numerics, ablation, drift, single")
-    r.add_argument("--skip-existing", action="store_true", help="skip jobs whose record in OUT/jobs is done")
+    r.add_argument("--skip-existing", action="store_true",
+                   help="skip jobs whose record in OUT/jobs is done with the same settings (lr, steps, ...)")
     q = sub.add_parser("report")
     q.add_argument("--results", required=True)
     q.add_argument("--md", default=None)

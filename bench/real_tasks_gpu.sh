@@ -6,7 +6,8 @@
 #        --no-deps where missing), the committed task files bench/data/real_tasks/. MAZO_COMMIT: recorded in env.json.
 # Knobs: WORKERS (processes sharing the GPU, default 8), BUDGET_S (deadline of the experiment phase from its start,
 #        default 400), HARD_S (hard kill, default 470), PLAN (full | smoke), LRS (a best_lrs.json: no sweep), GROUPS
-#        (e.g. single,drift,ablation). Whole script: <= ~9 minutes.
+#        (e.g. single,drift,ablation), RESUME_FROM (an earlier results directory: its finished jobs are copied into
+#        $OUT and not run again unless their settings changed). Whole script: <= ~9 minutes.
 set -uo pipefail
 T0=$(date +%s)
 OUT=${OUT:-bench/results/real_tasks_run}
@@ -20,9 +21,14 @@ for mod in gguf accelerate; do                  # wheels carried in carry_whl/ (
 done
 python3 -c "import gguf, transformers, torch, mazo_kernels as mk; print('gguf ok; transformers', transformers.__version__, 'torch', torch.__version__, 'cuda ext', mk.has_cuda(), 'triton', mk.has_triton())"
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
+EXTRA=()
+if [ -n "${RESUME_FROM:-}" ]; then       # an earlier run's directory (e.g. committed results): keep its finished jobs
+  mkdir -p "$OUT/jobs" && cp -n "$RESUME_FROM"/jobs/*.json "$OUT/jobs/" && EXTRA+=(--skip-existing)
+  echo "resuming from $RESUME_FROM: $(ls "$OUT/jobs" | wc -l) job records"
+fi
 echo "setup took $(( $(date +%s) - T0 )) s"
 timeout -k 10 "${HARD_S:-470}" python3 bench/real_tasks.py run --out "$OUT" --plan "${PLAN:-full}" \
-    --workers "${WORKERS:-8}" --budget-s "${BUDGET_S:-400}" 2>&1 | tee "$OUT/run.log"
+    --workers "${WORKERS:-8}" --budget-s "${BUDGET_S:-400}" "${EXTRA[@]}" 2>&1 | tee "$OUT/run.log"
 echo "run exited $? after $(( $(date +%s) - T0 )) s"
 # the report again from whatever the jobs wrote (the run writes it too, unless it was killed)
 timeout 30 python3 bench/real_tasks.py report --results "$OUT" --md "$OUT/REAL_TASKS.md" --plots "$OUT" \
