@@ -552,14 +552,15 @@ class ZOSGD(torch.optim.Optimizer):
             self._log.append({**record, "g_bits": [0x7FC00000] * q, "skipped": True,
                               "error": f"{type(error).__name__}: {error}"[:200]})
             raise error
-        at = {key: i for i, key in enumerate(keys)}
-        lp = reduced[[at[("+", i)] for i in range(q)]]
+        # keys: two-sided [+0..+q-1, -0..-q-1], one-sided [0, +0..+q-1]; slices keep the step free of host->device
+        # index copies (list indexing would upload an index tensor every step)
+        lp = reduced[:q] if two else reduced[1:1 + q]
         if two:
-            lm = reduced[[at[("-", i)] for i in range(q)]]
+            lm = reduced[q:2 * q]
             g_raw = (lp - lm) / torch.full((), 2.0 * eps_ref, dtype=torch.float32, device=self._device)
             estimate = torch.cat([lp, lm]).mean()
         else:
-            l0 = reduced[at[("0", 0)]]
+            l0 = reduced[0]
             g_raw = (lp - l0) / torch.full((), eps_ref, dtype=torch.float32, device=self._device)
             estimate = l0
         finite = torch.isfinite(g_raw).all()
