@@ -85,6 +85,18 @@ def choice_batch(tokenizer, examples: Sequence[T.Example], *, max_length: int | 
 def choice_loss(model, batch: Mapping) -> torch.Tensor:
     """MeZO's loss for classification tasks (its ``--train_as_classification``): cross-entropy over the choices,
     each choice scored by the mean log-probability of its tokens given the prompt (the score evaluation uses)."""
+    sums, counts = _token_logprob_sums(model, batch)
+    score = sums / counts.clamp(min=1)
+    idx = batch["choice_index"].to(sums.device)
+    scores = torch.where(idx >= 0, score[idx.clamp(min=0)], torch.full_like(idx, -math.inf, dtype=torch.float32))
+    return torch.nn.functional.cross_entropy(scores, batch["choice_label"].to(sums.device))
+
+
+LOSSES = {"choice": (choice_loss, choice_batch), "answer": (answer_loss, None)}
+
+
+def _token_logprob_sums(model, batch):
+    """Per sequence: the summed log-probability of its labelled tokens, and how many there are."""
     h = _hidden_states(model, batch)[:, :-1]
     labels = batch["labels"][:, 1:].to(h.device)
     sel = labels != T.IGNORE_INDEX
@@ -92,25 +104,12 @@ def choice_loss(model, batch: Mapping) -> torch.Tensor:
     tok = logp.gather(-1, labels[sel].unsqueeze(-1)).squeeze(-1)
     row = torch.nonzero(sel, as_tuple=True)[0]
     sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=h.device).index_add(0, row, tok)
-    score = sums / sel.sum(-1).clamp(min=1)
-    idx = batch["choice_index"].to(h.device)
-    scores = torch.where(idx >= 0, score[idx.clamp(min=0)], torch.full_like(idx, -math.inf, dtype=torch.float32))
-    return torch.nn.functional.cross_entropy(scores, batch["choice_label"].to(h.device))
-
-
-LOSSES = {"choice": (choice_loss, choice_batch), "answer": (answer_loss, None)}
+    return sums, sel.sum(-1)
 
 
 @torch.no_grad()
 def _sequence_logprobs(model, batch):
-    h = _hidden_states(model, batch)[:, :-1]
-    labels = batch["labels"][:, 1:].to(h.device)
-    sel = labels != T.IGNORE_INDEX
-    logp = torch.log_softmax(_output_layer(model)(h[sel]).float(), dim=-1)
-    tok = logp.gather(-1, labels[sel].unsqueeze(-1)).squeeze(-1)
-    row = torch.nonzero(sel, as_tuple=True)[0]
-    sums = torch.zeros(labels.shape[0], dtype=torch.float32, device=h.device).index_add_(0, row, tok)
-    return sums, sel.sum(-1)
+    return _token_logprob_sums(model, batch)
 
 
 @torch.no_grad()
