@@ -152,8 +152,11 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
   }
 }
 
-template <int DT>
-__global__ void __launch_bounds__(THREADS, 2) zo_apply_kernel(KArgs a) {
+// MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers, no spills; 3: 80 registers and a few
+// hundred bytes of spills, 24 warps per SM instead of 16 for the latency-bound passes). The default is 2; the bf16
+// kernel also exists with 3, picked by MAZO_CUDA_MINBLOCKS=3 (a speed experiment; same bits).
+template <int DT, int MIN_BLOCKS = 2>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
   constexpr int RW = DT == DT_F32 ? 8 : 4;  // 32-bit words per unit
   int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
@@ -339,8 +342,11 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   int64_t max_grid = 1 << 30;
   const char* waves_env = std::getenv("MAZO_CUDA_WAVES");  // read per call so that one process can compare
   const int waves = waves_env ? std::atoi(waves_env) : 0;
+  const char* minb_env = std::getenv("MAZO_CUDA_MINBLOCKS");
+  const bool minb3 = dt == DT_BF16 && minb_env && std::atoi(minb_env) == 3;
   const void* kfn = dt == DT_F32 ? (const void*)zo_apply_kernel<DT_F32>
                     : dt == DT_F16 ? (const void*)zo_apply_kernel<DT_F16>
+                    : minb3        ? (const void*)zo_apply_kernel<DT_BF16, 3>
                                    : (const void*)zo_apply_kernel<DT_BF16>;
   if (waves > 0) {
     int per_sm = 0, sms = 0;
@@ -352,7 +358,12 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   switch (dt) {
     case DT_F32: zo_apply_kernel<DT_F32><<<grid, THREADS, 0, stream>>>(a); break;
     case DT_F16: zo_apply_kernel<DT_F16><<<grid, THREADS, 0, stream>>>(a); break;
-    default: zo_apply_kernel<DT_BF16><<<grid, THREADS, 0, stream>>>(a); break;
+    default:
+      if (minb3)
+        zo_apply_kernel<DT_BF16, 3><<<grid, THREADS, 0, stream>>>(a);
+      else
+        zo_apply_kernel<DT_BF16><<<grid, THREADS, 0, stream>>>(a);
+      break;
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
