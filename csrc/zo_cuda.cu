@@ -153,8 +153,8 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
 }
 
 // MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers, no spills; 3: 80 registers and a few
-// hundred bytes of spills, 24 warps per SM instead of 16 for the latency-bound passes). The default is 2; the bf16
-// kernel also exists with 3, picked by MAZO_CUDA_MINBLOCKS=3 (a speed experiment; same bits).
+// hundred bytes of spills, 24 warps per SM instead of 16). Same bits either way; which one a call gets: see the
+// launch below.
 template <int DT, int MIN_BLOCKS = 2>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
@@ -342,8 +342,16 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   int64_t max_grid = 1 << 30;
   const char* waves_env = std::getenv("MAZO_CUDA_WAVES");  // read per call so that one process can compare
   const int waves = waves_env ? std::atoi(waves_env) : 0;
+  // bf16 calls whose tensors all take the fast path run the 3-blocks-per-SM kernel for update_ and for Gaussian
+  // noise: on an H200 it was 6-11% faster there and 6% slower for Rademacher perturb_ (bench/results/
+  // h200_2026-12-01/minblocks). Masked calls were not measured with it and keep 2. MAZO_CUDA_MINBLOCKS=2|3 forces
+  // one (bf16 only; read per call so that one process can compare).
+  bool all_fast = true;
+  for (const Desc& d : descs) all_fast = all_fast && (d.fast || d.units == 0);
+  int minb = (all_fast && (op == OP_UPDATE || dist == DIST_GAUSSIAN)) ? 3 : 2;
   const char* minb_env = std::getenv("MAZO_CUDA_MINBLOCKS");
-  const bool minb3 = dt == DT_BF16 && minb_env && std::atoi(minb_env) == 3;
+  if (minb_env) minb = std::atoi(minb_env);
+  const bool minb3 = dt == DT_BF16 && minb == 3;
   const void* kfn = dt == DT_F32 ? (const void*)zo_apply_kernel<DT_F32>
                     : dt == DT_F16 ? (const void*)zo_apply_kernel<DT_F16>
                     : minb3        ? (const void*)zo_apply_kernel<DT_BF16, 3>
