@@ -3,8 +3,10 @@
 // every magnitude that matters, and the adversarial ones that put y = w - d on or next to a rounding tie of every
 // nearby storage value. Build and run (CPU, ~1 minute):
 //   g++ -O2 -ffp-contract=off -fno-fast-math -std=c++17 -Icsrc bench/check_invert_rounding.cpp -o /tmp/cir && /tmp/cir
+#include <cmath>
 #include <cstdio>
 #include <random>
+#include <vector>
 
 #include "zo_noise.h"
 

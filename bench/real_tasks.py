@@ -642,11 +642,7 @@ def plots(jobs, plots_dir, seeds):
     ax2.set_ylabel("dev mean accuracy (%)")
     ax2.set_title("dev accuracy during training")
     ax2.legend()
-    fig.tight_layout()
-    p = os.path.join(plots_dir, "real_tasks_curves.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    made.append(p)
+    made.append(_save(plt, fig, os.path.join(plots_dir, "real_tasks_curves.png")))
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, lab, c in [("bf16_ours_mezo", "ours bf16 (restore + SR)", "C2"), ("bf16_mezo-naive", "MeZO-style bf16",
@@ -660,12 +656,16 @@ def plots(jobs, plots_dir, seeds):
     ax.set_ylabel("training loss (moving average)")
     ax.set_title("MeZO dense: bf16 numerics")
     ax.legend()
-    fig.tight_layout()
-    p = os.path.join(plots_dir, "real_tasks_bf16.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    made.append(p)
+    made.append(_save(plt, fig, os.path.join(plots_dir, "real_tasks_bf16.png")))
     return made
+
+
+
+def _save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@
 #        --no-deps where missing), the committed task files bench/data/real_tasks/. MAZO_COMMIT: recorded in env.json.
 # Knobs: WORKERS (processes sharing the GPU, default 8), BUDGET_S (deadline of the experiment phase from its start,
 #        default 400), HARD_S (hard kill, default 470), PLAN (full | smoke), LRS (a best_lrs.json: no sweep), JOB_GROUPS
-#        (e.g. single,drift,ablation), RESUME_FROM (an earlier results directory: its finished jobs are copied into
+#        (e.g. single,drift,ablation; not GROUPS, which bash ignores), RESUME_FROM (an earlier results directory: its finished jobs are copied into
 #        $OUT and not run again unless their settings changed), RT_ARGS (more flags, e.g. --skip-timing). Whole script: <= ~9 minutes.
 set -uo pipefail
 T0=$(date +%s)
@@ -27,7 +27,6 @@ if [ -n "${RESUME_FROM:-}" ]; then       # an earlier run's directory (e.g. comm
   echo "resuming from $RESUME_FROM: $(ls "$OUT/jobs" | wc -l) job records"
 fi
 echo "setup took $(( $(date +%s) - T0 )) s"
-[ -n "${JOB_GROUPS:-}" ] && EXTRA+=(--groups "$JOB_GROUPS")   # not GROUPS: bash ignores assignments to $GROUPS
 timeout -k 10 "${HARD_S:-470}" python3 bench/real_tasks.py run --out "$OUT" --plan "${PLAN:-full}" \
     --workers "${WORKERS:-8}" --budget-s "${BUDGET_S:-400}" "${EXTRA[@]}" ${RT_ARGS:-} 2>&1 | tee "$OUT/run.log"
 echo "run exited $? after $(( $(date +%s) - T0 )) s"
