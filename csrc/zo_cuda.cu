@@ -10,6 +10,10 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <list>
+#include <mutex>
+#include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "zo_host_common.h"
@@ -41,6 +45,8 @@ struct KArgs {
   const Desc* descs;
   const int64_t* meta;  // [T, 4]
   const float* fvals;   // [T, 5]
+  const int64_t* seed_dev;  // null, or [nseeds + 1]: the seeds then sr_seed, read in place of P's values
+  int nseeds;
   int T;
   int64_t total_blocks;
 };
@@ -158,6 +164,12 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
 template <int DT, int MIN_BLOCKS = 2>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
+  OpParams P = a.P;
+  if (a.seed_dev != nullptr) {  // seeds in device memory (a captured graph replays with new ones)
+    P.seed0 = (uint64_t)a.seed_dev[0];
+    P.sr_seed = (uint64_t)a.seed_dev[a.nseeds];
+    P.useeds = reinterpret_cast<const uint64_t*>(a.seed_dev + 1);
+  }
   constexpr int RW = DT == DT_F32 ? 8 : 4;  // 32-bit words per unit
   int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
   for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
@@ -186,7 +198,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
     T.g_mult = fp[3];
     T.tau = fp[4];
     if (d.work == WORK_ELEMENTS) {
-      if ((T.kind == MASK_THRESHOLD && a.P.threshold_mode != THRESH_EVAL) || T.kind == MASK_BITMASK) {
+      if ((T.kind == MASK_THRESHOLD && P.threshold_mode != THRESH_EVAL) || T.kind == MASK_BITMASK) {
         if (d.mask8 == nullptr) continue;  // malformed call: nothing safe to do
       }
     }
@@ -202,19 +214,19 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
         if (u < full) fast_load<DT>(in + u * UNIT, raw[it]);
       }
-      const bool need_z0 = a.P.op != OP_UPDATE || a.P.prior_nonzero;
+      const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
       U4 rw;  // Rademacher: this lane's Philox call, shared through the warp (one call covers 16 units)
-      if (a.P.dist == DIST_RADEMACHER && need_z0) {
+      if (P.dist == DIST_RADEMACHER && need_z0) {
         const unsigned lane = threadIdx.x & 31u, jj = lane % (3u * ITERS);
         const uint64_t o_first = o_base + (uint64_t)((jj / 3u) * THREADS + (threadIdx.x & ~31u));
-        rw = philox_words(a.P.seed0, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
+        rw = philox_words(P.seed0, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
       }
 #pragma unroll
       for (int it = 0; it < ITERS; ++it) {
         const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
         const uint64_t o = o_base + (uint64_t)(it * THREADS + threadIdx.x);
         float z0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-        if (a.P.dist == DIST_RADEMACHER) {
+        if (P.dist == DIST_RADEMACHER) {
           if (need_z0) {
             const uint64_t o0 = o_base + (uint64_t)(it * THREADS + (threadIdx.x & ~31u));
             const int src = it * 3 + (int)((o >> 4) - (o0 >> 4));
@@ -231,18 +243,18 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
           if (u >= full) continue;
         } else {
           if (u >= full) continue;
-          if (need_z0) gaussian_from_words(philox_words(a.P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
+          if (need_z0) gaussian_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
         }
         float x[8];
         fast_unpack<DT>(raw[it], x);
         bits_t res[8];
-        fast_oct<DT>(a.P, T, o, x, z0, res);
+        fast_oct<DT>(P, T, o, x, z0, res);
         fast_store<DT>(out + u * UNIT, res);
       }
       if (ub + UNITS_PER_BLOCK > full) {  // the tensor's last, partial unit (n % 8 != 0)
         for (int it = 0; it < ITERS; ++it) {
           const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
-          if (u >= full && u < d.units) process_element_unit<DT>(a.P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
+          if (u >= full && u < d.units) process_element_unit<DT>(P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
         }
       }
       continue;
@@ -251,21 +263,65 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
       const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
       if (u >= d.units) break;
       if (d.work == WORK_ELEMENTS)
-        process_element_unit<DT>(a.P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
+        process_element_unit<DT>(P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
       else
-        process_entry_unit<DT>(a.P, T, in, out, d.cols, d.k, d.work_n, u);
+        process_entry_unit<DT>(P, T, in, out, d.cols, d.k, d.work_n, u);
     }
   }
 }
 
+bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus st = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &st));
+  return st != cudaStreamCaptureStatusNone;
+}
+
+// Device copies of descriptor tables, keyed by device and content, least recently used first out.
+at::Tensor descriptor_table(const std::vector<Desc>& descs, const at::Device& device, cudaStream_t stream) {
+  constexpr size_t CAPACITY = 64;
+  // never destroyed: freeing device memory from a static destructor after CUDA shut down at exit would fail
+  static std::mutex& mu = *new std::mutex;
+  static std::list<std::string>& order = *new std::list<std::string>;
+  static auto& cache = *new std::unordered_map<std::string, std::pair<at::Tensor, std::list<std::string>::iterator>>;
+  const size_t bytes = sizeof(Desc) * descs.size();
+  std::string key(reinterpret_cast<const char*>(descs.data()), bytes);
+  key.push_back((char)device.index());
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(key);
+  if (it != cache.end()) {
+    order.splice(order.begin(), order, it->second.second);
+    return it->second.first;
+  }
+  TORCH_CHECK(!capturing(stream),
+              "zo_apply_ (CUDA): this call's tensor table is not on the device yet, and it cannot be uploaded during "
+              "CUDA graph capture; run the same call once before capturing (a warm-up step)");
+  at::Tensor host = at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr<uint8_t>(), descs.data(), bytes);
+  at::Tensor table = at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).device(device));
+  table.copy_(host, /*non_blocking=*/true);
+  order.push_front(key);
+  cache.emplace(key, std::make_pair(table, order.begin()));
+  if (cache.size() > CAPACITY) {
+    cache.erase(order.back());
+    order.pop_back();
+  }
+  return table;
+}
+
 void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList masks, const at::Tensor& meta,
                    const at::Tensor& fvals, at::IntArrayRef seeds, const at::Tensor& gs, int64_t op, int64_t dist,
-                   int64_t rounding, int64_t sr_seed, int64_t threshold_mode, double scale, double prior, double lr) {
+                   int64_t rounding, int64_t sr_seed, int64_t threshold_mode, double scale, double prior, double lr,
+                   const c10::optional<at::Tensor>& seed_dev) {
   if (params.empty()) return;
   const int dt = check_args(params, outs, masks, meta, fvals, seeds, gs, op, dist, rounding, threshold_mode);
+  check_seed_dev(seed_dev, seeds);
+  const bool has_seed_dev = seed_dev.has_value() && seed_dev->defined();
   const at::Device device = params[0].device();
   TORCH_CHECK(device.is_cuda(), "zo_apply_ (CUDA): params must be CUDA tensors");
   for (const auto& p : params) TORCH_CHECK(p.device() == device, "zo_apply_ (CUDA): params on several devices");
+  if (has_seed_dev)
+    TORCH_CHECK(seed_dev->device() == device, "zo_apply_ (CUDA): seed_dev must be on the params' device ", device,
+                ", got ", seed_dev->device());
   const c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
@@ -314,24 +370,25 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   }
   if (total_blocks == 0) return;
 
-  // One pinned host buffer -> one async H2D copy: [Desc x T][update seeds].
-  const size_t desc_bytes = sizeof(Desc) * (size_t)T;
-  const size_t seed_bytes = sizeof(uint64_t) * (size_t)P.nupd;
-  const size_t bytes = desc_bytes + seed_bytes;
-  at::Tensor host = at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  uint8_t* hp = host.data_ptr<uint8_t>();
-  std::memcpy(hp, descs.data(), desc_bytes);
-  for (int k = 0; k < P.nupd; ++k) {
-    const uint64_t s = (uint64_t)seeds[k + 1];
-    std::memcpy(hp + desc_bytes + sizeof(uint64_t) * k, &s, sizeof(uint64_t));
+  // The descriptor table (pointers and sizes only) is the same for every pass of a plan: kept on the device and
+  // reused, so a pass uploads nothing (and can be captured in a CUDA graph once the table exists).
+  const at::Tensor table = descriptor_table(descs, device, stream);
+  // Update seeds given as ints: one small pinned upload per call.
+  at::Tensor useeds_d;
+  if (P.nupd > 0 && !has_seed_dev) {
+    TORCH_CHECK(!capturing(stream),
+                "zo_apply_ (CUDA): update seeds given as ints cannot be captured in a CUDA graph; pass seed_dev");
+    at::Tensor host = at::empty({(int64_t)P.nupd}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+    for (int k = 0; k < P.nupd; ++k) host.data_ptr<int64_t>()[k] = seeds[k + 1];
+    useeds_d = at::empty({(int64_t)P.nupd}, at::TensorOptions().dtype(at::kLong).device(device));
+    useeds_d.copy_(host, /*non_blocking=*/true);
   }
-  at::Tensor table = at::empty({(int64_t)bytes}, at::TensorOptions().dtype(at::kByte).device(device));
-  table.copy_(host, /*non_blocking=*/true);
-
   KArgs a;
   a.P = P;
   a.descs = reinterpret_cast<const Desc*>(table.data_ptr<uint8_t>());
-  a.P.useeds = P.nupd ? reinterpret_cast<const uint64_t*>(table.data_ptr<uint8_t>() + desc_bytes) : nullptr;
+  a.P.useeds = useeds_d.defined() ? reinterpret_cast<const uint64_t*>(useeds_d.data_ptr<int64_t>()) : nullptr;
+  a.seed_dev = has_seed_dev ? seed_dev->data_ptr<int64_t>() : nullptr;
+  a.nseeds = (int)seeds.size();
   a.P.gs = P.nupd ? gs_d.data_ptr<float>() : nullptr;
   a.meta = meta_d.data_ptr<int64_t>();
   a.fvals = fvals_d.data_ptr<float>();

@@ -78,6 +78,18 @@ inline OpParams make_op_params(at::IntArrayRef seeds, int64_t op, int64_t dist, 
   return P;
 }
 
+// seed_dev: optional int64 tensor [len(seeds) + 1] = the seeds, then sr_seed, read by the kernels in place of the
+// `seeds` / `sr_seed` values (so a captured CUDA graph takes new seeds each replay). `seeds` still gives the count.
+inline void check_seed_dev(const c10::optional<at::Tensor>& seed_dev, at::IntArrayRef seeds) {
+  if (!seed_dev.has_value() || !seed_dev->defined()) return;
+  const at::Tensor& sd = *seed_dev;
+  TORCH_CHECK(sd.scalar_type() == at::kLong && sd.dim() == 1 && sd.is_contiguous(),
+              "zo_apply_: seed_dev must be a contiguous 1-D int64 tensor, got ", sd.scalar_type(), " of shape ",
+              sd.sizes());
+  TORCH_CHECK(sd.numel() >= (int64_t)seeds.size() + 1, "zo_apply_: seed_dev needs len(seeds) + 1 = ",
+              seeds.size() + 1, " entries (the seeds, then sr_seed), got ", sd.numel());
+}
+
 // How a tensor's work is split (decided on the host from the mask tensor, without reading meta).
 enum : int { WORK_ELEMENTS = 0, WORK_ENTRIES = 1 };
 

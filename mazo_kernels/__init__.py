@@ -23,8 +23,9 @@ __all__ += ["magnitude_threshold", "sparse_mezo_masks", "ActivationScorer", "Gra
 # The ZO optimizer, its seed log and replay.
 from .optim import ZOSGD, step_seeds
 from .seed_log import SeedLog, replay
+from .cuda_graph import GraphedZOStep
 
-__all__ += ["ZOSGD", "step_seeds", "SeedLog", "replay"]
+__all__ += ["ZOSGD", "step_seeds", "SeedLog", "replay", "GraphedZOStep"]
 
 # Tasks (JSONL task files, sampler, answer loss, scoring). ZOTrainer / ZOArguments need transformers, which is an
 # optional dependency and slow to import: they load on first access.

@@ -124,22 +124,25 @@ def schedule(mode: str, estimator: str, seeds: list):
     return items, (seeds[-1], last, ref.THRESH_LATCH_READ)
 
 
-def run_pass(tables, item, dist: int, backend: str, empty: torch.Tensor):
+def run_pass(tables, item, dist: int, backend: str, empty: torch.Tensor, seed_dev: torch.Tensor | None = None):
+    """seed_dev (optional): [seed, anything] on the device, read by the kernels in place of the item's seed value."""
     _, seed, scale, prior, tmode = item
     for t in tables:
         zo_apply_(t.tensors, [], t.masks, t.meta, t.fvals, [_seed_bits(seed)], empty, ref.OP_PERTURB, dist,
-                  ref.ROUND_NEAREST, 0, tmode, scale, prior, 0.0, backend)
+                  ref.ROUND_NEAREST, 0, tmode, scale, prior, 0.0, backend, seed_dev)
 
 
-def run_update(tables, seeds, final, gs, finite, dist: int, rounding: int, sr_seed: int, backend: str, lr_col):
+def run_update(tables, seeds, final, gs, finite, dist: int, rounding: int, sr_seed: int, backend: str, lr_col,
+               seed_dev: torch.Tensor | None = None):
     """The fused restore + update. Where `finite` is False the learning rate is zeroed on the device (gs must then
-    be 0): the pass leaves the restored weights, exactly as a step with lr = 0 (weight decay included)."""
+    be 0): the pass leaves the restored weights, exactly as a step with lr = 0 (weight decay included).
+    seed_dev (optional): [restore seed, seeds..., sr_seed] on the device, read in place of the values."""
     restore_seed, prior, tmode = final
     sbits = [_seed_bits(restore_seed)] + [_seed_bits(s) for s in seeds]
     for t in tables:
         fv = t.fvals.masked_fill(lr_col & ~finite, 0.0)
         zo_apply_(t.tensors, [], t.masks, t.meta, fv, sbits, gs, ref.OP_UPDATE, dist, rounding,
-                  _seed_bits(sr_seed), tmode, 0.0, prior, 1.0, backend)
+                  _seed_bits(sr_seed), tmode, 0.0, prior, 1.0, backend, seed_dev)
 
 
 class _Part:

@@ -612,6 +612,10 @@ def _tables(params, outs, masks, op: int, block: int, device):
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("zo_apply_ (triton): this call's tensor table is not on the device yet, and it cannot be "
+                           "uploaded during CUDA graph capture; run the same call once before capturing (a warm-up "
+                           "step)")
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
     nunits = tab[:, 4]
     nprog = (nunits + block - 1) // block
@@ -646,6 +650,10 @@ def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: 
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("zo_apply_ (triton): this call's tensor table is not on the device yet, and it cannot be "
+                           "uploaded during CUDA graph capture; run the same call once before capturing (a warm-up "
+                           "step)")
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
     T = tab.shape[0]
     numel, nunits = tab[:, 3], tab[:, 4]
@@ -675,8 +683,16 @@ def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: 
     return hit
 
 
-def _call_table(seeds, sr_seed, scale, prior, lr, device):
+def _call_table(seeds, sr_seed, scale, prior, lr, device, seed_dev=None):
     m32 = 0xFFFFFFFF
+    if seed_dev is not None:
+        # device ops only (capturable): the key words from seed_dev, the float bits by fills
+        sd = seed_dev[:len(seeds) + 1]
+        words = torch.stack([sd & m32, (sd >> 32) & m32], 1).reshape(-1)
+        fl = torch.empty(3, dtype=torch.float32, device=device)
+        for j, v in enumerate((scale, prior, lr)):
+            fl[j].fill_(v)
+        return torch.cat([words, fl.view(torch.int32).to(torch.int64) & m32])
     vals = []
     for s in list(seeds) + [sr_seed]:
         s &= (1 << 64) - 1
@@ -689,8 +705,10 @@ def _call_table(seeds, sr_seed, scale, prior, lr, device):
 
 
 def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, rounding: int,
-              sr_seed: int, threshold_mode: int, scale: float, prior: float, lr: float, *, block: int | None = None) -> None:
-    """Same semantics as reference.zo_apply_; outs empty means in place. One kernel launch."""
+              sr_seed: int, threshold_mode: int, scale: float, prior: float, lr: float, *, block: int | None = None,
+              seed_dev: torch.Tensor | None = None) -> None:
+    """Same semantics as reference.zo_apply_; outs empty means in place. One kernel launch.
+    seed_dev: see ops.zo_apply_ (seeds and sr_seed read from that device tensor)."""
     params = list(params)
     if not params:
         return
@@ -716,7 +734,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
         ho = hp if outs is params else [o_.detach().cpu() for o_ in outs]
         hm = [m_.cpu() for m_ in masks]
         zo_apply_(hp, ho, hm, meta.cpu(), fvals.cpu(), seeds, gs.cpu(), op, dist, rounding, sr_seed,
-                  threshold_mode, scale, prior, lr, block=block)
+                  threshold_mode, scale, prior, lr, block=block,
+                  seed_dev=None if seed_dev is None else seed_dev.cpu())
         for dst, srcs in ((outs, ho), (masks, hm)):
             for d_, s_ in zip(dst, srcs):
                 d_.copy_(s_)
@@ -738,7 +757,10 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
             return
     meta_d = meta.to(device=device, dtype=torch.int64).contiguous()
     fv_d = fvals.to(device=device, dtype=torch.float32).contiguous()
-    call = _call_table(seeds, sr_seed, scale, prior, lr, device)
+    if seed_dev is None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("zo_apply_ (triton): seeds given as ints cannot be captured in a CUDA graph (they are "
+                           "uploaded per call); pass seed_dev")
+    call = _call_table(seeds, sr_seed, scale, prior, lr, device, seed_dev)
     if len(seeds) > 1:
         gs_d = gs.to(device=device, dtype=torch.float32).contiguous()
     else:
