@@ -11,6 +11,10 @@
 #   SEEDLOG=1        bench/gpu_seedlog.py: ZOSGD runs whose seed logs python_tests/test_replay.py replays on the CPU
 #                    (-> $OUT/gpu_seedlog.tgz; unpack into bench/results/)
 #   ZOSTEP=1         bench/bench_zo_step.py: one ZO step in place / transient / MeZO-style (time, memory, drift)
+#   NCU=1            Nsight Compute on bench/profile_cases.py (one launch per op case and backend, 2^28 bf16
+#                    elements): SpeedOfLight, compute, occupancy, warp-state and instruction sections -> $OUT/ncu.csv
+#   E2E_PHASES="..." bench/e2e_gpu.sh with these phases (e.g. "graph 7b 7bt") into $OUT/e2e (M7, M7T, STEPS, ...
+#                    pass through; E2E_DEADLINE_S, default 400)
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu_run}
 mkdir -p "$OUT"
@@ -59,6 +63,16 @@ if [ "${SEEDLOG:-0}" = 1 ]; then
 fi
 if [ "${ZOSTEP:-0}" = 1 ]; then
   python3 bench/bench_zo_step.py ${ZOSTEP_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/zo_step.log" | tail -12
+fi
+if [ "${NCU:-0}" = 1 ]; then
+  ncu --profile-from-start off --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis \
+      --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats \
+      --csv --page details python3 bench/profile_cases.py ${NCU_ARGS:-} > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
+  echo "ncu rc $? ($(wc -l < "$OUT/ncu.csv") csv lines)"; tail -5 "$OUT/ncu.log"
+fi
+if [ -n "${E2E_PHASES:-}" ]; then
+  OUT="$OUT/e2e" PHASES="$E2E_PHASES" DEADLINE_S=${E2E_DEADLINE_S:-400} SKIP_BUILD=1 bash bench/e2e_gpu.sh 2>&1 \
+    | tee "$OUT/e2e_run.log" | grep -v "^\s*$" | tail -60
 fi
 python3 - <<'PY'
 import json, os, xml.etree.ElementTree as ET

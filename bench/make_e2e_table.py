@@ -151,11 +151,19 @@ def graph_lines(docs):
                  f"eager 2 forwards {_f(r.get('eager_fwd2_ms'))} ms, captured 2 forwards "
                  f"{_f(r.get('graph_fwd2_ms'))} ms")
         if r.get("capturable"):
-            out.append(head + eager + f"; captured step replay {_f(r.get('graph_step_ms'))} ms, replay equals the "
-                       f"eager step bit for bit: {r.get('replay_equals_eager_step')}. A replay repeats the captured "
-                       "seeds (timing proxy, not a training loop).")
+            if "graph_speedup_vs_eager_step" in r:      # mk.GraphedZOStep: a replay is a training step
+                out.append(head + eager + f"; `mk.GraphedZOStep` replay {_f(r.get('graph_step_ms'))} ms a step "
+                           f"(host {_f(r.get('graph_host_ms'))} ms), {_f(r.get('graph_speedup_vs_eager_step'))}x the "
+                           f"eager step; {r.get('steps_compared')} steps against eager ZOSGD from the same weights, "
+                           f"losses, weights and logged gradients equal bit for bit: "
+                           f"{r.get('replay_equals_eager_step')}.")
+            else:
+                out.append(head + eager + f"; captured step replay {_f(r.get('graph_step_ms'))} ms, replay equals "
+                           f"the eager step bit for bit: {r.get('replay_equals_eager_step')}. A replay repeats the "
+                           "captured seeds (timing proxy, not a training loop).")
         else:
-            errs = "; ".join(f"{a['capture_error_mode']}: {a.get('error', '')[:160]}" for a in r.get("attempts", []))
+            errs = "; ".join(f"{a.get('capture_error_mode', a.get('how', ''))}: {a.get('error', '')[:160]}"
+                             for a in r.get("attempts", []))
             out.append(head + eager + f"; the step could not be captured ({errs})")
     return out
 

@@ -1,0 +1,55 @@
+"""The kernel passes that issue 3 measures, one launch each, for a profiler (Nsight Compute) to read.
+
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight ... python3 bench/profile_cases.py
+
+One bf16 tensor of --numel elements (default 2^28, larger than L2) on the GPU, one dense plan; per backend (cuda,
+triton) and case: one warm-up call (compilation, tables), then the profiled call between cudaProfilerStart/Stop.
+Cases: perturb_ Gaussian and Rademacher (+eps, no restore), perturb_ Gaussian with restore (-eps, prior +eps), and
+update_ Gaussian with restore and stochastic rounding (the optimizer's third pass). Prints one line per profiled call
+(backend, case, launch order) so the profiler's rows can be matched to cases.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+import mazo_kernels as mk
+
+
+def cases(plan, backend):
+    s, sr = 0x1234_5678_9ABC_DEF0, 0x0FED_CBA9_8765_4321
+    return [
+        ("perturb_gaussian", lambda: mk.perturb_(plan, s, 1e-3, dist="gaussian", backend=backend)),
+        ("perturb_rademacher", lambda: mk.perturb_(plan, s, 1e-3, dist="rademacher", backend=backend)),
+        ("perturb_gaussian_restore", lambda: mk.perturb_(plan, s, -1e-3, prior=1e-3, dist="gaussian",
+                                                         backend=backend)),
+        ("update_gaussian_restore_sr", lambda: mk.update_(plan, [s], torch.full((1,), 0.5, device=plan.device),
+                                                          lr=1e-5, restore_seed=s, prior=-1e-3, sr_seed=sr,
+                                                          dist="gaussian", backend=backend)),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--numel", type=int, default=1 << 28)
+    ap.add_argument("--backends", default="cuda,triton")
+    args = ap.parse_args()
+    w = (torch.randn(args.numel, device="cuda") * 0.02).to(torch.bfloat16)
+    plan = mk.ZOPlan([("layers.0.mlp.weight", w)])
+    order = []
+    for backend in args.backends.split(","):
+        for name, fn in cases(plan, backend):
+            fn()                                  # warm-up: compile, tables on the device
+            torch.cuda.synchronize()
+            torch.cuda.profiler.start()
+            fn()
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
+            order.append({"backend": backend, "case": name, "numel": args.numel})
+            print(json.dumps(order[-1]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
