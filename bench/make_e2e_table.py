@@ -93,7 +93,7 @@ def main_table(docs):
                 x_inpl = _f(inpl["step_ms"] / r["step_ms"]) if inpl else "-"
                 b = r["breakdown_ms"]
                 lines.append(
-                    f"| {shape} | {bs} | `{r['method']}` | {_f(r['step_ms'], 1)} | {_f(b['forwards'], 1)} | "
+                    f"| {shape} | {bs} | `{r['method']}`{_backend_tag(r)} | {_f(r['step_ms'], 1)} | {_f(b['forwards'], 1)} | "
                     f"{_f(b['passes'], 1)} | {_f(b['rest'], 1)} | {_f(r['one_pass_ms'], 1)} | "
                     f"{_f(r['overhead_over_one_pass'])} | {x_base} | {x_inpl} | {_f(r.get('host_ms'), 1)} | "
                     f"{_gib(r.get('mem_peak_step_bytes'))} ({_gib(h.get('weights_bytes'))}) |")
@@ -134,6 +134,12 @@ def memory_lines(docs):
                     f"{_gib(H100_80GB_BYTES)}: {'fits' if f.get('fits_h100_80gb') else 'does not fit'}"
                     + (f" (run with the allocator capped at {_gib(cap)} GiB)" if cap else ""))
     return out
+
+
+def _backend_tag(r):
+    """ZOSGD rows say which kernels ran when it is not the default CUDA extension."""
+    be = r.get("backend")
+    return f" ({be})" if be not in (None, "cuda", "torch") else ""
 
 
 def graph_lines(docs):
