@@ -1,6 +1,7 @@
 """Each malformed call to the C++ op (mazo_C::zo_apply_) in its own process: does it raise, or crash?
 
-Prints one JSON line per case: {"case", "rc", "outcome"}. rc -11 is a segmentation fault."""
+Prints one JSON line per case: {"case", "rc", "outcome"}. rc -11 is a segmentation fault.
+`python bench/check_cpp_errors.py --run CASE` runs one case in this process (e.g. under cuda-gdb for a backtrace)."""
 import json
 import subprocess
 import sys
@@ -22,6 +23,9 @@ CASES = {
     "seed_dev_ok": "C(g.tensors, [], g.masks, g.meta, g.fvals, [1], torch.zeros(0), ref.OP_PERTURB, 0, 0, 0, 0, 0.1, 0.0, 0.0, torch.zeros(2, dtype=torch.int64))",
     "seed_dev_ok_cuda_on_cpu_params": "C(g.tensors, [], g.masks, g.meta, g.fvals, [1], torch.zeros(0), ref.OP_PERTURB, 0, 0, 0, 0, 0.1, 0.0, 0.0, torch.zeros(2, dtype=torch.int64, device='cuda'))",
 }
+if len(sys.argv) > 2 and sys.argv[1] == "--run":     # one case in this process (for a debugger)
+    exec(SETUP + CASES[sys.argv[2]])
+    sys.exit(0)
 for name, call in CASES.items():
     code = SETUP + f"""
 try:

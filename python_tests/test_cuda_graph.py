@@ -154,6 +154,31 @@ def test_device_seeded_step_is_the_eager_step(dtype, estimator, q, dist):
     assert any(not torch.equal(p.detach(), q_) for p, q_ in zip(mb.parameters(), Quad(dtype).parameters()))
 
 
+@pytest.mark.parametrize("mask", ["threshold", "bitmask"])
+def test_device_seeded_step_with_masks_is_the_eager_step(mask):
+    backend = "cpu" if mk.has_cpu() else "reference"
+    kw = dict(lr=0.05, eps=1e-2, seed=8, backend=backend)
+    ma, mb = Quad(torch.bfloat16), Quad(torch.bfloat16)
+
+    def masks(m):
+        w = m.lin.weight.detach()
+        if mask == "threshold":
+            return {"lin.weight": mk.ThresholdMask(float(w.float().abs().median()))}
+        sel = torch.zeros(w.numel(), dtype=torch.bool)
+        sel[::3] = True
+        return {"lin.weight": mk.BitMask.from_bool(sel.view(w.shape))}
+
+    oa = mk.ZOSGD(ma.named_parameters(), module=ma, masks=masks(ma), **kw)
+    ob = mk.ZOSGD(mb.named_parameters(), module=mb, masks=masks(mb), **kw)
+    step = mk.GraphedZOStep(ob, mb, warmup=1, use_graph=False)
+    oa.step(ma)
+    for k in range(3):
+        assert torch.equal(oa.step(ma), step())
+    for (n, p), (_, r) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.equal(p.detach(), r.detach()), n
+    assert _log_view(oa) == _log_view(ob)
+
+
 @pytest.mark.parametrize("fail_at", [1, 2])
 def test_device_seeded_step_restores_weights_when_the_closure_fails(fail_at):
     backend = "cpu" if mk.has_cpu() else "reference"
@@ -205,11 +230,15 @@ def test_graphed_step_refuses_what_it_cannot_capture():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", [b for b in ("cuda", "triton")
                                      if (b == "cuda" and mk.has_cuda()) or (b == "triton" and mk.has_triton())])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_cuda_graph_replays_the_eager_steps(backend, dtype):
+@pytest.mark.parametrize("dtype,mask,q", [(torch.float32, None, 1), (torch.bfloat16, None, 1),
+                                          (torch.bfloat16, "threshold", 1), (torch.bfloat16, None, 2)])
+def test_gpu_cuda_graph_replays_the_eager_steps(backend, dtype, mask, q):
     """Captured and replayed: every replay is the eager step of the same index, weights and log bit for bit."""
-    kw = dict(lr=0.05, eps=1e-2, weight_decay=0.1, seed=33, backend=backend)
+    kw = dict(lr=0.05, eps=1e-2, weight_decay=0.1, seed=33, backend=backend, num_perturbations=q)
     ma, mb = Quad(dtype).cuda(), Quad(dtype).cuda()
+    if mask:
+        tau = float(ma.lin.weight.detach().float().abs().median())
+        kw["masks"] = {"lin.weight": mk.ThresholdMask(tau)}
     oa = mk.ZOSGD(ma.named_parameters(), module=ma, **kw)
     ob = mk.ZOSGD(mb.named_parameters(), module=mb, **kw)
     step = mk.GraphedZOStep(ob, mb, warmup=2)
