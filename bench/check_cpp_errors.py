@@ -20,6 +20,8 @@ CASES = {
     "seed_dev_short_perturb": "C(g.tensors, [], g.masks, g.meta, g.fvals, [1], torch.zeros(0), ref.OP_PERTURB, 0, 0, 0, 0, 0.1, 0.0, 0.0, torch.zeros(1, dtype=torch.int64))",
     "seed_dev_short_update": "C(g.tensors, [], g.masks, g.meta, g.fvals, [1, 2], torch.zeros(1), ref.OP_UPDATE, 0, 0, 0, 0, 0.0, 0.0, 1.0, torch.zeros(2, dtype=torch.int64))",
     "seed_dev_int32": "C(g.tensors, [], g.masks, g.meta, g.fvals, [1], torch.zeros(0), ref.OP_PERTURB, 0, 0, 0, 0, 0.1, 0.0, 0.0, torch.zeros(2, dtype=torch.int32))",
+    "bad_dtype": "C([torch.zeros(8, dtype=torch.int32)], [], [torch.zeros(0, dtype=torch.uint8)], g.meta, g.fvals, [1], torch.zeros(0), ref.OP_PERTURB, 0, 0, 0, 0, 0.1, 0.0, 0.0, None)",
+    "bad_mask_kind": "m = g.meta.clone(); m[0, 2] = 7; C(g.tensors, [], g.masks, m, g.fvals, [1], torch.zeros(0), ref.OP_PERTURB, 0, 0, 0, 0, 0.1, 0.0, 0.0, None)",
     "seed_dev_ok": "C(g.tensors, [], g.masks, g.meta, g.fvals, [1], torch.zeros(0), ref.OP_PERTURB, 0, 0, 0, 0, 0.1, 0.0, 0.0, torch.zeros(2, dtype=torch.int64))",
     "seed_dev_ok_cuda_on_cpu_params": "C(g.tensors, [], g.masks, g.meta, g.fvals, [1], torch.zeros(0), ref.OP_PERTURB, 0, 0, 0, 0, 0.1, 0.0, 0.0, torch.zeros(2, dtype=torch.int64, device='cuda'))",
 }

@@ -39,16 +39,16 @@ void run_cpu(at::TensorList params, at::TensorList outs, at::TensorList masks, c
     const at::Tensor& outt = outs.empty() ? theta : outs[t];
     const at::Tensor& mask = masks[t];
     const int64_t n = theta.numel();
-    TORCH_CHECK(T.kind >= MASK_NONE && T.kind <= MASK_ROWIDX, "zo_apply_: bad mask kind ", T.kind);
+    TORCH_CHECK(T.kind >= MASK_NONE && T.kind <= MASK_ROWIDX, cat("zo_apply_: bad mask kind ", T.kind));
     TORCH_CHECK(T.offset >= 0, "zo_apply_: negative global offset");
     if (n == 0) continue;
     const bits_t* in = reinterpret_cast<const bits_t*>(theta.data_ptr());
     bits_t* out = reinterpret_cast<bits_t*>(outt.data_ptr());
     if (T.kind == MASK_ROWIDX) {
-      TORCH_CHECK(is_rowidx_mask(mask), "zo_apply_: row-index mask ", t, " must be int32 [rows, k]");
+      TORCH_CHECK(is_rowidx_mask(mask), cat("zo_apply_: row-index mask ", t, " must be int32 [rows, k]"));
       const int64_t rows = mask.size(0), k = mask.size(1);
-      TORCH_CHECK(T.row_len > 0 && rows * T.row_len <= n, "zo_apply_: row-index mask ", t,
-                  " does not fit the tensor");
+      TORCH_CHECK(T.row_len > 0 && rows * T.row_len <= n, cat("zo_apply_: row-index mask ", t,
+                  " does not fit the tensor"));
       const int32_t* cols = mask.data_ptr<int32_t>();
       if (P.op == OP_COPY) {
         const int64_t units = (n + UNIT - 1) / UNIT;
@@ -69,8 +69,8 @@ void run_cpu(at::TensorList params, at::TensorList outs, at::TensorList masks, c
     if (T.kind == MASK_THRESHOLD || T.kind == MASK_BITMASK) {
       const bool needs = T.kind == MASK_BITMASK || P.threshold_mode != THRESH_EVAL;
       if (needs) {
-        TORCH_CHECK(mask.scalar_type() == at::kByte && mask.numel() >= (n + 7) / 8, "zo_apply_: mask ", t,
-                    " must be uint8 with ceil(numel / 8) bytes");
+        TORCH_CHECK(mask.scalar_type() == at::kByte && mask.numel() >= (n + 7) / 8, cat("zo_apply_: mask ", t,
+                    " must be uint8 with ceil(numel / 8) bytes"));
         m8 = mask.data_ptr<uint8_t>();
       }
     }

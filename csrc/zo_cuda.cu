@@ -320,8 +320,8 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   TORCH_CHECK(device.is_cuda(), "zo_apply_ (CUDA): params must be CUDA tensors");
   for (const auto& p : params) TORCH_CHECK(p.device() == device, "zo_apply_ (CUDA): params on several devices");
   if (has_seed_dev)
-    TORCH_CHECK(seed_dev->device() == device, "zo_apply_ (CUDA): seed_dev must be on the params' device ", device,
-                ", got ", seed_dev->device());
+    TORCH_CHECK(seed_dev->device() == device, cat("zo_apply_ (CUDA): seed_dev must be on the params' device ", device.str(),
+                    ", got ", seed_dev->device().str()));
   const c10::cuda::CUDAGuard guard(device);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
 
@@ -349,15 +349,15 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
     if (is_rowidx_mask(mask)) {
       d.cols = mask.numel() ? mask.data_ptr<int32_t>() : nullptr;
       d.k = mask.size(1);
-      TORCH_CHECK(theta.dim() == 2 && mask.size(0) == theta.size(0), "zo_apply_: row-index mask ", t,
-                  " must be int32 [rows, k] for a 2-D weight");
+      TORCH_CHECK(theta.dim() == 2 && mask.size(0) == theta.size(0), cat("zo_apply_: row-index mask ", t,
+                  " must be int32 [rows, k] for a 2-D weight"));
       if (op != OP_COPY) {
         d.work = WORK_ENTRIES;
         d.work_n = mask.numel();
       }
     } else if (mask.numel() > 0) {
-      TORCH_CHECK(mask.scalar_type() == at::kByte && mask.numel() >= (d.n + 7) / 8, "zo_apply_: mask ", t,
-                  " must be uint8 with ceil(numel / 8) bytes");
+      TORCH_CHECK(mask.scalar_type() == at::kByte && mask.numel() >= (d.n + 7) / 8, cat("zo_apply_: mask ", t,
+                  " must be uint8 with ceil(numel / 8) bytes"));
       d.mask8 = mask.data_ptr<uint8_t>();
     }
     d.fast = (d.work == WORK_ELEMENTS && mask.numel() == 0 && (reinterpret_cast<uintptr_t>(d.in) & 15u) == 0 &&

@@ -3,18 +3,36 @@
 
 #include <ATen/ATen.h>
 
+#include <string>
+#include <type_traits>
 #include <vector>
 
 #include "zo_apply_common.h"
 
 namespace mazo {
 
+// Error messages are assembled here into one std::string (c10::str passes a single string through) instead of by
+// c10::str's ostream: on the GPU machine (torch 2.11, GCC 13.3, Python 3.12) the ostream integer formatting that
+// -O3 inlines into the extension crashed the process inside std::ostream::_M_insert<long> (cuda-gdb backtrace;
+// bench/check_cpp_errors.py), so every message with a number in it was a segfault instead of an error.
+inline void cat_one(std::string& s, const char* x) { s += x; }
+inline void cat_one(std::string& s, const std::string& x) { s += x; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+inline void cat_one(std::string& s, T x) { s += std::to_string(x); }
+template <typename... A>
+std::string cat(const A&... a) {
+  std::string s;
+  (cat_one(s, a), ...);
+  return s;
+}
+
 inline int dtype_code(at::ScalarType st) {
   switch (st) {
     case at::kFloat: return DT_F32;
     case at::kHalf: return DT_F16;
     case at::kBFloat16: return DT_BF16;
-    default: TORCH_CHECK(false, "mazo_C::zo_apply_: unsupported dtype ", st, " (float32, float16, bfloat16 only)");
+    default: TORCH_CHECK(false, cat("mazo_C::zo_apply_: unsupported dtype ", c10::toString(st),
+                                     " (float32, float16, bfloat16 only)"));
   }
   return -1;
 }
@@ -29,16 +47,16 @@ inline int check_args(at::TensorList params, at::TensorList outs, at::TensorList
   TORCH_CHECK(meta.dim() == 2 && meta.size(0) == T && meta.size(1) == 4, "zo_apply_: meta must be [T, 4]");
   TORCH_CHECK(fvals.dim() == 2 && fvals.size(0) == T && fvals.size(1) == 5, "zo_apply_: fvals must be [T, 5]");
   TORCH_CHECK(!seeds.empty(), "zo_apply_: at least one seed expected");
-  TORCH_CHECK(op == OP_PERTURB || op == OP_UPDATE || op == OP_COPY, "zo_apply_: bad op ", op);
-  TORCH_CHECK(dist == DIST_GAUSSIAN || dist == DIST_RADEMACHER, "zo_apply_: bad dist ", dist);
-  TORCH_CHECK(rounding == ROUND_NEAREST || rounding == ROUND_STOCHASTIC, "zo_apply_: bad rounding ", rounding);
-  TORCH_CHECK(threshold_mode >= 0 && threshold_mode <= 2, "zo_apply_: bad threshold_mode ", threshold_mode);
+  TORCH_CHECK(op == OP_PERTURB || op == OP_UPDATE || op == OP_COPY, cat("zo_apply_: bad op ", op));
+  TORCH_CHECK(dist == DIST_GAUSSIAN || dist == DIST_RADEMACHER, cat("zo_apply_: bad dist ", dist));
+  TORCH_CHECK(rounding == ROUND_NEAREST || rounding == ROUND_STOCHASTIC, cat("zo_apply_: bad rounding ", rounding));
+  TORCH_CHECK(threshold_mode >= 0 && threshold_mode <= 2, cat("zo_apply_: bad threshold_mode ", threshold_mode));
   if (op == OP_UPDATE)
     TORCH_CHECK(gs.numel() >= (int64_t)seeds.size() - 1, "zo_apply_: need one projected gradient per update seed");
   int dt = -1;
   for (int64_t t = 0; t < T; ++t) {
     const at::Tensor& p = params[t];
-    TORCH_CHECK(p.is_contiguous(), "zo_apply_: param ", t, " is not contiguous");
+    TORCH_CHECK(p.is_contiguous(), cat("zo_apply_: param ", t, " is not contiguous"));
     const int d = dtype_code(p.scalar_type());
     TORCH_CHECK(dt < 0 || d == dt, "zo_apply_: params of one call must share a dtype");
     dt = d;
@@ -46,14 +64,14 @@ inline int check_args(at::TensorList params, at::TensorList outs, at::TensorList
       const at::Tensor& o = outs[t];
       TORCH_CHECK(o.is_contiguous() && o.scalar_type() == p.scalar_type() && o.numel() == p.numel() &&
                       o.device() == p.device(),
-                  "zo_apply_: out ", t, " must be a contiguous tensor like its param");
+                  cat("zo_apply_: out ", t, " must be a contiguous tensor like its param"));
     }
     const at::Tensor& m = masks[t];
     if (m.numel() > 0) {
-      TORCH_CHECK(m.is_contiguous() && m.device() == p.device(), "zo_apply_: mask ", t,
-                  " must be contiguous and on the param's device");
-      TORCH_CHECK(m.scalar_type() == at::kByte || m.scalar_type() == at::kInt, "zo_apply_: mask ", t,
-                  " must be uint8 (bits) or int32 (row indices)");
+      TORCH_CHECK(m.is_contiguous() && m.device() == p.device(), cat("zo_apply_: mask ", t,
+                  " must be contiguous and on the param's device"));
+      TORCH_CHECK(m.scalar_type() == at::kByte || m.scalar_type() == at::kInt, cat("zo_apply_: mask ", t,
+                  " must be uint8 (bits) or int32 (row indices)"));
     }
   }
   return dt;
@@ -84,10 +102,10 @@ inline void check_seed_dev(const c10::optional<at::Tensor>& seed_dev, at::IntArr
   if (!seed_dev.has_value() || !seed_dev->defined()) return;
   const at::Tensor& sd = *seed_dev;
   TORCH_CHECK(sd.scalar_type() == at::kLong && sd.dim() == 1 && sd.is_contiguous(),
-              "zo_apply_: seed_dev must be a contiguous 1-D int64 tensor, got ", sd.scalar_type(), " of shape ",
-              sd.sizes());
-  TORCH_CHECK(sd.numel() >= (int64_t)seeds.size() + 1, "zo_apply_: seed_dev needs len(seeds) + 1 = ",
-              seeds.size() + 1, " entries (the seeds, then sr_seed), got ", sd.numel());
+              cat("zo_apply_: seed_dev must be a contiguous 1-D int64 tensor, got ", c10::toString(sd.scalar_type()),
+                  " with ", sd.dim(), " dims"));
+  TORCH_CHECK(sd.numel() >= (int64_t)seeds.size() + 1, cat("zo_apply_: seed_dev needs len(seeds) + 1 = ",
+              seeds.size() + 1, " entries (the seeds, then sr_seed), got ", sd.numel()));
 }
 
 // How a tensor's work is split (decided on the host from the mask tensor, without reading meta).
