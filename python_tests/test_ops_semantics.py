@@ -367,6 +367,12 @@ def test_opcheck(backend):
         for args in calls:
             res = torch.library.opcheck(op, args + (backend,), raise_exception=False)
             assert all(v == "SUCCESS" for v in res.values()), (name, args[7], res)
+        # the seeds from a device tensor (what a captured CUDA graph uses): the same contract
+        seed_dev = torch.tensor([5, -3, 9, -7], dtype=torch.int64)
+        args = (t, [], m, meta, fv, [5, -3, 9], torch.tensor([0.5, -0.25]), ref.OP_UPDATE, 0, 1, -7,
+                ref.THRESH_LATCH_READ, 0.0, -1e-3, 1e-2, backend, seed_dev)
+        res = torch.library.opcheck(op, args, raise_exception=False)
+        assert all(v == "SUCCESS" for v in res.values()), (name, "seed_dev", res)
 
 
 def _gpu_or_interpreted_backends():
