@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from mazo_kernels import reference as R
+from bench_transform import _angle, _rne_bf16, bench    # the v1 kernel's own stages and timer (bench/ is on the path)
 
 
 @triton.jit
@@ -64,28 +65,6 @@ def _radius(w, SQRT_EXACT: tl.constexpr):
     if SQRT_EXACT:
         return tl.sqrt_rn(q)
     return tl.sqrt(q)
-
-
-@triton.jit
-def _angle(w):
-    q = (w >> 10) & 3
-    x = (2 * (w & 0x3FF).to(tl.int32) - 1023).to(tl.float32) * 7.669903939428206e-04
-    s2 = x * x
-    sn = ((0.00815201923251152 * s2 + -0.1666249930858612) * s2 + 0.9999985694885254) * x
-    cs = ((-0.001366178970783949 * s2 + 0.04166144132614136) * s2 + -0.4999998211860657) * s2 + 1.0
-    swap = (q & 1) == 1
-    c = tl.where(swap, sn, cs)
-    s = tl.where(swap, cs, sn)
-    c = tl.where((q == 1) | (q == 2), -c, c)
-    s = tl.where(q >= 2, -s, s)
-    return c, s
-
-
-@triton.jit
-def _rne_bf16(x):
-    b = x.to(tl.uint32, bitcast=True)
-    r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-    return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -153,22 +132,6 @@ VARIANTS = {   # name: (rounds, mode, sqrt exact, fp fusion)
 }
 
 
-def bench(fn, iters=25):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    times.sort()
-    return times[len(times) // 2]
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--numel", type=int, default=1 << 30)
@@ -186,7 +149,7 @@ def main():
     exact = bool(torch.equal(out.cpu().view(torch.int32), R.gaussian(seed, 7, torch.arange(m)).view(torch.int32)))
     w = torch.randn(n, device="cuda", dtype=torch.bfloat16) * 0.02
     dst = torch.empty_like(w)
-    copy_ms = bench(lambda: dst.copy_(w))
+    copy_ms = bench(lambda: dst.copy_(w), iters=25)
     res = {"format": "mazo_kernels.transform_ablation", "device": torch.cuda.get_device_name(),
            "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
            "date": time.strftime("%Y-%m-%d"), "numel": n, "block8": B, "num_warps": args.warps,
@@ -196,7 +159,7 @@ def main():
         def run():
             perturb_kernel[(n // (8 * B),)](w, s & 0xFFFFFFFF, s >> 32, 3, 1e-3, BLOCK8=B, ROUNDS=rounds, MODE=mode,
                                            SQRT_EXACT=sqrt_exact, num_warps=args.warps, enable_fp_fusion=fusion)
-        ms = bench(run)
+        ms = bench(run, iters=25)
         res["variants"][name] = {"ms": ms, "fraction_of_floor": copy_ms / ms, "rounds": rounds, "mode": mode,
                                  "sqrt_exact": sqrt_exact, "fp_fusion": fusion}
         print(f"{name:14s} {ms:8.3f} ms  {copy_ms / ms:6.1%} of the floor", flush=True)
