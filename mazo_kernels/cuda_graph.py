@@ -26,7 +26,8 @@ import torch
 
 from . import reference as ref
 from .api import _seed_bits
-from .optim import DISTS, ROUNDINGS, ZOSGD, group_mults, kernel_grads, run_pass, run_update, schedule, step_seeds
+from .optim import (DISTS, ROUNDINGS, ZOSGD, group_mults, kernel_grads, loss_keys, run_pass, run_update, schedule,
+                    step_seeds)
 
 _RING = 4       # pinned staging buffers for the seeds: the host may run this many steps ahead of the GPU
 
@@ -137,9 +138,7 @@ class GraphedZOStep:
                 else:
                     losses[item[1]] = opt._forward(self.closure, 0, None)
         two = opt.estimator == "two_sided"
-        keys = ([] if two else [("0", 0)]) + [("+", i) for i in range(q)] + ([("-", i) for i in range(q)] if two
-                                                                           else [])
-        vec = torch.stack([losses[key] for key in keys])
+        vec = torch.stack([losses[key] for key in loss_keys(opt.estimator, q)])
         if two:
             lp, lm = vec[:q], vec[q:2 * q]
             g_raw = (lp - lm) / (self._eps_ref * 2.0)

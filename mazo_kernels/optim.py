@@ -124,6 +124,14 @@ def schedule(mode: str, estimator: str, seeds: list):
     return items, (seeds[-1], last, ref.THRESH_LATCH_READ)
 
 
+def loss_keys(estimator: str, q: int) -> list:
+    """The forwards' labels in the order the losses are stacked: two-sided [+0..+q-1, -0..-q-1], one-sided
+    [0, +0..+q-1]."""
+    if estimator == "two_sided":
+        return [("+", i) for i in range(q)] + [("-", i) for i in range(q)]
+    return [("0", 0)] + [("+", i) for i in range(q)]
+
+
 def run_pass(tables, item, dist: int, backend: str, empty: torch.Tensor, seed_dev: torch.Tensor | None = None):
     """seed_dev (optional): [seed, anything] on the device, read by the kernels in place of the item's seed value."""
     _, seed, scale, prior, tmode = item
@@ -510,8 +518,7 @@ class ZOSGD(torch.optim.Optimizer):
                   "rounding": self.rounding, "mode": self.mode, "spec_version": ref.SPEC_VERSION}
         losses, error, pos = {}, None, 0
         two = self.estimator == "two_sided"
-        keys = ([] if two else [("0", 0)]) + [("+", i) for i in range(q)]
-        keys += [("-", i) for i in range(q)] if two else []        # the order loss_reduce sees
+        keys = loss_keys(self.estimator, q)        # the order loss_reduce sees
         reduced, reduce_called = None, False
         self._step_count += 1        # the seeds of step k are spent even if the step fails
         with self._forward_mode():

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 import mazo_kernels as mk
 from mazo_kernels import reference as ref
+from mazo_kernels.api import _seed_bits as _signed     # uint64 seed -> the int64 bits the op carries
 from mazo_kernels.ops import zo_apply_
+from test_optim import Quad                             # the small regression model the optimizer tests use
 
 CPU_BACKENDS = [b for b in ("reference", "cpu") if b == "reference" or mk.has_cpu()]
 M64 = (1 << 64) - 1
-
-
-def _signed(s):
-    return s - (1 << 64) if s >= 1 << 63 else s
 
 
 def _plan(gen, dtype, sizes=(1000, 4099, 77)):
@@ -103,24 +100,6 @@ except RuntimeError as e:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"the child crashed (rc {p.returncode}): {p.stderr[-500:]}"
     assert p.stdout.strip().splitlines()[-1] == "raised True True"
-
-
-class Quad(nn.Module):
-    def __init__(self, dtype, seed=0):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.lin = nn.Linear(12, 6)
-        self.scale = nn.Parameter(torch.randn(6, generator=g) * 0.3 + 1.0)
-        with torch.no_grad():
-            self.lin.weight.copy_(torch.randn(6, 12, generator=g) * 0.5)
-            self.lin.bias.copy_(torch.randn(6, generator=g) * 0.2)
-        self.register_buffer("x", torch.randn(40, 12, generator=g))
-        self.register_buffer("y", torch.randn(40, 6, generator=g))
-        self.to(dtype)
-
-    def forward(self):
-        out = self.lin(self.x) * self.scale
-        return ((out.float() - self.y.float()) ** 2).mean()
 
 
 def _log_view(opt):
