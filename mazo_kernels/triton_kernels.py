@@ -597,6 +597,14 @@ def _is_rowidx(mask: torch.Tensor) -> bool:
     return mask.dtype == torch.int32 and mask.dim() == 2
 
 
+def _refuse_upload_in_capture(device):
+    """A table missing from the cache would be uploaded from host memory, which a CUDA graph cannot capture."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("zo_apply_ (triton): this call's tensor table is not on the device yet, and it cannot be "
+                           "uploaded during CUDA graph capture; run the same call once before capturing (a warm-up "
+                           "step)")
+
+
 def _tables(params, outs, masks, op: int, block: int, device):
     rows = []
     for theta, out, mask in zip(params, outs, masks):
@@ -612,10 +620,7 @@ def _tables(params, outs, masks, op: int, block: int, device):
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("zo_apply_ (triton): this call's tensor table is not on the device yet, and it cannot be "
-                           "uploaded during CUDA graph capture; run the same call once before capturing (a warm-up "
-                           "step)")
+    _refuse_upload_in_capture(device)
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
     nunits = tab[:, 4]
     nprog = (nunits + block - 1) // block
@@ -650,10 +655,7 @@ def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: 
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
         return hit
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        raise RuntimeError("zo_apply_ (triton): this call's tensor table is not on the device yet, and it cannot be "
-                           "uploaded during CUDA graph capture; run the same call once before capturing (a warm-up "
-                           "step)")
+    _refuse_upload_in_capture(device)
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
     T = tab.shape[0]
     numel, nunits = tab[:, 3], tab[:, 4]
