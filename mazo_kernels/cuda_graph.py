@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from . import reference as ref
 from .api import _seed_bits
-from .optim import (DISTS, ROUNDINGS, ZOSGD, group_mults, kernel_grads, loss_keys, run_pass, run_update, schedule,
+from .optim import (DISTS, ROUNDINGS, ZOSGD, kernel_grads, loss_keys, run_pass, run_update, schedule,
                     step_seeds)
 
 _RING = 4       # pinned staging buffers for the seeds: the host may run this many steps ahead of the GPU
@@ -92,14 +91,9 @@ class GraphedZOStep:
     def _prepare(self):
         """Validate the groups, write multipliers and this step's seeds to the device; return the log record."""
         opt = self.opt
-        vals, eps_ref = opt._group_values()
-        q, sign = opt.num_perturbations, opt.sign
-        mults = [group_mults(eps, lr, wd, eps_ref, q, sign) for lr, eps, wd in vals]
-        for t in opt._tables:
-            t.sync(mults)
+        seeds, sr_seed, _, eps_ref, record = opt._begin_step()
+        k = record["step"]
         self._eps_ref.fill_(eps_ref)
-        k = opt._step_count
-        seeds, sr_seed, fwd_seed = step_seeds(opt._base_seed, k, q)
         vals_dev = [_seed_bits(seeds[-1])] + [_seed_bits(s) for s in seeds] + [_seed_bits(sr_seed)]
         slot = k % _RING
         if self._events[slot] is not None:
@@ -111,10 +105,6 @@ class GraphedZOStep:
             ev = torch.cuda.Event()
             ev.record()
             self._events[slot] = ev
-        record = {"step": k, "seeds": seeds, "sr_seed": sr_seed, "forward_seed": fwd_seed,
-                  "lr": [v[0] for v in vals], "eps": [v[1] for v in vals], "weight_decay": [v[2] for v in vals],
-                  "eps_ref": eps_ref, "dist": opt.dist, "estimator": opt.estimator, "sign": sign,
-                  "rounding": opt.rounding, "mode": opt.mode, "spec_version": ref.SPEC_VERSION}
         return seeds, sr_seed, record
 
     # ------------------------------------------------------------------ the device side (what is captured)

@@ -494,12 +494,10 @@ class ZOSGD(torch.optim.Optimizer):
             return torch.tensor(float(loss), dtype=torch.float32, device=self._device)
         raise TypeError(f"the closure must return the loss as a 0-d tensor, got {type(loss).__name__}")
 
-    def step(self, closure=None):
-        """One ZO step; returns the loss estimate at the pre-step weights (0-d device tensor, no host sync):
-        L(theta) for one_sided, the mean of the L+/L- evaluations for two_sided."""
-        if closure is None:
-            raise ValueError("ZOSGD.step needs a closure: closure() runs a forward (no backward) and returns the loss")
-        vals, eps_ref = self._group_values()            # validated before any weight is touched
+    def _begin_step(self):
+        """Validate the groups, write their multipliers to the device tables and draw step k's seeds (k = the
+        step counter, not advanced here). Returns (seeds, sr_seed, forward_seed, eps_ref, the seed-log record)."""
+        vals, eps_ref = self._group_values()
         q, sign = self.num_perturbations, self.sign
         mults = [group_mults(eps, lr, wd, eps_ref, q, sign) for lr, eps, wd in vals]
         for pt in self._parts:
@@ -510,12 +508,21 @@ class ZOSGD(torch.optim.Optimizer):
                 t.sync(mults)
         k = self._step_count
         seeds, sr_seed, fwd_seed = step_seeds(self._base_seed, k, q)
-        items, final = schedule(self.mode, self.estimator, seeds)
-        dist, backend = DISTS[self.dist], self._backend
         record = {"step": k, "seeds": seeds, "sr_seed": sr_seed, "forward_seed": fwd_seed,
                   "lr": [v[0] for v in vals], "eps": [v[1] for v in vals], "weight_decay": [v[2] for v in vals],
                   "eps_ref": eps_ref, "dist": self.dist, "estimator": self.estimator, "sign": sign,
                   "rounding": self.rounding, "mode": self.mode, "spec_version": ref.SPEC_VERSION}
+        return seeds, sr_seed, fwd_seed, eps_ref, record
+
+    def step(self, closure=None):
+        """One ZO step; returns the loss estimate at the pre-step weights (0-d device tensor, no host sync):
+        L(theta) for one_sided, the mean of the L+/L- evaluations for two_sided."""
+        if closure is None:
+            raise ValueError("ZOSGD.step needs a closure: closure() runs a forward (no backward) and returns the loss")
+        seeds, sr_seed, fwd_seed, eps_ref, record = self._begin_step()   # validated before any weight is touched
+        q, sign = self.num_perturbations, self.sign
+        items, final = schedule(self.mode, self.estimator, seeds)
+        dist, backend = DISTS[self.dist], self._backend
         losses, error, pos = {}, None, 0
         two = self.estimator == "two_sided"
         keys = loss_keys(self.estimator, q)        # the order loss_reduce sees
