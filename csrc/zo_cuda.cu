@@ -158,13 +158,22 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
   }
 }
 
-// MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers, no spills; 3: 80 registers and a few
-// hundred bytes of spills, 24 warps per SM instead of 16). Same bits either way; which one a call gets: see the
-// launch below.
-template <int DT, int MIN_BLOCKS = 2>
+// SPEC: -1 for the generic kernel (op, distribution and "prior != 0" read at run time), else spec_of(op, prior, dist):
+// the same code with those three fixed at compile time, so every branch on them folds away and each instantiation
+// holds only its own path's registers (the generic kernel's 126-128 registers left 16 warps per SM: latency-bound).
+constexpr int spec_of(int op, bool prior_nonzero, int dist) { return op * 4 + (prior_nonzero ? 2 : 0) + dist; }
+
+// MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers; 3: 80; 4: 64). Same bits either way;
+// which one a call gets: see the launch below.
+template <int DT, int MIN_BLOCKS = 2, int SPEC = -1>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
   OpParams P = a.P;
+  if (SPEC >= 0) {  // the host launches a specialisation only for calls that have these values
+    P.op = SPEC / 4;
+    P.prior_nonzero = (SPEC & 2) != 0;
+    P.dist = SPEC & 1;
+  }
   if (a.seed_dev != nullptr) {  // seeds in device memory (a captured graph replays with new ones)
     P.seed0 = (uint64_t)a.seed_dev[0];
     P.sr_seed = (uint64_t)a.seed_dev[a.nseeds];
@@ -268,6 +277,37 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         process_entry_unit<DT>(P, T, in, out, d.cols, d.k, d.work_n, u);
     }
   }
+}
+
+// Blocks per SM each specialisation's register budget is cut to (__launch_bounds__). Left alone, ptxas gives them
+// 90-147 registers (2 blocks per SM); these caps are the most blocks without spills or with a few dozen bytes
+// (ptxas -v for sm_90, bench/NOTES.md): 16-bit perturb_ without a prior 64 registers (4 blocks, 32 warps per SM),
+// the restoring passes 80 (3 blocks); fp32 holds twice the data per unit.
+constexpr int spec_minblocks(int dt, int spec) {
+  return dt == DT_F32 ? (spec / 4 == OP_UPDATE ? 2 : 3) : (spec / 4 == OP_PERTURB && (spec & 2) == 0 ? 4 : 3);
+}
+
+template <int DT, int SPEC>
+const void* spec_kernel_of() {
+  return (const void*)zo_apply_kernel<DT, spec_minblocks(DT, SPEC), SPEC>;
+}
+
+template <int DT>
+const void* spec_kernel_dt(int spec) {
+  switch (spec) {
+    case spec_of(OP_PERTURB, false, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_GAUSSIAN)>();
+    case spec_of(OP_PERTURB, false, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_RADEMACHER)>();
+    case spec_of(OP_PERTURB, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_GAUSSIAN)>();
+    case spec_of(OP_PERTURB, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_RADEMACHER)>();
+    case spec_of(OP_UPDATE, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_GAUSSIAN)>();
+    case spec_of(OP_UPDATE, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_RADEMACHER)>();
+    default: TORCH_CHECK(false, cat("zo_apply_ (CUDA): no specialised kernel for spec ", spec));
+  }
+  return nullptr;
+}
+
+const void* spec_kernel(int dt, int spec) {
+  return dt == DT_F32 ? spec_kernel_dt<DT_F32>(spec) : dt == DT_F16 ? spec_kernel_dt<DT_F16>(spec) : spec_kernel_dt<DT_BF16>(spec);
 }
 
 bool capturing(cudaStream_t stream) {
@@ -399,17 +439,25 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   int64_t max_grid = 1 << 30;
   const char* waves_env = std::getenv("MAZO_CUDA_WAVES");  // read per call so that one process can compare
   const int waves = waves_env ? std::atoi(waves_env) : 0;
-  // bf16 calls whose tensors all take the fast path run the 3-blocks-per-SM kernel for update_ and for Gaussian
-  // noise: on an H200 it was 6-11% faster there and 6% slower for Rademacher perturb_ (bench/results/
-  // h200_2026-12-01/minblocks). Masked calls were not measured with it and keep 2. MAZO_CUDA_MINBLOCKS=2|3 forces
-  // one (bf16 only; read per call so that one process can compare).
+  // The three passes of a ZO step (perturb_ with prior 0 and with a prior, update_ with a prior) run a kernel
+  // specialised on (op, prior != 0, distribution); perturbed_copy and update_ with prior 0 run the generic one.
+  // MAZO_CUDA_SPEC=0 forces the generic kernel (read per call so that one process can compare; same bits).
+  const char* spec_env = std::getenv("MAZO_CUDA_SPEC");
+  const bool spec_on = !(spec_env && std::atoi(spec_env) == 0);
+  const bool prior_nz = P.prior_nonzero;
+  const bool hot = op == OP_PERTURB || (op == OP_UPDATE && prior_nz);
+  const int spec = spec_on && hot ? spec_of((int)op, prior_nz, (int)dist) : -1;
+  // Generic bf16 kernel: calls whose tensors all take the fast path run the 3-blocks-per-SM kernel for update_ and
+  // Gaussian noise (on an H200 6-11% faster there, 6% slower for Rademacher perturb_: bench/results/h200_2026-12-01/
+  // minblocks); MAZO_CUDA_MINBLOCKS=2|3 forces one (bf16 only).
   bool all_fast = true;
   for (const Desc& d : descs) all_fast = all_fast && (d.fast || d.units == 0);
   int minb = (all_fast && (op == OP_UPDATE || dist == DIST_GAUSSIAN)) ? 3 : 2;
   const char* minb_env = std::getenv("MAZO_CUDA_MINBLOCKS");
   if (minb_env) minb = std::atoi(minb_env);
   const bool minb3 = dt == DT_BF16 && minb == 3;
-  const void* kfn = dt == DT_F32 ? (const void*)zo_apply_kernel<DT_F32>
+  const void* kfn = spec >= 0      ? spec_kernel(dt, spec)
+                    : dt == DT_F32 ? (const void*)zo_apply_kernel<DT_F32>
                     : dt == DT_F16 ? (const void*)zo_apply_kernel<DT_F16>
                     : minb3        ? (const void*)zo_apply_kernel<DT_BF16, 3>
                                    : (const void*)zo_apply_kernel<DT_BF16>;
@@ -420,16 +468,8 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
     max_grid = (int64_t)waves * (per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
   }
   const unsigned grid = (unsigned)(total_blocks < max_grid ? total_blocks : max_grid);
-  switch (dt) {
-    case DT_F32: zo_apply_kernel<DT_F32><<<grid, THREADS, 0, stream>>>(a); break;
-    case DT_F16: zo_apply_kernel<DT_F16><<<grid, THREADS, 0, stream>>>(a); break;
-    default:
-      if (minb3)
-        zo_apply_kernel<DT_BF16, 3><<<grid, THREADS, 0, stream>>>(a);
-      else
-        zo_apply_kernel<DT_BF16><<<grid, THREADS, 0, stream>>>(a);
-      break;
-  }
+  void* kargs[] = {&a};
+  C10_CUDA_CHECK(cudaLaunchKernel(kfn, dim3(grid), dim3(THREADS), kargs, 0, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
