@@ -29,6 +29,7 @@ FAST_NUM_WARPS = 4
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
+MASKED_FAST = True   # threshold and packed-bit masks take the fast path too (False: only unmasked tensors do)
 CHUNK = 1            # FBLOCK blocks per fast program (SPLIT)
 GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SPLIT)
 _NTAB = 8             # int64 columns of the per-tensor table
@@ -345,21 +346,49 @@ def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds,
+                mask_ptr, kind, tau,
                 OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, DT: tl.constexpr,
-                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr):
-    """One dense, unmasked, aligned block: every element selected. in_ptr/out_ptr point at the block's start."""
+                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
+                TMODE: tl.constexpr, MASKED: tl.constexpr):
+    """One aligned block of BLOCK elements, all inside the tensor. in_ptr/out_ptr point at the block's start.
+    MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold or packed bits
+    (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes); the selection as in _general_block, the
+    threshold latch written in TMODE 1, and only selected elements stored (perturbed_copy stores them all)."""
     if DIST == 0:
         offs = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
     else:
         offs = tl.arange(0, BLOCK)
     raw = tl.load(in_ptr + offs)
     x = _to_f32(raw, DT)
+    if MASKED:
+        # Mask bytes: packed bits (kind 2), or the latch (kind 1 in TMODE 2); a kind that reads none loads 0xFF
+        # (all selected), so no per-element select on the kind is needed.
+        if TMODE == 2:
+            rd = kind != 0
+        else:
+            rd = kind == 2
+        if DIST == 0:   # one mask byte per row of the [BLOCK // 8, 8] tile
+            byte = tl.load(mask_ptr + tl.arange(0, BLOCK // 8), mask=rd, other=255).to(tl.int32)
+            sel = ((byte[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0
+        else:
+            byte = tl.load(mask_ptr + (offs >> 3), mask=rd, other=255).to(tl.int32)
+            sel = ((byte >> (offs & 7)) & 1) != 0
+        if TMODE != 2:   # the threshold rule on the stored values (kind 1)
+            sel = sel & ((kind != 1) | (tl.abs(x) < tau))
+        if TMODE == 1:
+            if kind == 1:   # the threshold latch: this block's BLOCK / 8 bytes, every one rewritten
+                bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
+                packed = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+                tl.store(mask_ptr + tl.arange(0, BLOCK // 8), packed.to(tl.uint8))
     s = _f32_arg(call_ptr, 2 * n_seeds + 2) * scale_mult
     k0 = tl.load(call_ptr).to(tl.uint32)
     k1 = tl.load(call_ptr + 1).to(tl.uint32)
     if OP == 2:
         z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK)
-        tl.store(out_ptr + offs, _rne(x + s * z0, DT))
+        res = _rne(x + s * z0, DT)
+        if MASKED:
+            res = tl.where(sel, res, raw)
+        tl.store(out_ptr + offs, res)
     else:
         if HAS_PRIOR:
             p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
@@ -399,7 +428,13 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                 res = _sr(new, rb, DT)
             else:
                 res = _rne(new, DT)
-        tl.store(out_ptr + offs, res)
+        if MASKED:
+            if kind == 0:
+                tl.store(out_ptr + offs, res)
+            else:   # unselected elements are never written
+                tl.store(out_ptr + offs, res, mask=sel)
+        else:
+            tl.store(out_ptr + offs, res)
 
 @triton.jit
 def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, nsteps, entries, tid, off, kind, row_len,
@@ -504,7 +539,7 @@ def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, nste
 def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, TMODE: tl.constexpr, DT: tl.constexpr,
                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, MODE: tl.constexpr,
-               FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr):
+               FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr, MASKED: tl.constexpr = False):
     pid = tl.program_id(0).to(tl.int64)
     if MODE >= 3:   # [t, start, number of FBLOCK blocks]
         t = tl.load(prog_ptr + 3 * pid)
@@ -556,14 +591,20 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
         aligned = (gstart0 & 7) == 0
     else:
         aligned = (gstart0 & 127) == 0
-    dense = (kind == 0) & (~entries) & aligned & (((in_addr | out_addr) & 15) == 0)   # 16-byte vector access
+    # MASKED (constexpr, the host's choice per call): threshold and packed-bit masks take the fast path too.
+    if MASKED:
+        fast_kind = (kind == 0) | (kind == 1) | (kind == 2)
+    else:
+        fast_kind = kind == 0
+    dense = fast_kind & (~entries) & aligned & (((in_addr | out_addr) & 15) == 0)   # 16-byte vector access
+    mask_u8p = mask_addr.to(tl.pointer_type(tl.uint8))
     if MODE == 3:
         if dense:
             for j in range(nblk):
                 st = start + j * FBLOCK
                 _fast_block(tl.multiple_of(in_ptr + st, 16), tl.multiple_of(out_ptr + st, 16), off + st, tid,
-                            scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, OP, DIST, SR, DT, HAS_PRIOR,
-                            REUSE0, NSTAT, FBLOCK)
+                            scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (st >> 3), kind,
+                            tau, OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED)
     elif MODE == 4:
         nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
         for q in range(nsub):
@@ -573,8 +614,8 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
     elif MODE == 2:
         if dense & (start + BLOCK <= numel):
             _fast_block(tl.multiple_of(in_ptr + start, 16), tl.multiple_of(out_ptr + start, 16), gstart0, tid,
-                        scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, OP, DIST, SR, DT, HAS_PRIOR,
-                        REUSE0, NSTAT, BLOCK)
+                        scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (start >> 3), kind,
+                        tau, OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED)
     else:
         run = start >= 0
         if MODE == 1:   # FBLOCK is a multiple of BLOCK; the fast kernel's block holding `start` is full
@@ -649,7 +690,7 @@ def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: 
         nunits = mask.numel() if entries else n
         nsteps = kcols.bit_length() + 1 if ri else 0
         rows.append((theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, nunits, kcols, nsteps, int(entries)))
-        cand.append(not ri and mask.numel() == 0 and (theta.data_ptr() | out.data_ptr()) % 16 == 0)
+        cand.append(not ri and (mask.numel() == 0 or bool(MASKED_FAST)) and (theta.data_ptr() | out.data_ptr()) % 16 == 0)
     key = ("split", str(device), block, fblock, chunk, guard, tuple(rows), tuple(cand))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
@@ -769,7 +810,10 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
         gs_d = fv_d  # never read
     m64 = (1 << 64) - 1
     reuse0 = int(op == ref.OP_UPDATE and prior != 0.0 and len(seeds) > 1 and (seeds[1] & m64) == (seeds[0] & m64))
+    # MASKED compiles the fast path's mask handling only into calls that have a threshold or packed-bit mask
+    masked = bool(FAST and MASKED_FAST) and any(m_.numel() > 0 and not _is_rowidx(m_) for m_ in masks)
     consts = dict(OP=int(op), DIST=int(dist), SR=int(rounding == ref.ROUND_STOCHASTIC), TMODE=int(threshold_mode),
+                  MASKED=masked,
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
                   NSTAT=(len(seeds) if op == ref.OP_UPDATE and len(seeds) <= 4 else 0), NTAB=_NTAB,
                   enable_fp_fusion=False)

@@ -347,3 +347,54 @@ def test_fast_path_off_matches(monkeypatch, _big_block):
         res.append([e.tensor.clone() for e in pt[0].entries])
     for a, b in zip(*res):
         assert_same(a, b, "fast vs general")
+
+
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+def test_masked_fast_path_matches_general_and_reference(dist, monkeypatch, _big_block):
+    """Threshold (latch) and packed-bit masks take the fast path (MASKED_FAST): the host gives their full blocks to
+    the fast kernel, and a whole ZO step (latch written, then read; restore; update with SR; a masked copy) gives
+    the reference's bits and the general path's (MASKED_FAST off), latches included. A tensor whose size is not a
+    multiple of the block also runs its tail through the general kernel, writing the rest of the same latch."""
+    tk = _big_block
+    monkeypatch.setattr(tk, "BLOCK", 128)
+    monkeypatch.setattr(tk, "FAST_BLOCK", 256)
+    g = gen(29 + (dist == "rademacher"))
+    specs = [dict(name="bits", tensor=weights((512,), torch.bfloat16, g), tid=31,
+                  mask=("bits", torch.rand(512, generator=g) < 0.4), offset=256, full=4096),
+             dict(name="thr", tensor=weights((768 + 40,), torch.bfloat16, g), tid=32, mask=("thr", 0.04),
+                  sm=0.5, lm=2.0, wd=0.1),
+             dict(name="dense", tensor=weights((256,), torch.bfloat16, g), tid=33)]
+    # the host's split: with MASKED_FAST the masked tensors' full blocks are fast programs (2 + 3 + 1 blocks)
+    _, pt = plans(specs)
+    grp = pt[0].groups[0]
+    for on, want in ((True, 6), (False, 1)):
+        monkeypatch.setattr(tk, "MASKED_FAST", on)
+        nf = tk._split_tables(grp.tensors, grp.tensors, grp.masks, ref.OP_PERTURB, 128, 256, 1, 16,
+                              grp.tensors[0].device)[2]
+        assert nf == want, (on, nf)
+    eps, seed = 1e-3, 0xFEDCBA9876543210
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(tk, "MASKED_FAST", on)
+        pr, pt = plans(specs)
+        steps = [("perturb +eps", lambda ps, b: mk.perturb_(ps[0], seed, eps, dist=dist, backend=b)),
+                 ("perturb -eps", lambda ps, b: mk.perturb_(ps[0], seed, -eps, prior=eps, dist=dist, backend=b)),
+                 ("update", lambda ps, b: mk.update_(ps[0], [seed, 77], torch.tensor([-3e2, 5.0],
+                                                     device=ps[0].device), lr=1e-2, restore_seed=seed,
+                                                     prior=-eps, sr_seed=99, dist=dist, backend=b)),
+                 ("update, prior 0", lambda ps, b: mk.update_(ps[0], [5], torch.tensor([40.0],
+                                                              device=ps[0].device), lr=1e-2, dist=dist,
+                                                              rounding="nearest", backend=b))]
+        for what, fn in steps:
+            for backend, ps in (("reference", pr), ("triton", pt)):
+                fn(ps, backend)
+            compare_plans(pr, pt, f"{what} (MASKED_FAST={on})")
+        outs = {}
+        for backend, ps in (("reference", pr), ("triton", pt)):
+            o = [torch.full_like(e.tensor, float("nan")) for e in ps[0].entries]
+            outs[backend] = mk.perturbed_copy(ps[0], seed, 0.3, out=o, dist=dist, backend=backend)
+        for a, b, e in zip(outs["reference"], outs["triton"], pr[0].entries):
+            assert_same(a, b, f"copy {e.name} (MASKED_FAST={on})")
+        results[on] = [e.tensor.clone() for e in pt[0].entries] + [m.clone() for m in pt[0].groups[0].masks]
+    for a, b in zip(results[True], results[False]):
+        assert_same(a, b, "masked fast path vs general path")

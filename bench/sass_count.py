@@ -1,0 +1,127 @@
+"""Offline instruction counts of the Triton fast kernel (no GPU needed): compile it for sm_90, disassemble the cubin
+and count SASS instructions per element, registers and spills, per (op, distribution, dtype, prior, rounding).
+
+    python bench/sass_count.py [--out bench/results/offline_sass/sass_triton.json] [--cases core|all]
+
+Why: the Gaussian passes are issue-bound on an H100/H200 (bench/NOTES.md, "The profiler's view"), so the SASS count
+of the fast path predicts their speed: the H200 issues ~31.5 lane-instructions per element at the copy floor
+(132 SMs x 4 schedulers x 1.98 GHz over 4 bytes per bf16 element at 4.2 TB/s); Nsight Compute measured the schedulers
+busy ~79% of cycles in these kernels. The fast kernel (MODE 3, FAST_BLOCK elements per program, FAST_NUM_WARPS warps)
+is straight-line code apart from the density test and its one-iteration loop, so its static count divided by the
+elements per thread is the executed count per element (Nsight measured 53.1 for perturb_ Gaussian bf16 where this
+count gives 56, session 4). Needs triton's bundled nvdisasm / cuobjdump (triton/backends/nvidia/bin).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+import triton
+from triton.backends.compiler import GPUTarget
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mazo_kernels import triton_kernels as tk  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+SIGNATURE = {"tab_ptr": "*i64", "prog_ptr": "*i64", "meta_ptr": "*i64", "fv_ptr": "*fp32", "call_ptr": "*i64",
+             "gs_ptr": "*fp32", "n_seeds": "i32"}
+DTS = {"fp32": 0, "fp16": 1, "bf16": 2}
+
+
+def cases(which: str):
+    """(label, constexprs). OP 0 perturb_, 1 update_, 2 perturbed_copy; DIST 0 Gaussian, 1 Rademacher."""
+    out = []
+    dts = ("bf16",) if which == "core" else tuple(DTS)
+    for dt in dts:
+        for dist, dname in ((0, "gaussian"), (1, "rademacher")):
+            out.append((f"perturb_ {dname} {dt}", dict(OP=0, DIST=dist, SR=0, DT=DTS[dt], HAS_PRIOR=False, REUSE0=0,
+                                                         NSTAT=0)))
+            out.append((f"perturb_ {dname} {dt} restore", dict(OP=0, DIST=dist, SR=0, DT=DTS[dt], HAS_PRIOR=True,
+                                                                 REUSE0=0, NSTAT=0)))
+            out.append((f"update_ {dname} {dt} restore+SR", dict(OP=1, DIST=dist, SR=1, DT=DTS[dt], HAS_PRIOR=True,
+                                                                   REUSE0=1, NSTAT=2)))
+            # threshold / packed-bit masks in the fast kernel (MASKED): the latch written by the first pass, read
+            # by the restoring ones (the mask kind is a run-time value, so both store forms are in the code)
+            out.append((f"perturb_ {dname} {dt} masked, latch write", dict(OP=0, DIST=dist, SR=0, DT=DTS[dt],
+                        HAS_PRIOR=False, REUSE0=0, NSTAT=0, TMODE=1, MASKED=True)))
+            out.append((f"perturb_ {dname} {dt} masked restore", dict(OP=0, DIST=dist, SR=0, DT=DTS[dt],
+                        HAS_PRIOR=True, REUSE0=0, NSTAT=0, TMODE=2, MASKED=True)))
+            out.append((f"update_ {dname} {dt} masked restore+SR", dict(OP=1, DIST=dist, SR=1, DT=DTS[dt],
+                        HAS_PRIOR=True, REUSE0=1, NSTAT=2, TMODE=2, MASKED=True)))
+    return out
+
+
+def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
+    c = dict(TMODE=0, MASKED=False, MODE=3, FBLOCK=fblock, BLOCK=block, NTAB=tk._NTAB)
+    c.update(consts)
+    sig = dict(SIGNATURE)
+    sig.update({k: "constexpr" for k in c})
+    src = triton.compiler.ASTSource(fn=tk._zo_kernel, signature=sig, constexprs=c)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+
+
+def sass_stats(cubin: bytes) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+        path = f.name
+    try:
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", path], capture_output=True, text=True,
+                              check=True).stdout
+        res = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", path], capture_output=True, text=True,
+                             check=True).stdout
+    finally:
+        os.unlink(path)
+    instr = [ln for ln in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+\S", ln)]
+    ops = [re.sub(r"^\s*/\*[0-9a-f]+\*/\s+(@!?U?P\w+\s+)?", "", ln).split()[0].rstrip(";") for ln in instr]
+    ops = [o for o in ops if o != "NOP"]
+    regs = re.search(r"REG:(\d+)", res)
+    stack = re.search(r"STACK:(\d+)", res)
+    by_class = {}
+    for o in ops:
+        k = o.split(".")[0]
+        by_class[k] = by_class.get(k, 0) + 1
+    return {"instructions": len(ops), "registers": int(regs.group(1)) if regs else None,
+            "stack_bytes": int(stack.group(1)) if stack else None,
+            "top_opcodes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])[:12])}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--cases", default="core", choices=("core", "all"))
+    ap.add_argument("--out", default=None, help="JSON output (default: print only)")
+    args = ap.parse_args(argv)
+    fblock, warps = int(tk.FAST_BLOCK), int(tk.FAST_NUM_WARPS)
+    per_thread = fblock // (32 * warps)
+    recs = []
+    for label, consts in cases(args.cases):
+        t0 = time.time()
+        k = compile_fast(consts, warps, fblock, int(tk.BLOCK))
+        st = sass_stats(k.asm["cubin"])
+        st.update(case=label, elements_per_thread=per_thread,
+                  instructions_per_element=round(st["instructions"] / per_thread, 2),
+                  predicted_fraction_of_h200_floor=round(min(1.0, 0.79 * 31.5 / (st["instructions"] / per_thread)),
+                                                         3),
+                  compile_s=round(time.time() - t0, 1), constexprs=consts)
+        recs.append(st)
+        print(f"{label:36s} {st['instructions_per_element']:7.2f} instr/elem  {st['registers']} regs  "
+              f"stack {st['stack_bytes']} B  -> ~{100 * st['predicted_fraction_of_h200_floor']:.0f}% of H200 floor",
+              flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        head = {"what": "static SASS of the Triton fast kernel (MODE 3), sm_90, compiled offline",
+                "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"), "fast_block": fblock,
+                "num_warps": warps, "issue_budget_per_element_h200": 31.5, "issue_efficiency_assumed": 0.79}
+        with open(args.out, "w") as f:
+            json.dump({"header": head, "records": recs}, f, indent=1)
+        print("wrote", args.out)
+
+
+if __name__ == "__main__":
+    main()
