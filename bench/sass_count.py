@@ -1,7 +1,7 @@
 """Offline instruction counts of the Triton fast kernel (no GPU needed): compile it for sm_90, disassemble the cubin
 and count SASS instructions per element, registers and spills, per (op, distribution, dtype, prior, rounding).
 
-    python bench/sass_count.py [--out bench/results/offline_sass/sass_triton.json] [--cases core|all]
+    python bench/sass_count.py [--cases core|all] [--cuda] [--out bench/results/offline_sass/sass_counts.json]
 
 Why: the Gaussian passes are issue-bound on an H100/H200 (bench/NOTES.md, "The profiler's view"), so the SASS count
 of the fast path predicts their speed: the H200 issues ~31.5 lane-instructions per element at the copy floor
@@ -92,11 +92,59 @@ def sass_stats(cubin: bytes) -> dict:
             "top_opcodes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])[:12])}
 
 
+def cuda_kernels(cuda_home: str) -> list:
+    """ptxas -v of csrc/zo_cuda.cu for sm_90 (the build's flags): registers, spills and stack per kernel
+    instantiation. Static counts of the CUDA kernel are not per-element figures (one kernel holds every mask path), so
+    only the register budget is reported: it sets the warps per SM that hide the loads' latency."""
+    import sysconfig
+    from torch.utils import cpp_extension
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    incs = [os.path.join(root, "csrc")] + cpp_extension.include_paths() + [os.path.join(cuda_home, "include"),
+                                                                          sysconfig.get_paths()["include"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-cubin", "-o", os.path.join(tmp, "k.cubin"),
+               os.path.join(root, "csrc", "zo_cuda.cu"), "-O3", "--fmad=false", "--prec-div=true", "--prec-sqrt=true",
+               "--ftz=false", "-std=c++20", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90",
+               "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+               "-D__CUDA_NO_HALF2_OPERATORS__", "-DTORCH_EXTENSION_NAME=_C_cuda", "-Xptxas", "-v"]
+        cmd += [f"-I{i}" for i in incs]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(out.stderr[-3000:])
+    recs, cur, spill = [], None, (0, 0)
+    for ln in out.stderr.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)'", ln)
+        if m:
+            cur = m.group(1)
+        m = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ln)
+        if m:
+            spill = (int(m.group(1)), int(m.group(2)))
+        m = re.search(r"Used (\d+) registers", ln)
+        if m and cur:
+            t = re.search(r"zo_apply_kernelILi(\d)ELi(\d)ELi(n?\d+)E", cur)
+            dt, minb, spec = (int(t.group(1)), int(t.group(2)), int(t.group(3).replace("n", "-"))) if t else (None,) * 3
+            what = "generic" if spec == -1 else (["perturb_", "update_", "perturbed_copy"][spec // 4]
+                                                  + (" with prior" if spec & 2 else "")
+                                                  + (" rademacher" if spec & 1 else " gaussian"))
+            recs.append({"kernel": what, "dtype": {0: "fp32", 1: "fp16", 2: "bf16"}.get(dt), "min_blocks": minb,
+                         "registers": int(m.group(1)), "spill_store_bytes": spill[0], "spill_load_bytes": spill[1]})
+            cur = None
+    return recs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="core", choices=("core", "all"))
     ap.add_argument("--out", default=None, help="JSON output (default: print only)")
+    ap.add_argument("--cuda", action="store_true", help="also ptxas -v of the CUDA kernels (needs nvcc; ~2 min)")
     args = ap.parse_args(argv)
+    cuda_recs = []
+    if args.cuda:
+        home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+        cuda_recs = cuda_kernels(home)
+        for r in cuda_recs:
+            print(f"CUDA {r['kernel']:32s} {r['dtype']:5s} min_blocks {r['min_blocks']}  {r['registers']} registers  "
+                  f"spills {r['spill_store_bytes']} / {r['spill_load_bytes']} B", flush=True)
     fblock, warps = int(tk.FAST_BLOCK), int(tk.FAST_NUM_WARPS)
     per_thread = fblock // (32 * warps)
     recs = []
@@ -119,7 +167,7 @@ def main(argv=None):
                 "triton": triton.__version__, "date": time.strftime("%Y-%m-%d"), "fast_block": fblock,
                 "num_warps": warps, "issue_budget_per_element_h200": 31.5, "issue_efficiency_assumed": 0.79}
         with open(args.out, "w") as f:
-            json.dump({"header": head, "records": recs}, f, indent=1)
+            json.dump({"header": head, "records": recs, "cuda_kernels": cuda_recs}, f, indent=1)
         print("wrote", args.out)
 
 

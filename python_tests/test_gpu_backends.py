@@ -140,7 +140,7 @@ def test_cuda_and_triton_agree_on_a_tensor_past_2_31_elements():
 def test_cuda_specialised_and_generic_kernels_match_reference(dtype, dist, spec, monkeypatch):
     """The CUDA extension runs perturb_ and the restoring update_ in kernels specialised on (op, prior != 0, dist);
     MAZO_CUDA_SPEC=0 forces the generic kernel. Both against the reference, on tensors spanning several blocks of
-    8192 elements (the block -> tensor walk), with a mask and an unaligned global offset among them."""
+    8192 elements (the block -> tensor walk), with masks and an unaligned global offset among them."""
     monkeypatch.setenv("MAZO_CUDA_SPEC", spec)
     gen = torch.Generator().manual_seed(hash((str(dtype), dist, spec)) % 2 ** 31)
     sizes = [70001, 3 * 8192, 65544, 17, 8200, 5000]
@@ -148,13 +148,17 @@ def test_cuda_specialised_and_generic_kernels_match_reference(dtype, dist, spec,
     w_cpu = [t.cpu().clone() for t in w_gpu]
     kw = {1: dict(scale_mult=0.5, lr_mult=2.0, weight_decay=0.1), 4: dict(global_offset=8 * 1001 + 5,
                                                                        full_numel=10 ** 6)}
-    masks_gpu = {5: mk.ThresholdMask(0.02)}
-    masks_cpu = {5: mk.ThresholdMask(0.02)}
+    bits = torch.rand(sizes[2], generator=gen) < 0.4
+    masks_gpu = {5: mk.ThresholdMask(0.02), 0: mk.ThresholdMask(0.03), 2: mk.BitMask.from_bool(bits.cuda())}
+    masks_cpu = {5: mk.ThresholdMask(0.02), 0: mk.ThresholdMask(0.03), 2: mk.BitMask.from_bool(bits)}
     p_gpu, p_cpu = _plan(w_gpu, masks_gpu, kw), _plan(w_cpu, masks_cpu, kw)
 
     def same(what):
         bad = [i for i, (a, c) in enumerate(zip(w_gpu, w_cpu)) if not torch.equal(_bits(a), _bits(c))]
         assert not bad, f"{what}: tensors {bad} differ from the reference (MAZO_CUDA_SPEC={spec})"
+        lat = [i for i, (a, c) in enumerate(zip(p_gpu.groups[0].masks, p_cpu.groups[0].masks))
+               if not torch.equal(a.cpu(), c)]
+        assert not lat, f"{what}: masks / latches {lat} differ from the reference"
 
     seed, eps = 2 ** 63 + 12345, 1e-3
     for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):
@@ -173,3 +177,13 @@ def test_cuda_specialised_and_generic_kernels_match_reference(dtype, dist, spec,
             for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):
                 mk.perturb_(plan, seed, -eps, dist=dist, backend=b)   # carry a perturbation into the next restore
             same("perturb_ between updates")
+    for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):   # prior 0: the threshold evaluated, no latch
+        gg = torch.tensor([0.2], device="cuda") if b == "cuda" else [0.2]
+        mk.update_(plan, [11], gg, lr=1e-2, rounding="nearest", dist=dist, backend=b)
+    same("update_ with prior 0")
+    copies = {}
+    for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):
+        outs = [torch.full_like(e.tensor, float("nan")) for e in plan.entries]
+        copies[b] = mk.perturbed_copy(plan, seed, 0.3, out=outs, dist=dist, backend=b)
+    bad = [i for i, (a, c) in enumerate(zip(copies["cuda"], copies["reference"])) if not torch.equal(_bits(a), _bits(c))]
+    assert not bad, f"perturbed_copy: tensors {bad} differ from the reference"
