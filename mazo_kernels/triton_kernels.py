@@ -335,12 +335,15 @@ def _rbits8(row0, tid, k0, k1, R: tl.constexpr):
 
 
 @triton.jit
-def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr):
-    """Noise of the aligned dense block starting at global index gstart: [BLOCK // 8, 8] Gaussian, [BLOCK] signs."""
+def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+    """Noise of the aligned dense block starting at global index gstart: [BLOCK // 8, 8] Gaussian; signs as [BLOCK],
+    or as [BLOCK // 8, 8] when ROWS (the masked fast path's layout: one mask byte per row)."""
     if DIST == 0:
         z = _gauss8(gstart >> 3, tid, k0, k1, BLOCK // 8)
     else:
         z = _rad_rows(gstart >> 7, tid, k0, k1, BLOCK)
+        if ROWS:
+            z = tl.reshape(z, [BLOCK // 8, 8])
     return z
 
 
@@ -354,7 +357,8 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
     MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold or packed bits
     (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes); the selection as in _general_block, the
     threshold latch written in TMODE 1, and only selected elements stored (perturbed_copy stores them all)."""
-    if DIST == 0:
+    ROWS: tl.constexpr = DIST == 0 or MASKED
+    if ROWS:
         offs = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
     else:
         offs = tl.arange(0, BLOCK)
@@ -367,12 +371,8 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             rd = kind != 0
         else:
             rd = kind == 2
-        if DIST == 0:   # one mask byte per row of the [BLOCK // 8, 8] tile
-            byte = tl.load(mask_ptr + tl.arange(0, BLOCK // 8), mask=rd, other=255).to(tl.int32)
-            sel = ((byte[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0
-        else:
-            byte = tl.load(mask_ptr + (offs >> 3), mask=rd, other=255).to(tl.int32)
-            sel = ((byte >> (offs & 7)) & 1) != 0
+        byte = tl.load(mask_ptr + tl.arange(0, BLOCK // 8), mask=rd, other=255).to(tl.int32)   # one per row
+        sel = ((byte[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0
         if TMODE != 2:   # the threshold rule on the stored values (kind 1)
             sel = sel & ((kind != 1) | (tl.abs(x) < tau))
         if TMODE == 1:
@@ -384,7 +384,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
     k0 = tl.load(call_ptr).to(tl.uint32)
     k1 = tl.load(call_ptr + 1).to(tl.uint32)
     if OP == 2:
-        z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK)
+        z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS)
         res = _rne(x + s * z0, DT)
         if MASKED:
             res = tl.where(sel, res, raw)
@@ -392,13 +392,13 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
     else:
         if HAS_PRIOR:
             p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
-            z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK)
+            z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS)
             base = _invert_rounding(x, p * z0, DT)
         else:
             base = x
         if OP == 0:
             if not HAS_PRIOR:
-                z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK)
+                z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS)
             res = _rne(base + s * z0, DT)
         else:
             acc = tl.zeros(offs.shape, tl.float32)
@@ -409,13 +409,13 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                     gk = tl.load(gs_ptr + (k - 1)) * g_mult
                     kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
                     kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
-                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK)
+                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, ROWS)
             else:
                 for k in range(1 + REUSE0, n_seeds):
                     gk = tl.load(gs_ptr + (k - 1)) * g_mult
                     kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
                     kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
-                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK)
+                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, ROWS)
             step = acc + wd * base
             lr = _f32_arg(call_ptr, 2 * n_seeds + 4)
             new = base - (lr * lr_mult) * step
@@ -423,7 +423,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                 sk0 = tl.load(call_ptr + 2 * n_seeds).to(tl.uint32)
                 sk1 = tl.load(call_ptr + 2 * n_seeds + 1).to(tl.uint32)
                 rb = _rbits8(gstart >> 3, tid, sk0, sk1, BLOCK // 8)
-                if DIST != 0:
+                if not ROWS:
                     rb = tl.reshape(rb, [BLOCK])
                 res = _sr(new, rb, DT)
             else:
