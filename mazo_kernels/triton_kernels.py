@@ -32,6 +32,13 @@ SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked 
 MASKED_FAST = True   # threshold and packed-bit masks take the fast path too (False: only unmasked tensors do)
 CHUNK = 1            # FBLOCK blocks per fast program (SPLIT)
 GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SPLIT)
+# bf16 nearest-even by the hardware conversion (cvt.rn.bf16x2.f32, IEEE nearest-even; its NaN replaced by the spec's
+# 0x7FC0) instead of integer operations on the float32 bits. Compiled kernels only: the interpreter's cast truncates.
+# Off unless MAZO_TRITON_HW_BF16=1 at import, until a GPU run has checked its bits against the reference
+# (python_tests/test_gpu_backends.py and test_triton_backend.py under that variable); a constexpr, so it is fixed
+# per process.
+HW_BF16 = tl.constexpr(os.environ.get("MAZO_TRITON_HW_BF16", "0") == "1"
+                       and os.environ.get("TRITON_INTERPRET", "0") != "1")
 _NTAB = 8             # int64 columns of the per-tensor table
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
@@ -214,6 +221,8 @@ def _rne(x, DT: tl.constexpr):
         y = x
     elif DT == 1:
         y = x.to(tl.float16)
+    elif HW_BF16:
+        y = tl.where(x != x, 0x7FC0, x.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32)).to(tl.uint16)
     else:
         b = x.to(tl.uint32, bitcast=True)
         r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
@@ -258,7 +267,11 @@ def _invert_rounding(w, d, DT: tl.constexpr):
     c0 = _bits_f32(b0, DT)
     b1 = tl.where(y.to(tl.uint32, bitcast=True) > c0.to(tl.uint32, bitcast=True), b0 + 1, b0 - 1)
     c1 = _bits_f32(b1, DT)
-    if DT == 2:
+    if DT == 2 and HW_BF16:   # nothing here can be NaN: the hardware conversion needs no fix-up
+        wb = w.to(tl.uint32, bitcast=True) >> 16
+        ok0 = (c0 + d).to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32) == wb
+        ok1 = (c1 + d).to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32) == wb
+    elif DT == 2:
         wb = w.to(tl.uint32, bitcast=True) >> 16
         s0 = (c0 + d).to(tl.uint32, bitcast=True)
         s1 = (c1 + d).to(tl.uint32, bitcast=True)
