@@ -363,11 +363,13 @@ def test_masked_fast_path_matches_general_and_reference(dist, monkeypatch, _big_
                   mask=("bits", torch.rand(512, generator=g) < 0.4), offset=256, full=4096),
              dict(name="thr", tensor=weights((768 + 40,), torch.bfloat16, g), tid=32, mask=("thr", 0.04),
                   sm=0.5, lm=2.0, wd=0.1),
-             dict(name="dense", tensor=weights((256,), torch.bfloat16, g), tid=33)]
-    # the host's split: with MASKED_FAST the masked tensors' full blocks are fast programs (2 + 3 + 1 blocks)
+             dict(name="dense", tensor=weights((256,), torch.bfloat16, g), tid=33),
+             dict(name="thr_odd", tensor=weights((512,), torch.bfloat16, g), tid=34, mask=("thr", 0.03), offset=3,
+                  full=515)]   # an unaligned offset: its fast blocks fall back to the general path on the device
+    # the host's split: with MASKED_FAST the masked tensors' full blocks are fast programs (2 + 3 + 1 + 2 blocks)
     _, pt = plans(specs)
     grp = pt[0].groups[0]
-    for on, want in ((True, 6), (False, 1)):
+    for on, want in ((True, 8), (False, 1)):
         monkeypatch.setattr(tk, "MASKED_FAST", on)
         nf = tk._split_tables(grp.tensors, grp.tensors, grp.masks, ref.OP_PERTURB, 128, 256, 1, 16,
                               grp.tensors[0].device)[2]
