@@ -23,7 +23,9 @@ DEPENDS = [os.path.join(CSRC, f) for f in ("zo_noise.h", "zo_apply_common.h", "z
 # Bits must match reference.py: no FMA contraction, no fast-math, IEEE division and sqrt.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]  # torch adds the -std it needs (c++17 or c++20)
 NVCC_FLAGS = ["-O3", "--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false",
-              "-Xcompiler", "-ffp-contract=off"]
+              "-Xcompiler", "-ffp-contract=off",
+              # one .cu file holds every kernel instantiation: compile the architectures in parallel
+              "--threads", str(max(1, min(4, os.cpu_count() or 1)))]
 
 
 def _cuda_home():
