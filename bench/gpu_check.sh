@@ -4,7 +4,8 @@
 # Knobs (environment):
 #   SKIP_BUILD=1     use the installed package          SKIP_TESTS=1   skip the GPU test suites
 #   TEST_VARIANT_ENV="VAR=value ..."  run the CUDA tests once more with these variables set
-#   TRITON_HW_BF16_CHECK=1  bench/check_bf16_cvt.py (all 2^32 inputs) and the Triton GPU tests under MAZO_TRITON_HW_BF16=1
+#   HW_BF16_CHECK=1  the gated hardware bf16 rounding: bench/check_bf16_cvt.cu and .py (all 2^32 inputs), then the
+#                    GPU suites under MAZO_TRITON_HW_BF16=1 MAZO_CUDA_HW_BF16=1
 #   CPU_SUITE=0      skip test_cpu_backend.py through the CUDA backend   WARM_TRITON=1  compile Triton during the build
 #   OLD_BENCH=0      skip bench_transform.py / bench_ops.py (the single-tensor first looks; default 1)
 #   MATRIX=core|full|none   bench/bench_matrix.py selection (default core); MATRIX_ARGS: extra arguments for it,
@@ -43,15 +44,19 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
   if [ "${CPU_SUITE:-1}" = 1 ]; then
     MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py ${PYTEST_EXTRA:-} 2>&1 | tee "$OUT/cuda_via_cpu_suite.log" | tail -3
   fi
-  if [ "${TRITON_HW_BF16_CHECK:-0}" = 1 ]; then  # the gated hardware bf16 rounding of the Triton kernels
-    python3 bench/check_bf16_cvt.py --out "$OUT/bf16_cvt_check.json" 2>&1 | tail -2
-    MAZO_TRITON_HW_BF16=1 python3 -m pytest -q python_tests/test_triton_backend.py python_tests/test_gpu_backends.py \
-      -k "triton or masked or fast or step" 2>&1 | tee "$OUT/gpu_tests_triton_hw_bf16.log" | tail -3
-  fi
   if [ -n "${TEST_VARIANT_ENV:-}" ]; then  # e.g. TEST_VARIANT_ENV=MAZO_CUDA_WAVES=1: the GPU suite once more under it
     env $TEST_VARIANT_ENV python3 -m pytest -q python_tests/test_gpu_backends.py -k "${TEST_VARIANT_K:-cuda}" 2>&1 | tee "$OUT/gpu_tests_variant.log" | tail -3
     env $TEST_VARIANT_ENV MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py 2>&1 | tee -a "$OUT/gpu_tests_variant.log" | tail -3
   fi
+fi
+if [ "${HW_BF16_CHECK:-0}" = 1 ]; then  # the gated hardware bf16 rounding (Triton and CUDA)
+  nvcc -std=c++17 -arch=sm_90 --fmad=false -Icsrc bench/check_bf16_cvt.cu -o /tmp/check_bf16_cvt \
+    && /tmp/check_bf16_cvt | tee "$OUT/bf16_cvt_check_cuda.json"
+  python3 bench/check_bf16_cvt.py --out "$OUT/bf16_cvt_check_triton.json" 2>&1 | tail -2
+  MAZO_TRITON_HW_BF16=1 MAZO_CUDA_HW_BF16=1 python3 -m pytest -q python_tests/test_triton_backend.py \
+    python_tests/test_gpu_backends.py 2>&1 | tee "$OUT/gpu_tests_hw_bf16.log" | tail -3
+  MAZO_CUDA_HW_BF16=1 MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py 2>&1 \
+    | tee -a "$OUT/gpu_tests_hw_bf16.log" | tail -3
 fi
 if [ "${OLD_BENCH:-1}" = 1 ]; then
   PYTHONPATH=.:bench python3 bench/bench_transform.py --out "$OUT" 2>&1 | tail -40

@@ -307,7 +307,10 @@ const void* spec_kernel_dt(int spec) {
 }
 
 const void* spec_kernel(int dt, int spec) {
-  return dt == DT_F32 ? spec_kernel_dt<DT_F32>(spec) : dt == DT_F16 ? spec_kernel_dt<DT_F16>(spec) : spec_kernel_dt<DT_BF16>(spec);
+  return dt == DT_F32       ? spec_kernel_dt<DT_F32>(spec)
+         : dt == DT_F16     ? spec_kernel_dt<DT_F16>(spec)
+         : dt == DT_BF16_HW ? spec_kernel_dt<DT_BF16_HW>(spec)
+                            : spec_kernel_dt<DT_BF16>(spec);
 }
 
 bool capturing(cudaStream_t stream) {
@@ -456,11 +459,16 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   const char* minb_env = std::getenv("MAZO_CUDA_MINBLOCKS");
   if (minb_env) minb = std::atoi(minb_env);
   const bool minb3 = dt == DT_BF16 && minb == 3;
-  const void* kfn = spec >= 0      ? spec_kernel(dt, spec)
-                    : dt == DT_F32 ? (const void*)zo_apply_kernel<DT_F32>
-                    : dt == DT_F16 ? (const void*)zo_apply_kernel<DT_F16>
-                    : minb3        ? (const void*)zo_apply_kernel<DT_BF16, 3>
-                                   : (const void*)zo_apply_kernel<DT_BF16>;
+  // bf16 rounded by the hardware conversion (same bits; off unless MAZO_CUDA_HW_BF16=1 until a GPU run has checked
+  // it: bench/check_bf16_cvt.cu and the GPU tests under the variable). Read per call.
+  const char* hw_env = std::getenv("MAZO_CUDA_HW_BF16");
+  const int kdt = dt == DT_BF16 && hw_env && std::atoi(hw_env) == 1 ? DT_BF16_HW : dt;
+  const void* kfn = spec >= 0             ? spec_kernel(kdt, spec)
+                    : kdt == DT_F32       ? (const void*)zo_apply_kernel<DT_F32>
+                    : kdt == DT_F16       ? (const void*)zo_apply_kernel<DT_F16>
+                    : kdt == DT_BF16_HW   ? (const void*)zo_apply_kernel<DT_BF16_HW>
+                    : minb3               ? (const void*)zo_apply_kernel<DT_BF16, 3>
+                                          : (const void*)zo_apply_kernel<DT_BF16>;
   if (waves > 0) {
     int per_sm = 0, sms = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kfn, THREADS, 0));

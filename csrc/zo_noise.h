@@ -368,6 +368,34 @@ struct Storage<DT_BF16> {
   MAZO_HD static bits_t sr(float x, uint32_t r) { return (bits_t)sr_bf16_bits(x, r); }
 };
 
+// bf16 whose nearest-even rounding is the hardware conversion (cvt.rn.bf16.f32, IEEE nearest-even; its NaN replaced
+// by the spec's 0x7FC0) instead of integer operations: the same bits for every float32 input, on the device
+// (bench/check_bf16_cvt.cu checks all 2^32). The CUDA extension uses it only with MAZO_CUDA_HW_BF16=1 until a GPU
+// run has checked it; elsewhere (host code, older GPUs) it is Storage<DT_BF16>.
+constexpr int DT_BF16_HW = 3;
+
+template <>
+struct Storage<DT_BF16_HW> : Storage<DT_BF16> {
+  MAZO_HD static bits_t rne(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return x != x ? (bits_t)0x7FC0u : (bits_t)r;
+#else
+    return Storage<DT_BF16>::rne(x);
+#endif
+  }
+  MAZO_HD static bits_t rne_not_nan(float x) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned short r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(x));
+    return (bits_t)r;
+#else
+    return Storage<DT_BF16>::rne_not_nan(x);
+#endif
+  }
+};
+
 // The base a pass starts from when the stored value w carries the shift d = p*z (reference.invert_rounding and
 // docs/NOISE_SPEC.md, "Restore"): c0 = rne(w - d), unless rounding lost a bit and two storage values map to w; then
 // the one with the even bit pattern, so that a weight moved once by a lost bit is returned exactly ever after.
