@@ -349,8 +349,8 @@ def test_fast_path_off_matches(monkeypatch, _big_block):
         assert_same(a, b, "fast vs general")
 
 
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
-def test_masked_fast_path_matches_general_and_reference(dist, monkeypatch, _big_block):
+@pytest.mark.parametrize("dist,split", [("gaussian", True), ("rademacher", True), ("gaussian", False)])
+def test_masked_fast_path_matches_general_and_reference(dist, split, monkeypatch, _big_block):
     """Threshold (latch) and packed-bit masks take the fast path (MASKED_FAST): the host gives their full blocks to
     the fast kernel, and a whole ZO step (latch written, then read; restore; update with SR; a masked copy) gives
     the reference's bits and the general path's (MASKED_FAST off), latches included. A tensor whose size is not a
@@ -358,6 +358,7 @@ def test_masked_fast_path_matches_general_and_reference(dist, monkeypatch, _big_
     tk = _big_block
     monkeypatch.setattr(tk, "BLOCK", 128)
     monkeypatch.setattr(tk, "FAST_BLOCK", 256)
+    monkeypatch.setattr(tk, "SPLIT", split)   # False: the older two-launch layout (fast kernel, then general)
     g = gen(29 + (dist == "rademacher"))
     specs = [dict(name="bits", tensor=weights((512,), torch.bfloat16, g), tid=31,
                   mask=("bits", torch.rand(512, generator=g) < 0.4), offset=256, full=4096),
