@@ -843,7 +843,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     m64 = (1 << 64) - 1
     reuse0 = int(op == ref.OP_UPDATE and prior != 0.0 and len(seeds) > 1 and (seeds[1] & m64) == (seeds[0] & m64))
     # MASKED compiles the fast path's mask handling only into calls that have a threshold or packed-bit mask
-    masked = bool(FAST and MASKED_FAST) and any(m_.numel() > 0 and not _is_rowidx(m_) for m_ in masks)
+    # (filter walks the masks at C speed: a dense call's masks are all empty and none reaches Python)
+    masked = bool(FAST and MASKED_FAST) and any(not _is_rowidx(m_) for m_ in filter(_NUMEL, masks))
     consts = dict(OP=int(op), DIST=int(dist), SR=int(rounding == ref.ROUND_STOCHASTIC), TMODE=int(threshold_mode),
                   MASKED=masked,
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
