@@ -103,6 +103,16 @@ def compare_plans(pr, pt, what):
                 assert_same(ma, mb, f"{what}: mask/latch")
 
 
+def compare_copies(pr, pt, seed, dist, what):
+    """perturbed_copy of the first plan into NaN-filled outputs, reference against triton."""
+    outs = {}
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        o = [torch.full_like(e.tensor, float("nan")) for e in ps[0].entries]
+        outs[backend] = mk.perturbed_copy(ps[0], seed, 0.3, out=o, dist=dist, backend=backend)
+    for a, b, e in zip(outs["reference"], outs["triton"], pr[0].entries):
+        assert_same(a, b, f"{what} {e.name}")
+
+
 def rowidx(rows, cols, k, g):
     if k == 0:
         return torch.zeros(rows, 0, dtype=torch.int32)
@@ -324,12 +334,7 @@ def test_fast_path_mixed_call(dtype, dist, monkeypatch, _big_block):
             mk.update_(ps[0], seeds, gs, lr=1e-2, restore_seed=seed, prior=eps, sr_seed=3, dist=dist,
                        backend=backend)
         compare_plans(pr, pt, f"update seeds={seeds}")
-    outs = {}
-    for backend, ps in (("reference", pr), ("triton", pt)):
-        o = [torch.full_like(e.tensor, float("nan")) for e in ps[0].entries]
-        outs[backend] = mk.perturbed_copy(ps[0], seed, 0.3, out=o, dist=dist, backend=backend)
-    for a, b, e in zip(outs["reference"], outs["triton"], pr[0].entries):
-        assert_same(a, b, f"copy {e.name}")
+    compare_copies(pr, pt, seed, dist, "copy")
 
 
 def test_fast_path_off_matches(monkeypatch, _big_block):
@@ -392,12 +397,7 @@ def test_masked_fast_path_matches_general_and_reference(dist, split, monkeypatch
             for backend, ps in (("reference", pr), ("triton", pt)):
                 fn(ps, backend)
             compare_plans(pr, pt, f"{what} (MASKED_FAST={on})")
-        outs = {}
-        for backend, ps in (("reference", pr), ("triton", pt)):
-            o = [torch.full_like(e.tensor, float("nan")) for e in ps[0].entries]
-            outs[backend] = mk.perturbed_copy(ps[0], seed, 0.3, out=o, dist=dist, backend=backend)
-        for a, b, e in zip(outs["reference"], outs["triton"], pr[0].entries):
-            assert_same(a, b, f"copy {e.name} (MASKED_FAST={on})")
+        compare_copies(pr, pt, seed, dist, f"copy (MASKED_FAST={on})")
         results[on] = [e.tensor.clone() for e in pt[0].entries] + [m.clone() for m in pt[0].groups[0].masks]
     for a, b in zip(results[True], results[False]):
         assert_same(a, b, "masked fast path vs general path")
