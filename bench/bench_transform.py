@@ -19,7 +19,8 @@ from mazo_kernels import reference as R
 
 
 @triton.jit
-def _philox(c0, c1, c2, c3, k0, k1):
+def _philox(c0, c1, c2, c3, k0, k1, ROUNDS: tl.constexpr = 10):
+    """Philox4x32 with ROUNDS rounds (10: Random123's, the spec's; fewer only in bench_transform_ablation.py)."""
     c0 = c0.to(tl.uint32, bitcast=True)
     c1 = c1.to(tl.uint32, bitcast=True)
     c2 = c2.to(tl.uint32, bitcast=True)
@@ -28,7 +29,7 @@ def _philox(c0, c1, c2, c3, k0, k1):
     k1 = k1.to(tl.uint32, bitcast=True)
     A: tl.constexpr = 0xD2511F53
     B: tl.constexpr = 0xCD9E8D57
-    for _ in tl.static_range(10):
+    for _ in tl.static_range(ROUNDS):
         _c0, _c2 = c0, c2
         c0 = tl.umulhi(_c2, B) ^ c1 ^ k0
         c2 = tl.umulhi(_c0, A) ^ c3 ^ k1

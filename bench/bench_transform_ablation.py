@@ -31,22 +31,7 @@ import triton
 import triton.language as tl
 
 from mazo_kernels import reference as R
-from bench_transform import _angle, _rne_bf16, bench    # the v1 kernel's own stages and timer (bench/ is on the path)
-
-
-@triton.jit
-def _philox(c0, c1, c2, c3, k0, k1, ROUNDS: tl.constexpr):
-    A: tl.constexpr = 0xD2511F53
-    B: tl.constexpr = 0xCD9E8D57
-    for _ in tl.static_range(ROUNDS):
-        _c0, _c2 = c0, c2
-        c0 = tl.umulhi(_c2, B) ^ c1 ^ k0
-        c2 = tl.umulhi(_c0, A) ^ c3 ^ k1
-        c1 = _c2 * B
-        c3 = _c0 * A
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
-    return c0, c1, c2, c3
+from bench_transform import _angle, _philox, _rne_bf16, bench    # the v1 kernel's own stages and timer (bench/ is on the path)
 
 
 @triton.jit
