@@ -4,8 +4,8 @@
 # Knobs (environment):
 #   SKIP_BUILD=1     use the installed package          SKIP_TESTS=1   skip the GPU test suites
 #   TEST_VARIANT_ENV="VAR=value ..."  run the CUDA tests once more with these variables set
-#   HW_BF16_CHECK=1  the gated hardware bf16 rounding: bench/check_bf16_cvt.cu and .py (all 2^32 inputs), then the
-#                    GPU suites under MAZO_TRITON_HW_BF16=1 MAZO_CUDA_HW_BF16=1
+#   HW_BF16_CHECK=1  the hardware bf16 rounding (the default): bench/check_bf16_cvt.cu and .py (all 2^32 inputs),
+#                    then the GPU suites once more with the integer rounding (MAZO_TRITON_HW_BF16=0 MAZO_CUDA_HW_BF16=0)
 #   CPU_SUITE=0      skip test_cpu_backend.py through the CUDA backend   WARM_TRITON=1  compile Triton during the build
 #   OLD_BENCH=0      skip bench_transform.py / bench_ops.py (the single-tensor first looks; default 1)
 #   MATRIX=core|full|none   bench/bench_matrix.py selection (default core); MATRIX_ARGS: extra arguments for it,
@@ -49,14 +49,14 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
     env $TEST_VARIANT_ENV MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py 2>&1 | tee -a "$OUT/gpu_tests_variant.log" | tail -3
   fi
 fi
-if [ "${HW_BF16_CHECK:-0}" = 1 ]; then  # the gated hardware bf16 rounding (Triton and CUDA)
+if [ "${HW_BF16_CHECK:-0}" = 1 ]; then  # the hardware bf16 rounding (Triton and CUDA), and the integer path's suites
   nvcc -std=c++17 -arch=sm_90 --fmad=false -Icsrc bench/check_bf16_cvt.cu -o /tmp/check_bf16_cvt \
     && /tmp/check_bf16_cvt | tee "$OUT/bf16_cvt_check_cuda.json"
   python3 bench/check_bf16_cvt.py --out "$OUT/bf16_cvt_check_triton.json" 2>&1 | tail -2
-  MAZO_TRITON_HW_BF16=1 MAZO_CUDA_HW_BF16=1 python3 -m pytest -q python_tests/test_triton_backend.py \
-    python_tests/test_gpu_backends.py 2>&1 | tee "$OUT/gpu_tests_hw_bf16.log" | tail -3
-  MAZO_CUDA_HW_BF16=1 MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py 2>&1 \
-    | tee -a "$OUT/gpu_tests_hw_bf16.log" | tail -3
+  MAZO_TRITON_HW_BF16=0 MAZO_CUDA_HW_BF16=0 python3 -m pytest -q python_tests/test_triton_backend.py \
+    python_tests/test_gpu_backends.py 2>&1 | tee "$OUT/gpu_tests_int_bf16.log" | tail -3
+  MAZO_CUDA_HW_BF16=0 MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py 2>&1 \
+    | tee -a "$OUT/gpu_tests_int_bf16.log" | tail -3
 fi
 if [ "${OLD_BENCH:-1}" = 1 ]; then
   PYTHONPATH=.:bench python3 bench/bench_transform.py --out "$OUT" 2>&1 | tail -40

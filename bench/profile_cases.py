@@ -20,12 +20,13 @@ import mazo_kernels as mk
 
 def cases(plan, backend):
     s, sr = 0x1234_5678_9ABC_DEF0, 0x0FED_CBA9_8765_4321
+    grad = torch.full((1,), 0.5, device=plan.device)   # made here: a fill inside the lambda is a profiled launch too
     return [
         ("perturb_gaussian", lambda: mk.perturb_(plan, s, 1e-3, dist="gaussian", backend=backend)),
         ("perturb_rademacher", lambda: mk.perturb_(plan, s, 1e-3, dist="rademacher", backend=backend)),
         ("perturb_gaussian_restore", lambda: mk.perturb_(plan, s, -1e-3, prior=1e-3, dist="gaussian",
                                                          backend=backend)),
-        ("update_gaussian_restore_sr", lambda: mk.update_(plan, [s], torch.full((1,), 0.5, device=plan.device),
+        ("update_gaussian_restore_sr", lambda: mk.update_(plan, [s], grad,
                                                           lr=1e-5, restore_seed=s, prior=-1e-3, sr_seed=sr,
                                                           dist="gaussian", backend=backend)),
     ]

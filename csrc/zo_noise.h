@@ -370,8 +370,8 @@ struct Storage<DT_BF16> {
 
 // bf16 whose nearest-even rounding is the hardware conversion (cvt.rn.bf16.f32, IEEE nearest-even; its NaN replaced
 // by the spec's 0x7FC0) instead of integer operations: the same bits for every float32 input, on the device
-// (bench/check_bf16_cvt.cu checks all 2^32). The CUDA extension uses it only with MAZO_CUDA_HW_BF16=1 until a GPU
-// run has checked it; elsewhere (host code, older GPUs) it is Storage<DT_BF16>.
+// (bench/check_bf16_cvt.cu checked all 2^32 on an H200: bench/results/h200_2026-12-01/s8_hw_bf16/). The CUDA
+// extension's bf16 calls use it unless MAZO_CUDA_HW_BF16=0; elsewhere (host code, older GPUs) it is Storage<DT_BF16>.
 constexpr int DT_BF16_HW = 3;
 
 template <>

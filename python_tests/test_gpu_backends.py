@@ -134,15 +134,17 @@ def test_cuda_and_triton_agree_on_a_tensor_past_2_31_elements():
 
 
 @pytest.mark.skipif(not mk.has_cuda(), reason="needs the CUDA extension")
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,hw_bf16", [(d, "1") for d in DTYPES] + [(torch.bfloat16, "0")])
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("spec", ["1", "0"])
-def test_cuda_specialised_and_generic_kernels_match_reference(dtype, dist, spec, monkeypatch):
+def test_cuda_specialised_and_generic_kernels_match_reference(dtype, hw_bf16, dist, spec, monkeypatch):
     """The CUDA extension runs perturb_ and the restoring update_ in kernels specialised on (op, prior != 0, dist);
     MAZO_CUDA_SPEC=0 forces the generic kernel. Both against the reference, on tensors spanning several blocks of
-    8192 elements (the block -> tensor walk), with masks and an unaligned global offset among them."""
+    8192 elements (the block -> tensor walk), with masks and an unaligned global offset among them. bf16 runs with
+    the hardware rounding (the default) and with MAZO_CUDA_HW_BF16=0 (integer rounding)."""
     monkeypatch.setenv("MAZO_CUDA_SPEC", spec)
-    gen = torch.Generator().manual_seed(hash((str(dtype), dist, spec)) % 2 ** 31)
+    monkeypatch.setenv("MAZO_CUDA_HW_BF16", hw_bf16)
+    gen = torch.Generator().manual_seed(hash((str(dtype), dist, spec, hw_bf16)) % 2 ** 31)
     sizes = [70001, 3 * 8192, 65544, 17, 8200, 5000]
     w_gpu = _weights(gen, sizes, dtype, "cuda")
     w_cpu = [t.cpu().clone() for t in w_gpu]
@@ -155,7 +157,8 @@ def test_cuda_specialised_and_generic_kernels_match_reference(dtype, dist, spec,
 
     def same(what):
         bad = [i for i, (a, c) in enumerate(zip(w_gpu, w_cpu)) if not torch.equal(_bits(a), _bits(c))]
-        assert not bad, f"{what}: tensors {bad} differ from the reference (MAZO_CUDA_SPEC={spec})"
+        assert not bad, (f"{what}: tensors {bad} differ from the reference (MAZO_CUDA_SPEC={spec}, "
+                         f"MAZO_CUDA_HW_BF16={hw_bf16})")
         lat = [i for i, (a, c) in enumerate(zip(p_gpu.groups[0].masks, p_cpu.groups[0].masks))
                if not torch.equal(a.cpu(), c)]
         assert not lat, f"{what}: masks / latches {lat} differ from the reference"
