@@ -644,7 +644,9 @@ def targets(shape, batch, seq, results, comps):
         if m in ok and ok[m]["overhead_over_one_pass"] is not None:
             v = ok[m]["overhead_over_one_pass"]
             out.append({"what": f"{m}: (step - 2 forwards) / one pass", "value": v,
-                        "target": f"<= {TARGET_OVERHEAD_OVER_PASS}", "met": v <= TARGET_OVERHEAD_OVER_PASS})
+                        # a negative value means the forwards, timed apart, took longer than the whole step
+                        # (timing noise, not a result): never "met"
+                        "target": f"<= {TARGET_OVERHEAD_OVER_PASS}", "met": 0 <= v <= TARGET_OVERHEAD_OVER_PASS})
     want = TARGET_SPEEDUP_7B.get((batch, seq)) if shape == "7b" else None
     if want is not None:
         for c in comps:
