@@ -448,7 +448,10 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   const char* spec_env = std::getenv("MAZO_CUDA_SPEC");
   const bool spec_on = !(spec_env && std::atoi(spec_env) == 0);
   const bool prior_nz = P.prior_nonzero;
-  const bool hot = op == OP_PERTURB || (op == OP_UPDATE && prior_nz);
+  // fp32 perturb_ with prior 0 and Gaussian noise stays generic: on an H200 the specialisation (80 registers, 3
+  // blocks) ran it 12% slower (28.2 vs 25.2 ms over 7B; bench/results/h200_2026-12-01/s8_final/).
+  const bool f32_plain_perturb = dt == DT_F32 && op == OP_PERTURB && !prior_nz && dist == DIST_GAUSSIAN;
+  const bool hot = (op == OP_PERTURB || (op == OP_UPDATE && prior_nz)) && !f32_plain_perturb;
   const int spec = spec_on && hot ? spec_of((int)op, prior_nz, (int)dist) : -1;
   // Generic bf16 kernel: calls whose tensors all take the fast path run the 3-blocks-per-SM kernel for update_ and
   // Gaussian noise (on an H200 6-11% faster there, 6% slower for Rademacher perturb_: bench/results/h200_2026-12-01/
