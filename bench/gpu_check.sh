@@ -6,6 +6,8 @@
 #   TEST_VARIANT_ENV="VAR=value ..."  run the CUDA tests once more with these variables set
 #   HW_BF16_CHECK=1  the hardware bf16 rounding (the default): bench/check_bf16_cvt.cu and .py (all 2^32 inputs),
 #                    then the GPU suites once more with the integer rounding (MAZO_TRITON_HW_BF16=0 MAZO_CUDA_HW_BF16=0)
+#   PROBES=1         bench/probe_cuda_leads.cu: fp16 -> f32 hardware conversion vs the spec (all 65,536), and the
+#                    fp32 fast path's access pattern vs coalesced layouts (-> $OUT/probe_cuda_leads.json)
 #   CPU_SUITE=0      skip test_cpu_backend.py through the CUDA backend   WARM_TRITON=1  compile Triton during the build
 #   OLD_BENCH=0      skip bench_transform.py / bench_ops.py (the single-tensor first looks; default 1)
 #   MATRIX=core|full|none   bench/bench_matrix.py selection (default core); MATRIX_ARGS: extra arguments for it,
@@ -57,6 +59,10 @@ if [ "${HW_BF16_CHECK:-0}" = 1 ]; then  # the hardware bf16 rounding (Triton and
     python_tests/test_gpu_backends.py 2>&1 | tee "$OUT/gpu_tests_int_bf16.log" | tail -3
   MAZO_CUDA_HW_BF16=0 MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py 2>&1 \
     | tee -a "$OUT/gpu_tests_int_bf16.log" | tail -3
+fi
+if [ "${PROBES:-0}" = 1 ]; then  # seconds of GPU time; decides the two CUDA leads of bench/NOTES.md, "Session 8"
+  nvcc -std=c++17 -O3 -arch=sm_90 --fmad=false -Icsrc bench/probe_cuda_leads.cu -o /tmp/probe_cuda_leads \
+    && /tmp/probe_cuda_leads | tee "$OUT/probe_cuda_leads.json"
 fi
 if [ "${OLD_BENCH:-1}" = 1 ]; then
   PYTHONPATH=.:bench python3 bench/bench_transform.py --out "$OUT" 2>&1 | tail -40
