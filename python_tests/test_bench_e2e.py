@@ -186,3 +186,18 @@ def test_parse_errors():
     assert bench_e2e.parse_shapes("4", "128,256") == [(4, 128), (4, 256)]
     with pytest.raises(SystemExit):
         bench_e2e.parse_shapes("1,2,3", "4,5")
+
+
+def test_negative_overhead_is_never_a_met_target():
+    """A step timed shorter than its two forwards (the forwards timed apart, noise) gives a negative overhead: no
+    measurement, so neither bench_e2e's targets nor the table may call it met (an old file said "met")."""
+    res = [{"method": "zosgd", "status": "ok", "overhead_over_one_pass": v} for v in (-17.26,)]
+    (t,) = bench_e2e.targets("125m", 1, 512, res, [])
+    assert t["value"] == -17.26 and t["met"] is False
+    ok = bench_e2e.targets("125m", 1, 512, [dict(res[0], overhead_over_one_pass=2.5)], [])
+    assert ok[0]["met"] is True
+    doc = {"header": {"model_shape": "125m"}, "configs": [{"batch": 1, "seq": 512, "targets": [
+        dict(t, met=True), dict(ok[0])]}]}
+    lines = make_e2e_table.target_lines([doc])
+    assert "**no measurement" in lines[0] and "**met**" not in lines[0]
+    assert lines[1].endswith("**met**")
