@@ -4,7 +4,8 @@
 //     kernel may only swap in the hardware form where every non-NaN pattern agrees).
 //  2. fp32 access pattern: the fast path's layout (each thread owns one 8-element oct, loaded and stored as two
 //     16-byte accesses 32 bytes apart) against a coalesced layout (each warp access 512 contiguous bytes) and against
-//     the coalesced layout plus the warp shuffles that hand every thread its whole oct again (the candidate fix),
+//     the coalesced layout plus the warp shuffles that hand every thread its whole oct again (two candidate fixes:
+//     16 shuffles per unit each way, or a permuted coalesced load with one xor-16 shuffle per word each way),
 //     on 2^28 float32 elements updated in place (w = w * a + b: memory-bound by design). Medians of 20 timed runs;
 //     the copy floor (cudaMemcpy device to device) in the same process.
 //   nvcc -std=c++17 -O3 -arch=sm_90 --fmad=false -Icsrc bench/probe_cuda_leads.cu -o /tmp/probe && /tmp/probe
@@ -143,6 +144,57 @@ __global__ void check_to_oct(const uint4* p, int64_t units, unsigned* wrong) {
   }
 }
 
+// The cheaper exchange: permute which uint4 each lane loads (each access still covers 512 contiguous bytes) so that
+// lane L gets its unit's first half directly and its second half from lane L ^ 16: one shuffle per word each way.
+//   load 1: L < 16 -> uint4 2L (own half 0),  L >= 16 -> uint4 2(L - 16) + 1 (lane L - 16's half 1)
+//   load 2: L < 16 -> uint4 2(L + 16) + 1 (lane L + 16's half 1),  L >= 16 -> uint4 2L (own half 0)
+__device__ __forceinline__ int xor_slot1(int lane) { return lane < 16 ? 2 * lane : 2 * (lane - 16) + 1; }
+__device__ __forceinline__ int xor_slot2(int lane) { return lane < 16 ? 2 * (lane + 16) + 1 : 2 * lane; }
+__device__ __forceinline__ uint4 shfl_xor16(uint4 v) {
+  return make_uint4(__shfl_xor_sync(0xFFFFFFFFu, v.x, 16), __shfl_xor_sync(0xFFFFFFFFu, v.y, 16),
+                    __shfl_xor_sync(0xFFFFFFFFu, v.z, 16), __shfl_xor_sync(0xFFFFFFFFu, v.w, 16));
+}
+__global__ void __launch_bounds__(THREADS, 3) coalesced_xor(uint4* p, int64_t units, float a, float b) {
+  const int64_t ub = (int64_t)blockIdx.x * UNITS_PER_BLOCK;
+  const int lane = threadIdx.x & 31, warp0 = threadIdx.x & ~31;
+  const int s1 = xor_slot1(lane), s2 = xor_slot2(lane);
+  const bool lo = lane < 16;
+  uint4 r[ITERS][2];
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int64_t q = 2 * (ub + (int64_t)it * THREADS + warp0);
+    if (q / 2 + 32 <= units) { r[it][0] = p[q + s1]; r[it][1] = p[q + s2]; }
+  }
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int64_t q = 2 * (ub + (int64_t)it * THREADS + warp0);
+    if (q / 2 + 32 <= units) {  // warp-uniform
+      uint4 o[2];
+      o[0] = lo ? r[it][0] : r[it][1];
+      o[1] = shfl_xor16(lo ? r[it][1] : r[it][0]);
+      work(o[0], a, b); work(o[1], a, b);  // the thread's whole oct
+      const uint4 partner_half1 = shfl_xor16(o[1]);
+      p[q + s1] = lo ? o[0] : partner_half1;
+      p[q + s2] = lo ? partner_half1 : o[0];
+    }
+  }
+}
+__global__ void check_xor_oct(const uint4* p, int64_t units, unsigned* wrong) {
+  const int64_t ub = (int64_t)blockIdx.x * UNITS_PER_BLOCK;
+  const int lane = threadIdx.x & 31, warp0 = threadIdx.x & ~31;
+  const bool lo = lane < 16;
+  for (int it = 0; it < ITERS; ++it) {
+    const int64_t q = 2 * (ub + (int64_t)it * THREADS + warp0), u = q / 2 + lane;
+    if (q / 2 + 32 > units) continue;
+    const uint4 v1 = p[q + xor_slot1(lane)], v2 = p[q + xor_slot2(lane)];
+    const uint4 o0 = lo ? v1 : v2, o1 = shfl_xor16(lo ? v2 : v1);
+    const uint4 d0 = p[2 * u], d1 = p[2 * u + 1];
+    const bool ok = o0.x == d0.x && o0.y == d0.y && o0.z == d0.z && o0.w == d0.w && o1.x == d1.x &&
+                    o1.y == d1.y && o1.z == d1.z && o1.w == d1.w;
+    if (!ok) atomicAdd(wrong, 1u);
+  }
+}
+
 template <typename F>
 float median_ms(F launch, int reps = 20) {
   cudaEvent_t e0, e1;
@@ -182,6 +234,7 @@ int main() {
   const float t_str = median_ms([&] { strided<<<grid, THREADS>>>(p, units, a, b); });
   const float t_coal = median_ms([&] { coalesced<<<grid, THREADS>>>(p, units, a, b); });
   const float t_shfl = median_ms([&] { coalesced_shfl<<<grid, THREADS>>>(p, units, a, b); });
+  const float t_xor = median_ms([&] { coalesced_xor<<<grid, THREADS>>>(p, units, a, b); });
   // the shuffled kernel must leave the same values as the others: check it moves data correctly on a pattern
   std::vector<uint32_t> h(1 << 20), g(1 << 20);
   for (size_t i = 0; i < h.size(); ++i) h[i] = (uint32_t)(i * 2654435761u) & 0x3FFFFFFFu;  // finite floats
@@ -197,13 +250,23 @@ int main() {
   unsigned oct_wrong = 0;
   cudaMemcpy(&oct_wrong, bad, sizeof(unsigned), cudaMemcpyDeviceToHost);
   moved_wrong += oct_wrong;
+  cudaMemcpy(p, h.data(), h.size() * 4, cudaMemcpyHostToDevice);  // the xor layout: loads, and the round trip
+  cudaMemset(bad, 0, sizeof(unsigned));
+  const unsigned small_grid = (unsigned)((h.size() / 8 + UNITS_PER_BLOCK - 1) / UNITS_PER_BLOCK);
+  check_xor_oct<<<small_grid, THREADS>>>(p, (int64_t)h.size() / 8, bad);
+  coalesced_xor<<<small_grid, THREADS>>>(p, (int64_t)h.size() / 8, 1.0f, 0.0f);
+  cudaMemcpy(g.data(), p, g.size() * 4, cudaMemcpyDeviceToHost);
+  cudaMemcpy(&oct_wrong, bad, sizeof(unsigned), cudaMemcpyDeviceToHost);
+  moved_wrong += oct_wrong;
+  for (size_t i = 0; i < h.size(); ++i) moved_wrong += h[i] != g[i];
   const cudaError_t err = cudaDeviceSynchronize();
   const double floor_ms = copy;  // same bytes read + written as one in-place pass
   std::printf("{\"f16_to_f32_mismatches_non_nan\": %u, \"f16_to_f32_mismatches_nan\": %u, \"first_non_nan\": "
               "\"0x%04x\", \"fp32_elements\": %lld, \"copy_ms\": %.4f, \"strided_ms\": %.4f, \"coalesced_ms\": %.4f, "
               "\"coalesced_shfl_ms\": %.4f, \"strided_fraction\": %.3f, \"coalesced_fraction\": %.3f, "
-              "\"coalesced_shfl_fraction\": %.3f, \"shfl_layout_wrong\": %zu, \"cuda_error\": \"%s\"}\n",
+              "\"coalesced_shfl_fraction\": %.3f, \"coalesced_xor_ms\": %.4f, \"coalesced_xor_fraction\": %.3f, "
+              "\"shfl_layout_wrong\": %zu, \"cuda_error\": \"%s\"}\n",
               h_bad[0], h_bad[1], h_bad[2], (long long)n, copy, t_str, t_coal, t_shfl, floor_ms / t_str,
-              floor_ms / t_coal, floor_ms / t_shfl, moved_wrong, cudaGetErrorString(err));
+              floor_ms / t_coal, floor_ms / t_shfl, t_xor, floor_ms / t_xor, moved_wrong, cudaGetErrorString(err));
   return (err == cudaSuccess && moved_wrong == 0) ? 0 : 1;
 }

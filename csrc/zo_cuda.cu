@@ -94,6 +94,39 @@ __device__ __forceinline__ void fast_store(typename Storage<DT>::bits_t* p, cons
   }
 }
 
+// fp32 with F32_XOR (an experiment, MAZO_CUDA_F32_XOR=1): the fast path's two 16-byte accesses per unit are 32
+// bytes apart, so every warp access touches twice the sectors it uses. Instead, in blocks whose units are all full,
+// each warp loads its 32 units (64 uint4) as two accesses of 512 contiguous bytes, lanes permuted so that lane L gets its unit's first half directly
+// and its second half from lane L ^ 16 (one shuffle per word; the store reverses it). Same units per lane, same
+// arithmetic: the same bits. bench/probe_cuda_leads.cu measures the layouts alone.
+//   access 1: L < 16 -> uint4 2L (own half 0),  L >= 16 -> uint4 2(L - 16) + 1 (lane L - 16's half 1)
+//   access 2: L < 16 -> uint4 2(L + 16) + 1 (lane L + 16's half 1),  L >= 16 -> uint4 2L (own half 0)
+__device__ __forceinline__ int xor_slot1(int lane) { return lane < 16 ? 2 * lane : 2 * (lane - 16) + 1; }
+__device__ __forceinline__ int xor_slot2(int lane) { return lane < 16 ? 2 * (lane + 16) + 1 : 2 * lane; }
+
+__device__ __forceinline__ uint32_t shfl_xor16(uint32_t v) { return __shfl_xor_sync(0xFFFFFFFFu, v, 16); }
+
+// raw[0..3] from access 1, raw[4..7] from access 2 -> raw[0..7] the lane's own unit. The whole warp calls it.
+__device__ __forceinline__ void xor_exchange_in(uint32_t raw[8]) {
+  const bool lo = (threadIdx.x & 16u) == 0;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const uint32_t a = raw[c], b = raw[4 + c];
+    raw[c] = lo ? a : b;
+    raw[4 + c] = shfl_xor16(lo ? b : a);
+  }
+}
+
+// The lane's unit res[0..7] (fp32 bits) -> the two warp-wide 16-byte stores. The whole warp calls it.
+__device__ __forceinline__ void xor_store(uint4* q, const uint32_t res[8]) {
+  const int lane = (int)(threadIdx.x & 31u);
+  const bool lo = lane < 16;
+  const uint4 own0 = make_uint4(res[0], res[1], res[2], res[3]);
+  const uint4 partner1 = make_uint4(shfl_xor16(res[4]), shfl_xor16(res[5]), shfl_xor16(res[6]), shfl_xor16(res[7]));
+  q[xor_slot1(lane)] = lo ? own0 : partner1;
+  q[xor_slot2(lane)] = lo ? partner1 : own0;
+}
+
 __device__ __forceinline__ void gaussian_from_words(const U4& w, float z[8]) {
 #pragma unroll
   for (int pr = 0; pr < 4; ++pr) {
@@ -165,7 +198,7 @@ constexpr int spec_of(int op, bool prior_nonzero, int dist) { return op * 4 + (p
 
 // MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers; 3: 80; 4: 64). Same bits either way;
 // which one a call gets: see the launch below.
-template <int DT, int MIN_BLOCKS = 2, int SPEC = -1>
+template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
   OpParams P = a.P;
@@ -218,10 +251,22 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
       const int64_t full = d.n >> 3;  // units holding 8 elements
       const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;  // global oct of the block's first unit
       uint32_t raw[ITERS][RW];
+      constexpr bool XOR = DT == DT_F32 && F32_XOR;
+      // block-uniform: every unit of the block is full (so every warp takes part in the exchanges)
+      const bool xor_block = XOR && ub + UNITS_PER_BLOCK <= full;
+      const int64_t warp0 = (int64_t)(threadIdx.x & ~31u);
 #pragma unroll
       for (int it = 0; it < ITERS; ++it) {  // all loads first: ITERS units in flight per thread
         const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
-        if (u < full) fast_load<DT>(in + u * UNIT, raw[it]);
+        if (xor_block) {
+          const uint4* q = reinterpret_cast<const uint4*>(in) + 2 * (ub + (int64_t)it * THREADS + warp0);
+          const int lane = (int)(threadIdx.x & 31u);
+          const uint4 v1 = q[xor_slot1(lane)], v2 = q[xor_slot2(lane)];
+          raw[it][0] = v1.x; raw[it][1] = v1.y; raw[it][2] = v1.z; raw[it][3] = v1.w;
+          raw[it][RW - 4] = v2.x; raw[it][RW - 3] = v2.y; raw[it][RW - 2] = v2.z; raw[it][RW - 1] = v2.w;
+        } else if (u < full) {
+          fast_load<DT>(in + u * UNIT, raw[it]);
+        }
       }
       const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
       U4 rw;  // Rademacher: this lane's Philox call, shared through the warp (one call covers 16 units)
@@ -234,6 +279,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
       for (int it = 0; it < ITERS; ++it) {
         const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
         const uint64_t o = o_base + (uint64_t)(it * THREADS + threadIdx.x);
+        if constexpr (XOR) {
+          if (xor_block) xor_exchange_in(raw[it]);  // before any lane leaves the iteration
+        }
         float z0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         if (P.dist == DIST_RADEMACHER) {
           if (need_z0) {
@@ -258,6 +306,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         fast_unpack<DT>(raw[it], x);
         bits_t res[8];
         fast_oct<DT>(P, T, o, x, z0, res);
+        if constexpr (XOR) {
+          if (xor_block) {
+            xor_store(reinterpret_cast<uint4*>(out) + 2 * (ub + (int64_t)it * THREADS + warp0), res);
+            continue;
+          }
+        }
         fast_store<DT>(out + u * UNIT, res);
       }
       if (ub + UNITS_PER_BLOCK > full) {  // the tensor's last, partial unit (n % 8 != 0)
@@ -287,27 +341,28 @@ constexpr int spec_minblocks(int dt, int spec) {
   return dt == DT_F32 ? (spec / 4 == OP_UPDATE ? 2 : 3) : (spec / 4 == OP_PERTURB && (spec & 2) == 0 ? 4 : 3);
 }
 
-template <int DT, int SPEC>
+template <int DT, int SPEC, bool XOR>
 const void* spec_kernel_of() {
-  return (const void*)zo_apply_kernel<DT, spec_minblocks(DT, SPEC), SPEC>;
+  // the fp32 exchange spills at 3 blocks' 80 registers (ptxas: 150-250 B); 2 blocks keep 64 KB per SM in flight
+  return (const void*)zo_apply_kernel<DT, XOR ? 2 : spec_minblocks(DT, SPEC), SPEC, XOR>;
 }
 
-template <int DT>
+template <int DT, bool XOR = false>
 const void* spec_kernel_dt(int spec) {
   switch (spec) {
-    case spec_of(OP_PERTURB, false, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_GAUSSIAN)>();
-    case spec_of(OP_PERTURB, false, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_RADEMACHER)>();
-    case spec_of(OP_PERTURB, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_GAUSSIAN)>();
-    case spec_of(OP_PERTURB, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_RADEMACHER)>();
-    case spec_of(OP_UPDATE, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_GAUSSIAN)>();
-    case spec_of(OP_UPDATE, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_RADEMACHER)>();
+    case spec_of(OP_PERTURB, false, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_GAUSSIAN), XOR>();
+    case spec_of(OP_PERTURB, false, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_RADEMACHER), XOR>();
+    case spec_of(OP_PERTURB, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_GAUSSIAN), XOR>();
+    case spec_of(OP_PERTURB, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_RADEMACHER), XOR>();
+    case spec_of(OP_UPDATE, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_GAUSSIAN), XOR>();
+    case spec_of(OP_UPDATE, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_RADEMACHER), XOR>();
     default: TORCH_CHECK(false, cat("zo_apply_ (CUDA): no specialised kernel for spec ", spec));
   }
   return nullptr;
 }
 
-const void* spec_kernel(int dt, int spec) {
-  return dt == DT_F32       ? spec_kernel_dt<DT_F32>(spec)
+const void* spec_kernel(int dt, int spec, bool f32_xor) {
+  return dt == DT_F32       ? (f32_xor ? spec_kernel_dt<DT_F32, true>(spec) : spec_kernel_dt<DT_F32>(spec))
          : dt == DT_F16     ? spec_kernel_dt<DT_F16>(spec)
          : dt == DT_BF16_HW ? spec_kernel_dt<DT_BF16_HW>(spec)
                             : spec_kernel_dt<DT_BF16>(spec);
@@ -448,9 +503,15 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   const char* spec_env = std::getenv("MAZO_CUDA_SPEC");
   const bool spec_on = !(spec_env && std::atoi(spec_env) == 0);
   const bool prior_nz = P.prior_nonzero;
+  // fp32 fast path with warp-coalesced accesses (an experiment until a GPU has measured it and run the GPU test under
+  // it: off unless MAZO_CUDA_F32_XOR=1, read per call; same bits).
+  const char* xor_env = std::getenv("MAZO_CUDA_F32_XOR");
+  const bool f32_xor = dt == DT_F32 && xor_env && std::atoi(xor_env) == 1;
   // fp32 perturb_ with prior 0 and Gaussian noise stays generic: on an H200 the specialisation (80 registers, 3
-  // blocks) ran it 12% slower (28.2 vs 25.2 ms over 7B; bench/results/h200_2026-12-01/s8_final/).
-  const bool f32_plain_perturb = dt == DT_F32 && op == OP_PERTURB && !prior_nz && dist == DIST_GAUSSIAN;
+  // blocks) ran it 12% slower (28.2 vs 25.2 ms over 7B; bench/results/h200_2026-12-01/s8_final/). The exchange's
+  // specialisation has 2 blocks' budget, and its generic kernel spills: it keeps the specialisation.
+  const bool f32_plain_perturb =
+      dt == DT_F32 && op == OP_PERTURB && !prior_nz && dist == DIST_GAUSSIAN && !f32_xor;
   const bool hot = (op == OP_PERTURB || (op == OP_UPDATE && prior_nz)) && !f32_plain_perturb;
   const int spec = spec_on && hot ? spec_of((int)op, prior_nz, (int)dist) : -1;
   // Generic bf16 kernel: calls whose tensors all take the fast path run the 3-blocks-per-SM kernel for update_ and
@@ -466,7 +527,8 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // in fewer instructions. MAZO_CUDA_HW_BF16=0 (read per call) gives the integer rounding back.
   const char* hw_env = std::getenv("MAZO_CUDA_HW_BF16");
   const int kdt = dt == DT_BF16 && !(hw_env && std::atoi(hw_env) == 0) ? DT_BF16_HW : dt;
-  const void* kfn = spec >= 0             ? spec_kernel(kdt, spec)
+  const void* kfn = spec >= 0             ? spec_kernel(kdt, spec, f32_xor)
+                    : f32_xor             ? (const void*)zo_apply_kernel<DT_F32, 2, -1, true>
                     : kdt == DT_F32       ? (const void*)zo_apply_kernel<DT_F32>
                     : kdt == DT_F16       ? (const void*)zo_apply_kernel<DT_F16>
                     : kdt == DT_BF16_HW   ? (const void*)zo_apply_kernel<DT_BF16_HW>

@@ -133,19 +133,25 @@ def test_cuda_and_triton_agree_on_a_tensor_past_2_31_elements():
         assert torch.equal(w[start:stop].cpu().view(torch.int16), expect.view(torch.int16)), start
 
 
+KERNEL_VARIANTS = [(d, "") for d in DTYPES] + [(torch.bfloat16, "MAZO_CUDA_HW_BF16=0"),
+                                                 (torch.float32, "MAZO_CUDA_F32_XOR=1")]
+
+
 @pytest.mark.skipif(not mk.has_cuda(), reason="needs the CUDA extension")
-@pytest.mark.parametrize("dtype,hw_bf16", [(d, "1") for d in DTYPES] + [(torch.bfloat16, "0")])
+@pytest.mark.parametrize("dtype,variant", KERNEL_VARIANTS, ids=[f"{d}-{v or 'default'}" for d, v in KERNEL_VARIANTS])
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
 @pytest.mark.parametrize("spec", ["1", "0"])
-def test_cuda_specialised_and_generic_kernels_match_reference(dtype, hw_bf16, dist, spec, monkeypatch):
+def test_cuda_specialised_and_generic_kernels_match_reference(dtype, variant, dist, spec, monkeypatch):
     """The CUDA extension runs perturb_ and the restoring update_ in kernels specialised on (op, prior != 0, dist);
     MAZO_CUDA_SPEC=0 forces the generic kernel. Both against the reference, on tensors spanning several blocks of
     8192 elements (the block -> tensor walk), with masks and an unaligned global offset among them. bf16 runs with
-    the hardware rounding (the default) and with MAZO_CUDA_HW_BF16=0 (integer rounding)."""
+    the hardware rounding (the default) and with MAZO_CUDA_HW_BF16=0 (integer rounding); fp32 also with the
+    warp-coalesced fast path (MAZO_CUDA_F32_XOR=1)."""
     monkeypatch.setenv("MAZO_CUDA_SPEC", spec)
-    monkeypatch.setenv("MAZO_CUDA_HW_BF16", hw_bf16)
-    gen = torch.Generator().manual_seed(hash((str(dtype), dist, spec, hw_bf16)) % 2 ** 31)
-    sizes = [70001, 3 * 8192, 65544, 17, 8200, 5000]
+    if variant:
+        monkeypatch.setenv(*variant.split("="))
+    gen = torch.Generator().manual_seed(hash((str(dtype), dist, spec, variant)) % 2 ** 31)
+    sizes = [70001, 3 * 8192, 65544, 17, 8200, 5000, 9003]  # the last: whole warps, a part warp and a tail
     w_gpu = _weights(gen, sizes, dtype, "cuda")
     w_cpu = [t.cpu().clone() for t in w_gpu]
     kw = {1: dict(scale_mult=0.5, lr_mult=2.0, weight_decay=0.1), 4: dict(global_offset=8 * 1001 + 5,
@@ -157,8 +163,7 @@ def test_cuda_specialised_and_generic_kernels_match_reference(dtype, hw_bf16, di
 
     def same(what):
         bad = [i for i, (a, c) in enumerate(zip(w_gpu, w_cpu)) if not torch.equal(_bits(a), _bits(c))]
-        assert not bad, (f"{what}: tensors {bad} differ from the reference (MAZO_CUDA_SPEC={spec}, "
-                         f"MAZO_CUDA_HW_BF16={hw_bf16})")
+        assert not bad, f"{what}: tensors {bad} differ from the reference (MAZO_CUDA_SPEC={spec} {variant})"
         lat = [i for i, (a, c) in enumerate(zip(p_gpu.groups[0].masks, p_cpu.groups[0].masks))
                if not torch.equal(a.cpu(), c)]
         assert not lat, f"{what}: masks / latches {lat} differ from the reference"
