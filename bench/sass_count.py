@@ -126,7 +126,9 @@ def cuda_kernels(cuda_home: str) -> list:
             what = "generic" if spec == -1 else (["perturb_", "update_", "perturbed_copy"][spec // 4]
                                                   + (" with prior" if spec & 2 else "")
                                                   + (" rademacher" if spec & 1 else " gaussian"))
-            recs.append({"kernel": what, "dtype": {0: "fp32", 1: "fp16", 2: "bf16"}.get(dt), "min_blocks": minb,
+            dts = {0: "fp32", 1: "fp16", 2: "bf16", 3: "bf16_hw", 4: "fp16_hw"}  # 3, 4: device-only storage types
+            xor = t is not None and cur[t.end():].startswith("Lb1E")   # the fp32 exchange (MAZO_CUDA_F32_XOR=1)
+            recs.append({"kernel": what, "dtype": (dts.get(dt) or "?") + ("_xor" if xor else ""), "min_blocks": minb,
                          "registers": int(m.group(1)), "spill_store_bytes": spill[0], "spill_load_bytes": spill[1]})
             cur = None
     return recs

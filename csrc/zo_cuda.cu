@@ -364,6 +364,7 @@ const void* spec_kernel_dt(int spec) {
 const void* spec_kernel(int dt, int spec, bool f32_xor) {
   return dt == DT_F32       ? (f32_xor ? spec_kernel_dt<DT_F32, true>(spec) : spec_kernel_dt<DT_F32>(spec))
          : dt == DT_F16     ? spec_kernel_dt<DT_F16>(spec)
+         : dt == DT_F16_HW  ? spec_kernel_dt<DT_F16_HW>(spec)
          : dt == DT_BF16_HW ? spec_kernel_dt<DT_BF16_HW>(spec)
                             : spec_kernel_dt<DT_BF16>(spec);
 }
@@ -526,11 +527,15 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // bf16 rounded by the hardware conversion: the same bits for all 2^32 inputs (bench/check_bf16_cvt.cu on an H200)
   // in fewer instructions. MAZO_CUDA_HW_BF16=0 (read per call) gives the integer rounding back.
   const char* hw_env = std::getenv("MAZO_CUDA_HW_BF16");
-  const int kdt = dt == DT_BF16 && !(hw_env && std::atoi(hw_env) == 0) ? DT_BF16_HW : dt;
+  // fp16 from storage by the hardware conversion (an experiment until a GPU has checked it: MAZO_CUDA_HW_F16=1).
+  const char* hw16_env = std::getenv("MAZO_CUDA_HW_F16");
+  const bool hw16 = dt == DT_F16 && hw16_env && std::atoi(hw16_env) == 1;
+  const int kdt = dt == DT_BF16 && !(hw_env && std::atoi(hw_env) == 0) ? DT_BF16_HW : hw16 ? DT_F16_HW : dt;
   const void* kfn = spec >= 0             ? spec_kernel(kdt, spec, f32_xor)
                     : f32_xor             ? (const void*)zo_apply_kernel<DT_F32, 2, -1, true>
                     : kdt == DT_F32       ? (const void*)zo_apply_kernel<DT_F32>
                     : kdt == DT_F16       ? (const void*)zo_apply_kernel<DT_F16>
+                    : kdt == DT_F16_HW    ? (const void*)zo_apply_kernel<DT_F16_HW>
                     : kdt == DT_BF16_HW   ? (const void*)zo_apply_kernel<DT_BF16_HW>
                     : minb3               ? (const void*)zo_apply_kernel<DT_BF16, 3>
                                           : (const void*)zo_apply_kernel<DT_BF16>;

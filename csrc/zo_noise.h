@@ -396,6 +396,33 @@ struct Storage<DT_BF16_HW> : Storage<DT_BF16> {
   }
 };
 
+// fp16 with the hardware conversions on the device (an experiment: the CUDA extension uses it only with
+// MAZO_CUDA_HW_F16=1 until a GPU has checked it): float32 from the stored fp16 by cvt.f32.f16 (exact for every
+// non-NaN pattern; NaN keeps the spec's sign | 0x7F800000 | mantissa << 13 by a select), and the NaN-free roundings
+// without the NaN fix-up. bench/probe_cuda_leads.cu compares the conversion with f16_bits_to_f32 for all 65,536.
+constexpr int DT_F16_HW = 4;
+
+template <>
+struct Storage<DT_F16_HW> : Storage<DT_F16> {
+  MAZO_HD static float to_f32(bits_t b) {
+#if defined(__CUDA_ARCH__)
+    const uint32_t h = b;
+    const float nan = u2f(((h & 0x8000u) << 16) | 0x7F800000u | ((h & 0x3FFu) << 13));
+    return (h & 0x7FFFu) > 0x7C00u ? nan : __half2float(__ushort_as_half((unsigned short)h));
+#else
+    return Storage<DT_F16>::to_f32(b);
+#endif
+  }
+  MAZO_HD static bits_t rne_not_nan(float x) {
+#if defined(__CUDA_ARCH__)
+    return (bits_t)__half_as_ushort(__float2half_rn(x));
+#else
+    return Storage<DT_F16>::rne_not_nan(x);
+#endif
+  }
+  MAZO_HD static bits_t bits_of(float v) { return rne_not_nan(v); }  // v a non-NaN fp16 value: exact
+};
+
 // The base a pass starts from when the stored value w carries the shift d = p*z (reference.invert_rounding and
 // docs/NOISE_SPEC.md, "Restore"): c0 = rne(w - d), unless rounding lost a bit and two storage values map to w; then
 // the one with the even bit pattern, so that a weight moved once by a lost bit is returned exactly ever after.

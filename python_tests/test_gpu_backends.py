@@ -134,7 +134,8 @@ def test_cuda_and_triton_agree_on_a_tensor_past_2_31_elements():
 
 
 KERNEL_VARIANTS = [(d, "") for d in DTYPES] + [(torch.bfloat16, "MAZO_CUDA_HW_BF16=0"),
-                                                 (torch.float32, "MAZO_CUDA_F32_XOR=1")]
+                                                 (torch.float32, "MAZO_CUDA_F32_XOR=1"),
+                                                 (torch.float16, "MAZO_CUDA_HW_F16=1")]
 
 
 @pytest.mark.skipif(not mk.has_cuda(), reason="needs the CUDA extension")
@@ -146,7 +147,7 @@ def test_cuda_specialised_and_generic_kernels_match_reference(dtype, variant, di
     MAZO_CUDA_SPEC=0 forces the generic kernel. Both against the reference, on tensors spanning several blocks of
     8192 elements (the block -> tensor walk), with masks and an unaligned global offset among them. bf16 runs with
     the hardware rounding (the default) and with MAZO_CUDA_HW_BF16=0 (integer rounding); fp32 also with the
-    warp-coalesced fast path (MAZO_CUDA_F32_XOR=1)."""
+    warp-coalesced fast path (MAZO_CUDA_F32_XOR=1), fp16 with the hardware conversions (MAZO_CUDA_HW_F16=1)."""
     monkeypatch.setenv("MAZO_CUDA_SPEC", spec)
     if variant:
         monkeypatch.setenv(*variant.split("="))
