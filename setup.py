@@ -18,7 +18,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
-DEPENDS = [os.path.join(CSRC, f) for f in ("zo_noise.h", "zo_apply_common.h", "zo_host_common.h")]
+DEPENDS = [os.path.join(CSRC, f) for f in ("zo_noise.h", "zo_apply_common.h", "zo_host_common.h", "zo_f32_exchange.cuh")]
 
 # Bits must match reference.py: no FMA contraction, no fast-math, IEEE division and sqrt.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]  # torch adds the -std it needs (c++17 or c++20)

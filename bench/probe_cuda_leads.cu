@@ -14,6 +14,7 @@
 #include <cstdio>
 #include <vector>
 #include <cuda_fp16.h>
+#include "zo_f32_exchange.cuh"
 #include "zo_noise.h"
 
 __global__ void f16_check(unsigned* bad_non_nan, unsigned* bad_nan, unsigned* first) {
@@ -144,53 +145,43 @@ __global__ void check_to_oct(const uint4* p, int64_t units, unsigned* wrong) {
   }
 }
 
-// The cheaper exchange: permute which uint4 each lane loads (each access still covers 512 contiguous bytes) so that
-// lane L gets its unit's first half directly and its second half from lane L ^ 16: one shuffle per word each way.
-//   load 1: L < 16 -> uint4 2L (own half 0),  L >= 16 -> uint4 2(L - 16) + 1 (lane L - 16's half 1)
-//   load 2: L < 16 -> uint4 2(L + 16) + 1 (lane L + 16's half 1),  L >= 16 -> uint4 2L (own half 0)
-__device__ __forceinline__ int xor_slot1(int lane) { return lane < 16 ? 2 * lane : 2 * (lane - 16) + 1; }
-__device__ __forceinline__ int xor_slot2(int lane) { return lane < 16 ? 2 * (lane + 16) + 1 : 2 * lane; }
-__device__ __forceinline__ uint4 shfl_xor16(uint4 v) {
-  return make_uint4(__shfl_xor_sync(0xFFFFFFFFu, v.x, 16), __shfl_xor_sync(0xFFFFFFFFu, v.y, 16),
-                    __shfl_xor_sync(0xFFFFFFFFu, v.z, 16), __shfl_xor_sync(0xFFFFFFFFu, v.w, 16));
+// The cheaper exchange, the kernel's own (csrc/zo_f32_exchange.cuh): a permuted coalesced load, one xor-16 shuffle
+// per word each way.
+__device__ __forceinline__ void work_words(uint32_t r[8], float a, float b) {
+#pragma unroll
+  for (int l = 0; l < 8; ++l) r[l] = mazo::f2u(mazo::u2f(r[l]) * a + b);
 }
-__global__ void __launch_bounds__(THREADS, 3) coalesced_xor(uint4* p, int64_t units, float a, float b) {
+__global__ void __launch_bounds__(THREADS, 2) coalesced_xor(uint4* p, int64_t units, float a, float b) {
   const int64_t ub = (int64_t)blockIdx.x * UNITS_PER_BLOCK;
-  const int lane = threadIdx.x & 31, warp0 = threadIdx.x & ~31;
-  const int s1 = xor_slot1(lane), s2 = xor_slot2(lane);
-  const bool lo = lane < 16;
-  uint4 r[ITERS][2];
+  const int warp0 = threadIdx.x & ~31;
+  uint32_t r[ITERS][8];
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {
     const int64_t q = 2 * (ub + (int64_t)it * THREADS + warp0);
-    if (q / 2 + 32 <= units) { r[it][0] = p[q + s1]; r[it][1] = p[q + s2]; }
+    if (q / 2 + 32 <= units) mazo::xor_load(p + q, r[it]);
   }
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {
     const int64_t q = 2 * (ub + (int64_t)it * THREADS + warp0);
     if (q / 2 + 32 <= units) {  // warp-uniform
-      uint4 o[2];
-      o[0] = lo ? r[it][0] : r[it][1];
-      o[1] = shfl_xor16(lo ? r[it][1] : r[it][0]);
-      work(o[0], a, b); work(o[1], a, b);  // the thread's whole oct
-      const uint4 partner_half1 = shfl_xor16(o[1]);
-      p[q + s1] = lo ? o[0] : partner_half1;
-      p[q + s2] = lo ? partner_half1 : o[0];
+      mazo::xor_exchange_in(r[it]);
+      work_words(r[it], a, b);  // the thread's whole oct
+      mazo::xor_store(p + q, r[it]);
     }
   }
 }
 __global__ void check_xor_oct(const uint4* p, int64_t units, unsigned* wrong) {
   const int64_t ub = (int64_t)blockIdx.x * UNITS_PER_BLOCK;
   const int lane = threadIdx.x & 31, warp0 = threadIdx.x & ~31;
-  const bool lo = lane < 16;
   for (int it = 0; it < ITERS; ++it) {
     const int64_t q = 2 * (ub + (int64_t)it * THREADS + warp0), u = q / 2 + lane;
     if (q / 2 + 32 > units) continue;
-    const uint4 v1 = p[q + xor_slot1(lane)], v2 = p[q + xor_slot2(lane)];
-    const uint4 o0 = lo ? v1 : v2, o1 = shfl_xor16(lo ? v2 : v1);
+    uint32_t r[8];
+    mazo::xor_load(p + q, r);
+    mazo::xor_exchange_in(r);
     const uint4 d0 = p[2 * u], d1 = p[2 * u + 1];
-    const bool ok = o0.x == d0.x && o0.y == d0.y && o0.z == d0.z && o0.w == d0.w && o1.x == d1.x &&
-                    o1.y == d1.y && o1.z == d1.z && o1.w == d1.w;
+    const bool ok = r[0] == d0.x && r[1] == d0.y && r[2] == d0.z && r[3] == d0.w && r[4] == d1.x && r[5] == d1.y &&
+                    r[6] == d1.z && r[7] == d1.w;
     if (!ok) atomicAdd(wrong, 1u);
   }
 }

@@ -16,6 +16,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "zo_f32_exchange.cuh"
 #include "zo_host_common.h"
 
 namespace {
@@ -92,39 +93,6 @@ __device__ __forceinline__ void fast_store(typename Storage<DT>::bits_t* p, cons
     q[0] = make_uint4((uint32_t)res[0] | ((uint32_t)res[1] << 16), (uint32_t)res[2] | ((uint32_t)res[3] << 16),
                       (uint32_t)res[4] | ((uint32_t)res[5] << 16), (uint32_t)res[6] | ((uint32_t)res[7] << 16));
   }
-}
-
-// fp32 with F32_XOR (an experiment, MAZO_CUDA_F32_XOR=1): the fast path's two 16-byte accesses per unit are 32
-// bytes apart, so every warp access touches twice the sectors it uses. Instead, in blocks whose units are all full,
-// each warp loads its 32 units (64 uint4) as two accesses of 512 contiguous bytes, lanes permuted so that lane L gets its unit's first half directly
-// and its second half from lane L ^ 16 (one shuffle per word; the store reverses it). Same units per lane, same
-// arithmetic: the same bits. bench/probe_cuda_leads.cu measures the layouts alone.
-//   access 1: L < 16 -> uint4 2L (own half 0),  L >= 16 -> uint4 2(L - 16) + 1 (lane L - 16's half 1)
-//   access 2: L < 16 -> uint4 2(L + 16) + 1 (lane L + 16's half 1),  L >= 16 -> uint4 2L (own half 0)
-__device__ __forceinline__ int xor_slot1(int lane) { return lane < 16 ? 2 * lane : 2 * (lane - 16) + 1; }
-__device__ __forceinline__ int xor_slot2(int lane) { return lane < 16 ? 2 * (lane + 16) + 1 : 2 * lane; }
-
-__device__ __forceinline__ uint32_t shfl_xor16(uint32_t v) { return __shfl_xor_sync(0xFFFFFFFFu, v, 16); }
-
-// raw[0..3] from access 1, raw[4..7] from access 2 -> raw[0..7] the lane's own unit. The whole warp calls it.
-__device__ __forceinline__ void xor_exchange_in(uint32_t raw[8]) {
-  const bool lo = (threadIdx.x & 16u) == 0;
-#pragma unroll
-  for (int c = 0; c < 4; ++c) {
-    const uint32_t a = raw[c], b = raw[4 + c];
-    raw[c] = lo ? a : b;
-    raw[4 + c] = shfl_xor16(lo ? b : a);
-  }
-}
-
-// The lane's unit res[0..7] (fp32 bits) -> the two warp-wide 16-byte stores. The whole warp calls it.
-__device__ __forceinline__ void xor_store(uint4* q, const uint32_t res[8]) {
-  const int lane = (int)(threadIdx.x & 31u);
-  const bool lo = lane < 16;
-  const uint4 own0 = make_uint4(res[0], res[1], res[2], res[3]);
-  const uint4 partner1 = make_uint4(shfl_xor16(res[4]), shfl_xor16(res[5]), shfl_xor16(res[6]), shfl_xor16(res[7]));
-  q[xor_slot1(lane)] = lo ? own0 : partner1;
-  q[xor_slot2(lane)] = lo ? partner1 : own0;
 }
 
 __device__ __forceinline__ void gaussian_from_words(const U4& w, float z[8]) {
@@ -258,15 +226,13 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
 #pragma unroll
       for (int it = 0; it < ITERS; ++it) {  // all loads first: ITERS units in flight per thread
         const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
-        if (xor_block) {
-          const uint4* q = reinterpret_cast<const uint4*>(in) + 2 * (ub + (int64_t)it * THREADS + warp0);
-          const int lane = (int)(threadIdx.x & 31u);
-          const uint4 v1 = q[xor_slot1(lane)], v2 = q[xor_slot2(lane)];
-          raw[it][0] = v1.x; raw[it][1] = v1.y; raw[it][2] = v1.z; raw[it][3] = v1.w;
-          raw[it][RW - 4] = v2.x; raw[it][RW - 3] = v2.y; raw[it][RW - 2] = v2.z; raw[it][RW - 1] = v2.w;
-        } else if (u < full) {
-          fast_load<DT>(in + u * UNIT, raw[it]);
+        if constexpr (XOR) {  // csrc/zo_f32_exchange.cuh
+          if (xor_block) {
+            xor_load(reinterpret_cast<const uint4*>(in) + 2 * (ub + (int64_t)it * THREADS + warp0), raw[it]);
+            continue;
+          }
         }
+        if (u < full) fast_load<DT>(in + u * UNIT, raw[it]);
       }
       const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
       U4 rw;  // Rademacher: this lane's Philox call, shared through the warp (one call covers 16 units)

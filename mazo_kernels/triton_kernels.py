@@ -700,7 +700,7 @@ _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: int, guard: int, device):
     """Program lists of the SPLIT launches: fast programs [t, start, nblk] over the full FBLOCK blocks of tensors with
-    no mask tensor and 16-byte aligned data (chunk blocks per program); general programs [t, start, 0] over
+    16-byte aligned data and no mask tensor (or, with MASKED_FAST, no row-index mask; chunk blocks per program); general programs [t, start, 0] over
     everything else at BLOCK granularity, and guards [t, start, nblk] (guard fast blocks each) that run the fast
     blocks the device finds not dense. Returns (tab, fast_prog, n_fast, gen_prog, n_gen)."""
     # The cache key holds everything the tables are built from (addresses, sizes, mask shapes and dtypes, the
@@ -723,7 +723,8 @@ def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: 
         nunits = mask.numel() if entries else n
         nsteps = kcols.bit_length() + 1 if ri else 0
         rows.append((theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, nunits, kcols, nsteps, int(entries)))
-        cand.append(not ri and (mask.numel() == 0 or bool(MASKED_FAST)) and (theta.data_ptr() | out.data_ptr()) % 16 == 0)
+        cand.append(not ri and (mask.numel() == 0 or bool(MASKED_FAST))
+                    and (theta.data_ptr() | out.data_ptr()) % 16 == 0)
     _refuse_upload_in_capture(device)
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
     T = tab.shape[0]
