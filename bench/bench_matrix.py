@@ -1,6 +1,7 @@
 """Microbenchmark matrix of the ZO ops against the copy floor and the MeZO baselines, all in one process.
 
-    op (perturb_, update_ with restore + stochastic rounding, perturbed_copy) x dtype (bf16, fp16, fp32)
+    op (perturb_, perturb_prior = perturb_ with a prior, update_ with restore + stochastic rounding, perturbed_copy)
+    x dtype (bf16, fp16, fp32)
     x mask (none, threshold, bitmask, rowindex) x distribution (gaussian, rademacher) x backend (cuda, triton)
     over a model's parameter list built as ONE plan (one launch per pass per dtype).
 
@@ -10,7 +11,7 @@ Models: `7b` (LLaMA-7B's 291 tensors, 6.74 B parameters), `125m` (OPT-125m's 196
 Floors. A large device-to-device copy measured in the same process gives the bandwidth (bytes read + written).
 floor_ms = the bytes the pass must move / that bandwidth: 2 x element size per element (read + write of the
 weights, or of weights -> out for perturbed_copy), plus the mask's own bytes: the threshold latch (1 bit per element,
-written by perturb_ with prior 0, read by update_ with prior != 0, not touched by perturbed_copy, which evaluates the
+written by perturb_ with prior 0, read by perturb_prior and update_ (prior != 0), not touched by perturbed_copy, which evaluates the
 rule), the packed bitmask (1 bit per element, read), row-index columns (4 bytes per selected element, read).
 Masks select half of the elements: tau = 0.6745 * std for weights drawn from N(0, std), random bytes for the bitmask,
 k = n_cols // 2 random sorted columns per row (2-D tensors; 1-D tensors get no row-index mask).
@@ -27,6 +28,7 @@ Baselines (per model, dtype and distribution, same weights):
   * `mezo_as_written` (baseline_as_written_ms): the same with `p.data = p.data + scale * z * eps`;
   * `sparse_mezo` (baseline_ms of the masked cases): mask = |p| < tau materialised per parameter,
     p.add_(z * mask * eps).
+  perturb_prior baselines are MeZO's second pass (-2 eps z, one regeneration);
   update_ baselines are MeZO's restore pass (+eps z) followed by its update pass (p - lr * (g * z)), each
   regenerating z from the seed; perturbed_copy baselines write torch.add(p, z * eps) into the output.
 
@@ -50,7 +52,7 @@ import time
 
 import torch
 
-OPS = ("perturb_", "update_", "perturbed_copy")
+OPS = ("perturb_", "perturb_prior", "update_", "perturbed_copy")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MASKS = ("none", "threshold", "bitmask", "rowindex")
 DISTS = ("gaussian", "rademacher")
@@ -349,14 +351,17 @@ def baseline_fns(weights, outs, dist):
     return {
         "mezo_as_written": {
             "perturb_": lambda i: perturb_written(100 + i, sign(i)),
+            "perturb_prior": lambda i: perturb_written(100 + i, -2 * sign(i)),
             "update_": lambda i: (perturb_written(100 + i, sign(i)), update_written(100 + i)),
             "perturbed_copy": lambda i: copy_written(100 + i)},
         "mezo_add": {
             "perturb_": lambda i: perturb_add(100 + i, sign(i)),
+            "perturb_prior": lambda i: perturb_add(100 + i, -2 * sign(i)),
             "update_": lambda i: (perturb_add(100 + i, sign(i)), update_add(100 + i)),
             "perturbed_copy": lambda i: copy_add(100 + i)},
         "sparse_mezo": {
             "perturb_": lambda i: perturb_sparse(100 + i, sign(i)),
+            "perturb_prior": lambda i: perturb_sparse(100 + i, -2 * sign(i)),
             "update_": lambda i: (perturb_sparse(100 + i, sign(i)), update_sparse(100 + i)),
             "perturbed_copy": lambda i: copy_sparse(100 + i)},
     }
@@ -367,6 +372,10 @@ def op_fn(mk, plan, op, dist, backend, outs, grads):
     """fn(i): one pass of `op`. Scales alternate in sign so that repeated passes do not drift the weights."""
     if op == "perturb_":
         return lambda i: mk.perturb_(plan, 1000 + i, EPS if i % 2 == 0 else -EPS, dist=dist, backend=backend)
+    if op == "perturb_prior":
+        # the ZO step's second pass: the weights carry prior * z(seed); restore it exactly and perturb the other way
+        return lambda i: mk.perturb_(plan, 1000 + i, -EPS if i % 2 == 0 else EPS,
+                                     prior=EPS if i % 2 == 0 else -EPS, dist=dist, backend=backend)
     if op == "update_":
         # the ZO step's last pass: the weights carry prior * z(seed); restore it and apply the step, SR rounding
         return lambda i: mk.update_(plan, [1000 + i], grads, lr=LR, restore_seed=1000 + i,

@@ -18,7 +18,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- bench-table -->", "<!-- /bench-table -->"
-ORDER = {"op": ["perturb_", "update_", "perturbed_copy"], "dtype": ["bf16", "fp16", "fp32"],
+ORDER = {"op": ["perturb_", "perturb_prior", "update_", "perturbed_copy"], "dtype": ["bf16", "fp16", "fp32"],
          "mask": ["none", "threshold", "bitmask", "rowindex"], "distribution": ["gaussian", "rademacher"],
          "model": ["7b", "125m", "1t", "tiny"]}
 

@@ -470,10 +470,16 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   const char* spec_env = std::getenv("MAZO_CUDA_SPEC");
   const bool spec_on = !(spec_env && std::atoi(spec_env) == 0);
   const bool prior_nz = P.prior_nonzero;
-  // fp32 fast path with warp-coalesced accesses (an experiment until a GPU has measured it and run the GPU test under
-  // it: off unless MAZO_CUDA_F32_XOR=1, read per call; same bits).
+  // fp32 fast path with warp-coalesced accesses (same bits). On an H200 over 7B (bench/results/h200_2026-12-02/
+  // s9_fp_experiments) it ran perturb_ 26.3 -> 18.8 ms (Gaussian) and 22.1 -> 14.8 (Rademacher), update_ Rademacher
+  // 20.2 -> 17.6, but update_ Gaussian 21.7 -> 23.2 (its 2-blocks register budget halves the warps of the most
+  // instruction-heavy pass): on by default for the other specialised passes. Its generic kernel spills, so calls
+  // that run generic (perturbed_copy, update_ with prior 0, MAZO_CUDA_SPEC=0) keep the plain kernel unless
+  // MAZO_CUDA_F32_XOR=1 forces it; MAZO_CUDA_F32_XOR=0 turns it off (read per call).
   const char* xor_env = std::getenv("MAZO_CUDA_F32_XOR");
-  const bool f32_xor = dt == DT_F32 && xor_env && std::atoi(xor_env) == 1;
+  const bool f32_xor = dt == DT_F32 && (xor_env ? std::atoi(xor_env) == 1
+                                                : spec_on && (op == OP_PERTURB || (op == OP_UPDATE && prior_nz &&
+                                                                                   dist == DIST_RADEMACHER)));
   // fp32 perturb_ with prior 0 and Gaussian noise stays generic: on an H200 the specialisation (80 registers, 3
   // blocks) ran it 12% slower (28.2 vs 25.2 ms over 7B; bench/results/h200_2026-12-01/s8_final/). The exchange's
   // specialisation has 2 blocks' budget, and its generic kernel spills: it keeps the specialisation.
@@ -493,9 +499,12 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // bf16 rounded by the hardware conversion: the same bits for all 2^32 inputs (bench/check_bf16_cvt.cu on an H200)
   // in fewer instructions. MAZO_CUDA_HW_BF16=0 (read per call) gives the integer rounding back.
   const char* hw_env = std::getenv("MAZO_CUDA_HW_BF16");
-  // fp16 from storage by the hardware conversion (an experiment until a GPU has checked it: MAZO_CUDA_HW_F16=1).
+  // fp16 through the hardware conversions: __half2float gives the spec's float32 for every non-NaN fp16 pattern
+  // (bench/probe_cuda_leads.cu, all 65,536 on an H200) and the NaN patterns get the spec's bits by a select; on an
+  // H200 over 7B, perturb_ 17.9 -> 15.7 ms, update_ 55.5 -> 40.8 (Gaussian; s9_fp_experiments). MAZO_CUDA_HW_F16=0
+  // (read per call) gives the integer conversions back.
   const char* hw16_env = std::getenv("MAZO_CUDA_HW_F16");
-  const bool hw16 = dt == DT_F16 && hw16_env && std::atoi(hw16_env) == 1;
+  const bool hw16 = dt == DT_F16 && !(hw16_env && std::atoi(hw16_env) == 0);
   const int kdt = dt == DT_BF16 && !(hw_env && std::atoi(hw_env) == 0) ? DT_BF16_HW : hw16 ? DT_F16_HW : dt;
   const void* kfn = spec >= 0             ? spec_kernel(kdt, spec, f32_xor)
                     : f32_xor             ? (const void*)zo_apply_kernel<DT_F32, 2, -1, true>

@@ -1,8 +1,9 @@
-// The fp32 fast path's warp-coalesced exchange (MAZO_CUDA_F32_XOR=1; csrc/zo_cuda.cu, and bench/probe_cuda_leads.cu,
-// which times and checks these very functions). The plain fast path's two 16-byte accesses per 8-float unit are 32
-// bytes apart, so every warp access touches twice the sectors it uses. Here each warp loads its 32 units (64 uint4)
-// as two accesses of 512 contiguous bytes, lanes permuted so that lane L gets its unit's first half directly and its
-// second half from lane L ^ 16 (one shuffle per word; the store reverses it). Same units per lane: the same bits.
+// The fp32 fast path's warp-coalesced exchange (the default of most specialised fp32 passes: csrc/zo_cuda.cu; and
+// bench/probe_cuda_leads.cu, which times and checks these very functions). The plain fast path's two 16-byte
+// accesses per 8-float unit are 32 bytes apart, so every warp access touches twice the sectors it uses. Here each
+// warp loads its 32 units (64 uint4) as two accesses of 512 contiguous bytes, lanes permuted so that lane L gets its
+// unit's first half directly and its second half from lane L ^ 16 (one shuffle per word; the store reverses it).
+// Same units per lane: the same bits.
 //   access 1: L < 16 -> uint4 2L (own half 0),  L >= 16 -> uint4 2(L - 16) + 1 (lane L - 16's half 1)
 //   access 2: L < 16 -> uint4 2(L + 16) + 1 (lane L + 16's half 1),  L >= 16 -> uint4 2L (own half 0)
 #pragma once

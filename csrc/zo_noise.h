@@ -396,8 +396,8 @@ struct Storage<DT_BF16_HW> : Storage<DT_BF16> {
   }
 };
 
-// fp16 with the hardware conversions on the device (an experiment: the CUDA extension uses it only with
-// MAZO_CUDA_HW_F16=1 until a GPU has checked it): float32 from the stored fp16 by cvt.f32.f16 (exact for every
+// fp16 with the hardware conversions on the device (the CUDA extension's default; MAZO_CUDA_HW_F16=0 turns it
+// off): float32 from the stored fp16 by cvt.f32.f16 (exact for every
 // non-NaN pattern; NaN keeps the spec's sign | 0x7F800000 | mantissa << 13 by a select), and the NaN-free roundings
 // without the NaN fix-up. bench/probe_cuda_leads.cu compares the conversion with f16_bits_to_f32 for all 65,536.
 constexpr int DT_F16_HW = 4;

@@ -134,8 +134,9 @@ def test_cuda_and_triton_agree_on_a_tensor_past_2_31_elements():
 
 
 KERNEL_VARIANTS = [(d, "") for d in DTYPES] + [(torch.bfloat16, "MAZO_CUDA_HW_BF16=0"),
+                                                 (torch.float32, "MAZO_CUDA_F32_XOR=0"),
                                                  (torch.float32, "MAZO_CUDA_F32_XOR=1"),
-                                                 (torch.float16, "MAZO_CUDA_HW_F16=1")]
+                                                 (torch.float16, "MAZO_CUDA_HW_F16=0")]
 
 
 @pytest.mark.skipif(not mk.has_cuda(), reason="needs the CUDA extension")
@@ -146,8 +147,9 @@ def test_cuda_specialised_and_generic_kernels_match_reference(dtype, variant, di
     """The CUDA extension runs perturb_ and the restoring update_ in kernels specialised on (op, prior != 0, dist);
     MAZO_CUDA_SPEC=0 forces the generic kernel. Both against the reference, on tensors spanning several blocks of
     8192 elements (the block -> tensor walk), with masks and an unaligned global offset among them. bf16 runs with
-    the hardware rounding (the default) and with MAZO_CUDA_HW_BF16=0 (integer rounding); fp32 also with the
-    warp-coalesced fast path (MAZO_CUDA_F32_XOR=1), fp16 with the hardware conversions (MAZO_CUDA_HW_F16=1)."""
+    the hardware rounding (the default) and with MAZO_CUDA_HW_BF16=0 (integer rounding); fp32 with the
+    warp-coalesced fast path where it is the default, off (MAZO_CUDA_F32_XOR=0) and on every call (=1); fp16 with
+    the hardware conversions (the default) and the integer ones (MAZO_CUDA_HW_F16=0)."""
     monkeypatch.setenv("MAZO_CUDA_SPEC", spec)
     if variant:
         monkeypatch.setenv(*variant.split("="))
