@@ -65,7 +65,9 @@ def provenance(docs):
         if key in seen:
             continue
         seen.add(key)
-        commit = (h.get("git_commit") or "?")[:7] + ("+dirty" if h.get("git_dirty") else "")
+        # git_commit_as_run: a note in the file naming the code that ran where the device's git metadata lagged
+        commit = h.get("git_commit_as_run") or ((h.get("git_commit") or "?")[:7] + ("+dirty" if h.get("git_dirty")
+                                                                                      else ""))
         parts.append(f"{h.get('device')} ({h.get('date', '')[:10]}; torch {h.get('torch')}, triton "
                      f"{h.get('triton')}, transformers {h.get('transformers')}, CUDA {h.get('cuda')}, Python "
                      f"{h.get('python')}; commit `{commit}`)")

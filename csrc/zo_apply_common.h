@@ -86,22 +86,39 @@ MAZO_HD void compute_oct(const OpParams& P, const TensorParams& T, uint64_t o, u
   }
 }
 
-// Is local element i selected by a row-index mask? (binary search in its row's sorted columns)
-MAZO_HD bool rowidx_selected(const int32_t* cols, int64_t k, int64_t row_len, int64_t i) {
-  if (k <= 0 || row_len <= 0) return false;
-  const int64_t r = i / row_len;
-  const int32_t c = (int32_t)(i - r * row_len);
-  const int32_t* row = cols + r * k;
-  int64_t lo = 0, hi = k;
-  while (lo < hi) {
-    const int64_t mid = (lo + hi) >> 1;
-    if (row[mid] < c)
-      lo = mid + 1;
-    else
-      hi = mid;
+// The lanes of local elements [i0, i0 + cnt) that a row-index mask selects. Per row the unit touches: one binary
+// search for the first listed column >= the unit's first column there, then a walk along the row's sorted columns
+// while they fall inside the unit (one search per unit instead of one per element). Columns outside [0, row_len)
+// select nothing.
+MAZO_HD unsigned rowidx_unit_sel(const int32_t* cols, int64_t k, int64_t row_len, int64_t i0, int cnt) {
+  if (k <= 0 || row_len <= 0) return 0u;
+  unsigned sel = 0;
+  int j = 0;
+  while (j < cnt) {
+    const int64_t r = (i0 + j) / row_len;
+    const int64_t c = i0 + j - r * row_len;
+    const int64_t left = row_len - c;
+    const int span = (int)(left < (int64_t)(cnt - j) ? left : (int64_t)(cnt - j));  // lanes of this unit in row r
+    const int32_t* row = cols + r * k;
+    int64_t lo = 0, hi = k;
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) >> 1;
+      if (row[mid] < c)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    for (; lo < k && row[lo] < c + span; ++lo) sel |= 1u << (j + (int)(row[lo] - c));
+    j += span;
   }
-  return lo < k && row[lo] == c;
+  return sel;
 }
+
+// Row-index masks at least this dense (k * ROWIDX_ELEMENTS_MIN_DENSITY_INV >= row_len) run as element units (every
+// element visited, coalesced, the selection by rowidx_unit_sel); sparser ones as entry units (only the listed
+// elements visited). At 1/8 of a row, a 32-byte sector of bf16 holds two listed elements on average, so the entry
+// walk touches most sectors anyway.
+constexpr int64_t ROWIDX_ELEMENTS_MIN_DENSITY_INV = 8;
 
 template <int DT>
 MAZO_HD void load_unit(const typename Storage<DT>::bits_t* p, int cnt, typename Storage<DT>::bits_t raw[UNIT]) {
@@ -153,7 +170,7 @@ MAZO_HD void store_unit(typename Storage<DT>::bits_t* p, int cnt, unsigned which
 }
 
 // One element unit: local elements [8u, 8u + 8) ∩ [0, n).
-//   mask8: the packed mask / latch (kinds 1, 2); cols/k: the row-index table (kind 3, only with op COPY here).
+//   mask8: the packed mask / latch (kinds 1, 2); cols/k: the row-index table (kind 3: op COPY, or a dense mask).
 // raw: the unit's stored values, already loaded (load_unit), so that a caller can prefetch the next unit.
 template <int DT>
 MAZO_HD void process_loaded_unit(const OpParams& P, const TensorParams& T, const typename Storage<DT>::bits_t raw[UNIT],
@@ -182,10 +199,7 @@ MAZO_HD void process_loaded_unit(const OpParams& P, const TensorParams& T, const
   } else if (T.kind == MASK_BITMASK) {
     sel = mask8[u] & valid;
   } else if (T.kind == MASK_ROWIDX) {
-    sel = 0;
-    MAZO_UNROLL
-    for (int j = 0; j < UNIT; ++j)
-      if (j < cnt && rowidx_selected(cols, k, T.row_len, i0 + j)) sel |= 1u << j;
+    sel = rowidx_unit_sel(cols, k, T.row_len, i0, cnt);
   }
 
   bits_t res[UNIT];
@@ -239,7 +253,7 @@ MAZO_HD void process_element_unit(const OpParams& P, const TensorParams& T, cons
   process_loaded_unit<DT>(P, T, raw, out, mask8, cols, k, n, u);
 }
 
-// One entry unit of a row-index mask: entries [8u, 8u + 8) ∩ [0, rows * k). Not for op COPY.
+// One entry unit of a row-index mask: entries [8u, 8u + 8) ∩ [0, rows * k). Not for op COPY; for sparse masks.
 // Consecutive entries that fall in the same global oct share one compute_oct.
 template <int DT>
 MAZO_HD void process_entry_unit(const OpParams& P, const TensorParams& T, const typename Storage<DT>::bits_t* in,

@@ -416,7 +416,7 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
       d.k = mask.size(1);
       TORCH_CHECK(theta.dim() == 2 && mask.size(0) == theta.size(0), cat("zo_apply_: row-index mask ", t,
                   " must be int32 [rows, k] for a 2-D weight"));
-      if (op != OP_COPY) {
+      if (op != OP_COPY && mask.size(1) * ROWIDX_ELEMENTS_MIN_DENSITY_INV < theta.size(1)) {
         d.work = WORK_ENTRIES;
         d.work_n = mask.numel();
       }
@@ -473,13 +473,16 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // fp32 fast path with warp-coalesced accesses (same bits). On an H200 over 7B (bench/results/h200_2026-12-02/
   // s9_fp_experiments) it ran perturb_ 26.3 -> 18.8 ms (Gaussian) and 22.1 -> 14.8 (Rademacher), update_ Rademacher
   // 20.2 -> 17.6, but update_ Gaussian 21.7 -> 23.2 (its 2-blocks register budget halves the warps of the most
-  // instruction-heavy pass): on by default for the other specialised passes. Its generic kernel spills, so calls
-  // that run generic (perturbed_copy, update_ with prior 0, MAZO_CUDA_SPEC=0) keep the plain kernel unless
+  // instruction-heavy pass; the restoring Gaussian perturb_ too: 19.4 -> 20.0-20.4, s9_defaults_ab): on by default
+  // for perturb_ with prior 0 and the restoring Rademacher passes. Its generic kernel spills, so calls that run
+  // generic (perturbed_copy, update_ with prior 0, MAZO_CUDA_SPEC=0) keep the plain kernel unless
   // MAZO_CUDA_F32_XOR=1 forces it; MAZO_CUDA_F32_XOR=0 turns it off (read per call).
   const char* xor_env = std::getenv("MAZO_CUDA_F32_XOR");
-  const bool f32_xor = dt == DT_F32 && (xor_env ? std::atoi(xor_env) == 1
-                                                : spec_on && (op == OP_PERTURB || (op == OP_UPDATE && prior_nz &&
-                                                                                   dist == DIST_RADEMACHER)));
+  const bool f32_xor =
+      dt == DT_F32 && (xor_env ? std::atoi(xor_env) == 1
+                               : spec_on && ((op == OP_PERTURB && !prior_nz) ||
+                                             (prior_nz && (op == OP_PERTURB || op == OP_UPDATE) &&
+                                              dist == DIST_RADEMACHER)));
   // fp32 perturb_ with prior 0 and Gaussian noise stays generic: on an H200 the specialisation (80 registers, 3
   // blocks) ran it 12% slower (28.2 vs 25.2 ms over 7B; bench/results/h200_2026-12-01/s8_final/). The exchange's
   // specialisation has 2 blocks' budget, and its generic kernel spills: it keeps the specialisation.

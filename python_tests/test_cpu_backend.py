@@ -21,7 +21,9 @@ else:
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DISTS = ["gaussian", "rademacher"]
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-MASK_KINDS = ["none", "threshold", "bitmask", "rowidx"]
+# rowidx: a third of each row (the element path: every element visited); rowidx_sparse: a tenth (the entry path:
+# only the listed elements visited; csrc/zo_apply_common.h, ROWIDX_ELEMENTS_MIN_DENSITY_INV)
+MASK_KINDS = ["none", "threshold", "bitmask", "rowidx", "rowidx_sparse"]
 TAU = 0.02
 
 
@@ -81,9 +83,9 @@ def _mask(kind, t, gen):
         return mk.ThresholdMask(TAU)
     if kind == "bitmask":
         return mk.BitMask.from_bool(torch.rand(t.numel(), generator=gen) < 0.4)
-    if kind == "rowidx":
+    if kind in ("rowidx", "rowidx_sparse"):
         rows, cols = t.shape
-        k = max(1, cols // 3)
+        k = max(1, cols // (3 if kind == "rowidx" else 10))
         idx = torch.stack([torch.randperm(cols, generator=gen)[:k].sort().values for _ in range(rows)])
         return mk.RowIndexMask(idx.to(torch.int32).reshape(rows, k))
     raise AssertionError(kind)

@@ -94,9 +94,10 @@ def test_noise_and_copy_match_reference(backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_rowindex_mask_matches_reference(backend):
-    gen = torch.Generator().manual_seed(4)
-    rows, cols, k = 37, 53, 9
+@pytest.mark.parametrize("k", [27, 9, 3])  # CUDA: element units (27, 9 of 53 columns) and entry units (3)
+def test_rowindex_mask_matches_reference(backend, k):
+    gen = torch.Generator().manual_seed(4 + k)
+    rows, cols = 37, 53
     w = (torch.randn(rows, cols, generator=gen) * 0.02).bfloat16()
     idx = torch.stack([torch.randperm(cols, generator=gen)[:k].sort().values for _ in range(rows)]).int()
     wg = w.cuda()
@@ -104,6 +105,12 @@ def test_rowindex_mask_matches_reference(backend):
     pc = mk.ZOPlan([mk.PlanEntry("w", w, 9, mask=mk.RowIndexMask(idx))])
     mk.perturb_(pg, 8, 1e-3, backend=backend)
     mk.perturb_(pc, 8, 1e-3, backend="reference")
+    assert torch.equal(_bits(wg), _bits(w))
+    mk.perturb_(pg, 8, -1e-3, prior=1e-3, backend=backend)
+    mk.perturb_(pc, 8, -1e-3, prior=1e-3, backend="reference")
+    assert torch.equal(_bits(wg), _bits(w))
+    mk.update_(pg, [8], [0.7], lr=1e-2, restore_seed=8, prior=-1e-3, sr_seed=3, backend=backend)
+    mk.update_(pc, [8], [0.7], lr=1e-2, restore_seed=8, prior=-1e-3, sr_seed=3, backend="reference")
     assert torch.equal(_bits(wg), _bits(w))
 
 
