@@ -74,12 +74,30 @@ __device__ __forceinline__ void fast_unpack(const uint32_t* raw, float x[8]) {
   if (DT == DT_F32) {
 #pragma unroll
     for (int l = 0; l < 8; ++l) x[l] = u2f(raw[l]);
-  } else {
+    return;
+  }
+  if constexpr (DT == DT_F16_HW) {
+    // NaN patterns are the only fp16 values whose hardware conversion differs from the spec's: one packed test per
+    // word (HSET2), and the per-element NaN select of Storage<DT_F16_HW>::to_f32 only for a unit that holds one.
+    uint32_t nan = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      x[2 * j] = S::to_f32((typename S::bits_t)(raw[j] & 0xFFFFu));
-      x[2 * j + 1] = S::to_f32((typename S::bits_t)(raw[j] >> 16));
+      const __half2 t = __hisnan2(*reinterpret_cast<const __half2*>(&raw[j]));
+      nan |= *reinterpret_cast<const uint32_t*>(&t);
     }
+    if (nan == 0) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        x[2 * j] = __half2float(__ushort_as_half((unsigned short)(raw[j] & 0xFFFFu)));
+        x[2 * j + 1] = __half2float(__ushort_as_half((unsigned short)(raw[j] >> 16)));
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    x[2 * j] = S::to_f32((typename S::bits_t)(raw[j] & 0xFFFFu));
+    x[2 * j + 1] = S::to_f32((typename S::bits_t)(raw[j] >> 16));
   }
 }
 
