@@ -127,8 +127,11 @@ def cuda_kernels(cuda_home: str) -> list:
                                                   + (" with prior" if spec & 2 else "")
                                                   + (" rademacher" if spec & 1 else " gaussian"))
             dts = {0: "fp32", 1: "fp16", 2: "bf16", 3: "bf16_hw", 4: "fp16_hw"}  # 3, 4: device-only storage types
-            xor = t is not None and cur[t.end():].startswith("Lb1E")   # the fp32 exchange (MAZO_CUDA_F32_XOR=1)
-            recs.append({"kernel": what, "dtype": (dts.get(dt) or "?") + ("_xor" if xor else ""), "min_blocks": minb,
+            flags = re.findall(r"Lb([01])E", cur[t.end():t.end() + 12]) if t else []
+            xor = flags[:1] == ["1"]          # the fp32 exchange (MAZO_CUDA_F32_XOR)
+            prefetch = flags[1:2] == ["1"]    # masked units' loads first (MAZO_CUDA_PREFETCH=1)
+            recs.append({"kernel": what, "dtype": (dts.get(dt) or "?") + ("_xor" if xor else "")
+                         + ("_prefetch" if prefetch else ""), "min_blocks": minb,
                          "registers": int(m.group(1)), "spill_store_bytes": spill[0], "spill_load_bytes": spill[1]})
             cur = None
     return recs
