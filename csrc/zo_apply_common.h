@@ -114,11 +114,11 @@ MAZO_HD unsigned rowidx_unit_sel(const int32_t* cols, int64_t k, int64_t row_len
   return sel;
 }
 
-// Row-index masks at least this dense (k * ROWIDX_ELEMENTS_MIN_DENSITY_INV >= row_len) run as element units (every
-// element visited, coalesced, the selection by rowidx_unit_sel); sparser ones as entry units (only the listed
-// elements visited). At 1/8 of a row, a 32-byte sector of bf16 holds two listed elements on average, so the entry
-// walk touches most sectors anyway.
-constexpr int64_t ROWIDX_ELEMENTS_MIN_DENSITY_INV = 8;
+// Do the in-place ops run a row-index mask of k columns per row of row_len as element units (every element visited,
+// coalesced, the selection by rowidx_unit_sel) rather than entry units (only the listed elements)? From 1/8 of a row
+// on: there a 32-byte sector of bf16 holds two listed elements on average, so the entry walk touches most sectors
+// anyway. (perturbed_copy always runs element units: it writes every element.)
+MAZO_HD constexpr bool rowidx_as_elements(int64_t k, int64_t row_len) { return k * 8 >= row_len; }
 
 template <int DT>
 MAZO_HD void load_unit(const typename Storage<DT>::bits_t* p, int cnt, typename Storage<DT>::bits_t raw[UNIT]) {

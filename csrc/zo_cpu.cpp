@@ -50,7 +50,7 @@ void run_cpu(at::TensorList params, at::TensorList outs, at::TensorList masks, c
       TORCH_CHECK(T.row_len > 0 && rows * T.row_len <= n, cat("zo_apply_: row-index mask ", t,
                   " does not fit the tensor"));
       const int32_t* cols = mask.data_ptr<int32_t>();
-      if (P.op == OP_COPY || (k * ROWIDX_ELEMENTS_MIN_DENSITY_INV >= T.row_len && rows * T.row_len == n)) {
+      if (P.op == OP_COPY || (rowidx_as_elements(k, T.row_len) && rows * T.row_len == n)) {
         const int64_t units = (n + UNIT - 1) / UNIT;
         at::parallel_for(0, units, GRAIN_UNITS, [&](int64_t b, int64_t e) {
           for (int64_t u = b; u < e; ++u) process_element_unit<DT>(P, T, in, out, nullptr, cols, k, n, u);

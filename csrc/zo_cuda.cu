@@ -477,7 +477,7 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
       d.k = mask.size(1);
       TORCH_CHECK(theta.dim() == 2 && mask.size(0) == theta.size(0), cat("zo_apply_: row-index mask ", t,
                   " must be int32 [rows, k] for a 2-D weight"));
-      if (op != OP_COPY && mask.size(1) * ROWIDX_ELEMENTS_MIN_DENSITY_INV < theta.size(1)) {
+      if (op != OP_COPY && !rowidx_as_elements(mask.size(1), theta.size(1))) {
         d.work = WORK_ENTRIES;
         d.work_n = mask.numel();
       }

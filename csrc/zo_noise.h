@@ -432,13 +432,6 @@ struct Storage<DT_F16_HW> : Storage<DT_F16> {
 // equals the spec's on the device (cvt.rn.f16.f32 for every non-NaN float32: bench/check_f16_cvt.cu; cvt.f32.f16 for
 // every non-NaN fp16: bench/probe_cuda_leads.cu). On the host the same structure runs on the spec's conversions, so
 // bench/check_invert_rounding.cpp checks it for every fp16 value.
-MAZO_HD uint32_t f16_rne_finite(float x) {  // x not NaN
-#if defined(__CUDA_ARCH__)
-  return (uint32_t)__half_as_ushort(__float2half_rn(x));
-#else
-  return f32_to_f16_rne_soft(x);
-#endif
-}
 MAZO_HD float f16_to_f32_finite(uint32_t h) {  // h not a NaN pattern
 #if defined(__CUDA_ARCH__)
   return __half2float(__ushort_as_half((unsigned short)h));
@@ -448,18 +441,19 @@ MAZO_HD float f16_to_f32_finite(uint32_t h) {  // h not a NaN pattern
 }
 
 MAZO_HD float invert_rounding_f16_hw(float w, float d) {
+  using S = Storage<DT_F16_HW>;  // rne_not_nan: the bare hardware rounding on the device
   const float y0 = fsub(w, d);
   const bool nan = y0 != y0;
   const float y = nan ? 0.f : y0;  // selects, not a branch: a NaN y takes the spec's value at the end
-  const uint32_t b0 = f16_rne_finite(y);
+  const uint32_t b0 = S::rne_not_nan(y);
   const float c0 = f16_to_f32_finite(b0);
   float r = c0;
   if ((f2u(c0) & 0x7F800000u) != 0x7F800000u && y != c0) {
     const uint32_t b1 = f2u(y) > f2u(c0) ? b0 + 1u : b0 - 1u;
     const float c1 = f16_to_f32_finite(b1);
-    const uint32_t wb = f16_rne_finite(w);  // w finite here (an infinite or NaN w gives a non-finite c0 or NaN y)
-    const bool ok0 = f16_rne_finite(fadd(c0, d)) == wb;
-    const bool ok1 = f16_rne_finite(fadd(c1, d)) == wb;
+    const uint32_t wb = S::rne_not_nan(w);  // w finite here (an infinite or NaN w gives a non-finite c0 or NaN y)
+    const bool ok0 = S::rne_not_nan(fadd(c0, d)) == wb;
+    const bool ok1 = S::rne_not_nan(fadd(c1, d)) == wb;
     if (ok1 && (!ok0 || (b1 & 1u) == 0u)) r = c1;
   }
   return nan ? u2f((f2u(y0) & 0x80000000u) | 0x7FC00000u) : r;

@@ -40,7 +40,7 @@ GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SP
 # a constexpr, so it is fixed per process.
 HW_BF16 = tl.constexpr(os.environ.get("MAZO_TRITON_HW_BF16", "1") != "0"
                        and os.environ.get("TRITON_INTERPRET", "0") != "1")
-_NTAB = 8             # int64 columns of the per-tensor table
+_NTAB = 7             # int64 columns of the per-tensor table
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 64
 
@@ -451,7 +451,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             tl.store(out_ptr + offs, res)
 
 @triton.jit
-def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, nsteps, entries, tid, off, kind, row_len,
+def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entries, tid, off, kind, row_len,
                    scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr, n_seeds,
                    OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, TMODE: tl.constexpr, DT: tl.constexpr,
                    HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, BLOCK: tl.constexpr):
@@ -549,8 +549,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
     numel = tl.load(tb + 3)
     nunits = tl.load(tb + 4)
     kcols = tl.load(tb + 5)
-    nsteps = tl.load(tb + 6).to(tl.int32)
-    entries = tl.load(tb + 7) != 0          # row-index mask entries (not elements) are the units
+    entries = tl.load(tb + 6) != 0          # row-index mask entries (not elements) are the units
     tid = tl.load(meta_ptr + 4 * t).to(tl.uint32)
     off = tl.load(meta_ptr + 4 * t + 1)
     kind = tl.load(meta_ptr + 4 * t + 2)
@@ -602,7 +601,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
     elif MODE == 4:
         nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
         for q in range(nsub):
-            _general_block(in_ptr, out_ptr, mask_addr, start + q * BLOCK, numel, nunits, kcols, nsteps, entries,
+            _general_block(in_ptr, out_ptr, mask_addr, start + q * BLOCK, numel, nunits, kcols, entries,
                            tid, off, kind, row_len, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr,
                            n_seeds, OP, DIST, SR, TMODE, DT, HAS_PRIOR, REUSE0, BLOCK)
     elif MODE == 2:
@@ -615,7 +614,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
         if MODE == 1:   # FBLOCK is a multiple of BLOCK; the fast kernel's block holding `start` is full
             run = ~(dense & ((start - (start & (FBLOCK - 1))) + FBLOCK <= numel))
         if run:
-            _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, nsteps, entries, tid, off, kind,
+            _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entries, tid, off, kind,
                            row_len, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr, n_seeds, OP, DIST, SR,
                            TMODE, DT, HAS_PRIOR, REUSE0, BLOCK)
 
@@ -648,8 +647,7 @@ def _tables(params, outs, masks, op: int, block: int, device):
         kcols = int(mask.shape[1]) if ri else 0
         entries = ri  # perturbed_copy: the output is first a copy of theta (zo_apply_)
         nunits = mask.numel() if entries else n
-        nsteps = kcols.bit_length() + 1 if ri else 0
-        rows.append((theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, nunits, kcols, nsteps, int(entries)))
+        rows.append((theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, nunits, kcols, int(entries)))
     key = (str(device), block, tuple(rows))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
@@ -701,8 +699,7 @@ def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: 
         kcols = int(mask.shape[1]) if ri else 0
         entries = ri  # perturbed_copy: the output is first a copy of theta (zo_apply_)
         nunits = mask.numel() if entries else n
-        nsteps = kcols.bit_length() + 1 if ri else 0
-        rows.append((theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, nunits, kcols, nsteps, int(entries)))
+        rows.append((theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, nunits, kcols, int(entries)))
         cand.append(not ri and (mask.numel() == 0 or bool(MASKED_FAST))
                     and (theta.data_ptr() | out.data_ptr()) % 16 == 0)
     _refuse_upload_in_capture(device)

@@ -22,7 +22,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 DISTS = ["gaussian", "rademacher"]
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 # rowidx: a third of each row (the element path: every element visited); rowidx_sparse: a tenth (the entry path:
-# only the listed elements visited; csrc/zo_apply_common.h, ROWIDX_ELEMENTS_MIN_DENSITY_INV)
+# only the listed elements visited; csrc/zo_apply_common.h, rowidx_as_elements)
 MASK_KINDS = ["none", "threshold", "bitmask", "rowidx", "rowidx_sparse"]
 TAU = 0.02
 
