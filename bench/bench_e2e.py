@@ -865,7 +865,7 @@ def build_parser():
     ap.add_argument("--sparsity", type=float, default=0.75, help="Sparse MeZO: fraction of each matrix frozen")
     ap.add_argument("--density", type=float, default=0.1, help="MaZO: fraction of each row trained")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dist", choices=["gaussian", "rademacher"], default="gaussian",
+    ap.add_argument("--dist", choices=["gaussian", "gaussian_fast", "rademacher"], default="gaussian",
                     help="noise of the ZOSGD methods (the MeZO baselines always draw Gaussian, as MeZO does)")
     ap.add_argument("--memory-cap", default="none",
                     help="none | h100-80gb | GiB: cap the allocator to emulate a smaller card (CUDA)")

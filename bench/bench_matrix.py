@@ -2,7 +2,7 @@
 
     op (perturb_, perturb_prior = perturb_ with a prior, update_ with restore + stochastic rounding, perturbed_copy)
     x dtype (bf16, fp16, fp32)
-    x mask (none, threshold, bitmask, rowindex) x distribution (gaussian, rademacher) x backend (cuda, triton)
+    x mask (none, threshold, bitmask, rowindex) x distribution (gaussian, rademacher, gaussian_fast) x backend (cuda, triton)
     over a model's parameter list built as ONE plan (one launch per pass per dtype).
 
 Models: `7b` (LLaMA-7B's 291 tensors, 6.74 B parameters), `125m` (OPT-125m's 196 tensors: launch overhead), `1t`
@@ -55,7 +55,7 @@ import torch
 OPS = ("perturb_", "perturb_prior", "update_", "perturbed_copy")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MASKS = ("none", "threshold", "bitmask", "rowindex")
-DISTS = ("gaussian", "rademacher")
+DISTS = ("gaussian", "rademacher", "gaussian_fast")   # gaussian_fast: spec v2
 BACKENDS = ("cuda", "triton")
 CORE = dict(ops=("perturb_", "update_"), dtypes=("bf16",), masks=("none", "threshold", "bitmask"), dists=DISTS,
             backends=BACKENDS)
@@ -285,7 +285,7 @@ def mask_traffic(kind, op, mask_bytes):
 
 # ------------------------------------------------------------------------------------------------ MeZO baselines
 def _z(p, dist):
-    if dist == "gaussian":
+    if dist in ("gaussian", "gaussian_fast"):      # MeZO draws torch.normal; it is the baseline of both
         return torch.normal(mean=0, std=1, size=p.size(), dtype=p.dtype, device=p.device)
     return torch.empty(p.size(), dtype=p.dtype, device=p.device).bernoulli_(0.5).mul_(2).sub_(1)
 
@@ -637,7 +637,7 @@ def print_record(r):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--core", action="store_true", help="bf16; gaussian+rademacher; masks none/threshold/bitmask; "
+    g.add_argument("--core", action="store_true", help="bf16; every distribution; masks none/threshold/bitmask; "
                                                        "cuda+triton; perturb_ and update_ (default)")
     g.add_argument("--full", action="store_true", help="every op, dtype, mask, distribution and backend")
     ap.add_argument("--model", default="both", help="7b, 125m, both (7b,125m), 1t, tiny, or a comma list")

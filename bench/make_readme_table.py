@@ -21,7 +21,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- bench-table -->", "<!-- /bench-table -->"
 ORDER = {"op": ["perturb_", "perturb_prior", "update_", "perturbed_copy"], "dtype": ["bf16", "fp16", "fp32"],
-         "mask": ["none", "threshold", "bitmask", "rowindex"], "distribution": ["gaussian", "rademacher"],
+         "mask": ["none", "threshold", "bitmask", "rowindex"], "distribution": ["gaussian", "gaussian_fast", "rademacher"],
          "model": ["7b", "125m", "1t", "tiny"]}
 
 

@@ -177,10 +177,11 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
   }
 }
 
-// SPEC: -1 for the generic kernel (op, distribution and "prior != 0" read at run time), else spec_of(op, prior, dist):
+// SPEC: -1 for the generic kernel (op, distribution and "prior != 0" read at run time), else spec_of(op, prior, dist)
+// (dist in the low two bits):
 // the same code with those three fixed at compile time, so every branch on them folds away and each instantiation
 // holds only its own path's registers (the generic kernel's 126-128 registers left 16 warps per SM: latency-bound).
-constexpr int spec_of(int op, bool prior_nonzero, int dist) { return op * 4 + (prior_nonzero ? 2 : 0) + dist; }
+constexpr int spec_of(int op, bool prior_nonzero, int dist) { return op * 8 + (prior_nonzero ? 4 : 0) + dist; }
 
 // MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers; 3: 80; 4: 64). Same bits either way;
 // which one a call gets: see the launch below.
@@ -191,9 +192,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
   using bits_t = typename Storage<DT>::bits_t;
   OpParams P = a.P;
   if (SPEC >= 0) {  // the host launches a specialisation only for calls that have these values
-    P.op = SPEC / 4;
-    P.prior_nonzero = (SPEC & 2) != 0;
-    P.dist = SPEC & 1;
+    P.op = SPEC / 8;
+    P.prior_nonzero = (SPEC & 4) != 0;
+    P.dist = SPEC & 3;
   }
   if (a.seed_dev != nullptr) {  // seeds in device memory (a captured graph replays with new ones)
     P.seed0 = (uint64_t)a.seed_dev[0];
@@ -286,7 +287,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
           if (u >= full) continue;
         } else {
           if (u >= full) continue;
-          if (need_z0) gaussian_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
+          if (need_z0) {
+            if (P.dist == DIST_GAUSSIAN_FAST)
+              gaussian_fast_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN_FAST), z0);
+            else
+              gaussian_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
+          }
         }
         float x[8];
         fast_unpack<DT>(raw[it], x);
@@ -363,7 +369,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
 // (ptxas -v for sm_90, bench/NOTES.md): 16-bit perturb_ without a prior 64 registers (4 blocks, 32 warps per SM),
 // the restoring passes 80 (3 blocks); fp32 holds twice the data per unit.
 constexpr int spec_minblocks(int dt, int spec) {
-  return dt == DT_F32 ? (spec / 4 == OP_UPDATE ? 2 : 3) : (spec / 4 == OP_PERTURB && (spec & 2) == 0 ? 4 : 3);
+  return dt == DT_F32 ? (spec / 8 == OP_UPDATE ? 2 : 3) : (spec / 8 == OP_PERTURB && (spec & 4) == 0 ? 4 : 3);
 }
 
 template <int DT, int SPEC, bool XOR, bool PREFETCH = false>
@@ -386,7 +392,29 @@ const void* spec_kernel_dt(int spec) {
   return nullptr;
 }
 
+// gaussian_fast (spec v2) is specialised only for the default storage kernels (bf16 and fp16 with the hardware
+// conversions, fp32 with and without the exchange): each distribution costs a dozen kernels of build time.
+constexpr bool has_fast_gaussian_spec(int dt) { return dt == DT_BF16_HW || dt == DT_F16_HW || dt == DT_F32; }
+
+template <int DT, bool XOR = false>
+const void* spec_kernel_fast_gaussian(int spec) {
+  switch (spec) {
+    case spec_of(OP_PERTURB, false, DIST_GAUSSIAN_FAST): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_GAUSSIAN_FAST), XOR>();
+    case spec_of(OP_PERTURB, true, DIST_GAUSSIAN_FAST): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_GAUSSIAN_FAST), XOR>();
+    case spec_of(OP_UPDATE, true, DIST_GAUSSIAN_FAST): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_GAUSSIAN_FAST), XOR>();
+    default: TORCH_CHECK(false, cat("zo_apply_ (CUDA): no specialised kernel for spec ", spec));
+  }
+  return nullptr;
+}
+
 const void* spec_kernel(int dt, int spec, bool f32_xor, bool prefetch) {
+  if ((spec & 3) == DIST_GAUSSIAN_FAST) {
+    TORCH_CHECK(has_fast_gaussian_spec(dt) && !prefetch, "zo_apply_ (CUDA): no gaussian_fast kernel for this case");
+    return dt == DT_F32       ? (f32_xor ? spec_kernel_fast_gaussian<DT_F32, true>(spec)
+                                         : spec_kernel_fast_gaussian<DT_F32>(spec))
+           : dt == DT_F16_HW  ? spec_kernel_fast_gaussian<DT_F16_HW>(spec)
+                              : spec_kernel_fast_gaussian<DT_BF16_HW>(spec);
+  }
   if (prefetch && dt == DT_BF16_HW) return spec_kernel_dt<DT_BF16_HW, false, true>(spec);
   if (prefetch && dt == DT_F16_HW) return spec_kernel_dt<DT_F16_HW, false, true>(spec);
   return dt == DT_F32       ? (f32_xor ? spec_kernel_dt<DT_F32, true>(spec) : spec_kernel_dt<DT_F32>(spec))
@@ -535,7 +563,8 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // s9_fp_experiments) it ran perturb_ 26.3 -> 18.8 ms (Gaussian) and 22.1 -> 14.8 (Rademacher), update_ Rademacher
   // 20.2 -> 17.6, but update_ Gaussian 21.7 -> 23.2 (its 2-blocks register budget halves the warps of the most
   // instruction-heavy pass; the restoring Gaussian perturb_ too: 19.4 -> 20.0-20.4, s9_defaults_ab): on by default
-  // for perturb_ with prior 0 and the restoring Rademacher passes. Its generic kernel spills, so calls that run
+  // for perturb_ with prior 0 and the restoring Rademacher passes (and gaussian_fast's, whose transform is as light:
+  // unmeasured when chosen). Its generic kernel spills, so calls that run
   // generic (perturbed_copy, update_ with prior 0, MAZO_CUDA_SPEC=0) keep the plain kernel unless
   // MAZO_CUDA_F32_XOR=1 forces it; MAZO_CUDA_F32_XOR=0 turns it off (read per call).
   const char* xor_env = std::getenv("MAZO_CUDA_F32_XOR");
@@ -543,14 +572,14 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
       dt == DT_F32 && (xor_env ? std::atoi(xor_env) == 1
                                : spec_on && ((op == OP_PERTURB && !prior_nz) ||
                                              (prior_nz && (op == OP_PERTURB || op == OP_UPDATE) &&
-                                              dist == DIST_RADEMACHER)));
+                                              dist != DIST_GAUSSIAN)));
   // fp32 perturb_ with prior 0 and Gaussian noise stays generic: on an H200 the specialisation (80 registers, 3
   // blocks) ran it 12% slower (28.2 vs 25.2 ms over 7B; bench/results/h200_2026-12-01/s8_final/). The exchange's
   // specialisation has 2 blocks' budget, and its generic kernel spills: it keeps the specialisation.
   const bool f32_plain_perturb =
       dt == DT_F32 && op == OP_PERTURB && !prior_nz && dist == DIST_GAUSSIAN && !f32_xor;
   const bool hot = (op == OP_PERTURB || (op == OP_UPDATE && prior_nz)) && !f32_plain_perturb;
-  const int spec = spec_on && hot ? spec_of((int)op, prior_nz, (int)dist) : -1;
+  int spec = spec_on && hot ? spec_of((int)op, prior_nz, (int)dist) : -1;
   // Generic bf16 kernel: calls whose tensors all take the fast path run the 3-blocks-per-SM kernel for update_ and
   // Gaussian noise (on an H200 6-11% faster there, 6% slower for Rademacher perturb_: bench/results/h200_2026-12-01/
   // minblocks); MAZO_CUDA_MINBLOCKS=2|3 forces one (bf16 only).
@@ -574,6 +603,7 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // 16-bit specialisations with the hardware conversions only; same bits; bench/NOTES.md, "Session 9").
   const char* prefetch_env = std::getenv("MAZO_CUDA_PREFETCH");
   const bool prefetch = prefetch_env && std::atoi(prefetch_env) == 1;
+  if (dist == DIST_GAUSSIAN_FAST && (!has_fast_gaussian_spec(kdt) || prefetch)) spec = -1;  // generic kernel
   const void* kfn = spec >= 0             ? spec_kernel(kdt, spec, f32_xor, prefetch)
                     : f32_xor             ? (const void*)zo_apply_kernel<DT_F32, 2, -1, true>
                     : kdt == DT_F32       ? (const void*)zo_apply_kernel<DT_F32>

@@ -48,7 +48,8 @@ inline int check_args(at::TensorList params, at::TensorList outs, at::TensorList
   TORCH_CHECK(fvals.dim() == 2 && fvals.size(0) == T && fvals.size(1) == 5, "zo_apply_: fvals must be [T, 5]");
   TORCH_CHECK(!seeds.empty(), "zo_apply_: at least one seed expected");
   TORCH_CHECK(op == OP_PERTURB || op == OP_UPDATE || op == OP_COPY, cat("zo_apply_: bad op ", op));
-  TORCH_CHECK(dist == DIST_GAUSSIAN || dist == DIST_RADEMACHER, cat("zo_apply_: bad dist ", dist));
+  TORCH_CHECK(dist == DIST_GAUSSIAN || dist == DIST_RADEMACHER || dist == DIST_GAUSSIAN_FAST,
+              cat("zo_apply_: bad dist ", dist, " (0 gaussian, 1 rademacher, 2 gaussian_fast)"));
   TORCH_CHECK(rounding == ROUND_NEAREST || rounding == ROUND_STOCHASTIC, cat("zo_apply_: bad rounding ", rounding));
   TORCH_CHECK(threshold_mode >= 0 && threshold_mode <= 2, cat("zo_apply_: bad threshold_mode ", threshold_mode));
   if (op == OP_UPDATE)

@@ -31,8 +31,8 @@ namespace mazo {
 constexpr uint32_t PHILOX_M0 = 0xD2511F53u, PHILOX_M1 = 0xCD9E8D57u;
 constexpr uint32_t PHILOX_W0 = 0x9E3779B9u, PHILOX_W1 = 0xBB67AE85u;
 
-constexpr uint32_t STREAM_GAUSSIAN = 0, STREAM_RADEMACHER = 1, STREAM_ROUNDING = 2;
-constexpr int DIST_GAUSSIAN = 0, DIST_RADEMACHER = 1;
+constexpr uint32_t STREAM_GAUSSIAN = 0, STREAM_RADEMACHER = 1, STREAM_ROUNDING = 2, STREAM_GAUSSIAN_FAST = 3;
+constexpr int DIST_GAUSSIAN = 0, DIST_RADEMACHER = 1, DIST_GAUSSIAN_FAST = 2;  // gaussian_fast: spec v2
 constexpr int MASK_NONE = 0, MASK_THRESHOLD = 1, MASK_BITMASK = 2, MASK_ROWIDX = 3;
 constexpr int THRESH_EVAL = 0, THRESH_LATCH_WRITE = 1, THRESH_LATCH_READ = 2;
 constexpr int OP_PERTURB = 0, OP_UPDATE = 1, OP_COPY = 2;
@@ -55,6 +55,9 @@ constexpr int ROUND_NEAREST = 0, ROUND_STOCHASTIC = 1;
 #define MAZO_TWO_LN2 0x1.62e430p+0f
 #define MAZO_SQRT_HALF_BITS 0x3F3504F3u
 #define MAZO_ANGLE_STEP 0x1.921fb6p-11f  /* float32(pi / 4096) */
+#define MAZO_FAST_P0 0x1.3095fap-7f      /* spec v2 gaussian_fast: reference.FAST_P */
+#define MAZO_FAST_P1 -0x1.b965dcp-25f
+#define MAZO_FAST_P2 0x1.e44a34p-40f
 
 // ------------------------------------------------------------------ exact float32 primitives
 MAZO_HD uint32_t f2u(float f) {
@@ -204,6 +207,25 @@ MAZO_HD void gaussian_oct(uint64_t seed, uint32_t tensor_id, uint64_t o, unsigne
   }
 }
 
+// Spec v2 gaussian_fast of one 16-bit value h: x = (h & 0xFF) + (h >> 8) - 255, z = x * ((P2 x^2 + P1) x^2 + P0).
+// x is formed from the float bits 2^23 + byte sum (exact), which avoids an int -> float conversion instruction.
+MAZO_HD float gaussian_fast_of_half(uint32_t h) {
+  const float x = fsub(u2f(0x4B000000u + (h & 0xFFu) + ((h >> 8) & 0xFFu)), 8388863.0f);  // 2^23 + 255: exact
+  const float t = fmul(x, x);
+  return fmul(x, fadd(fmul(fadd(fmul(MAZO_FAST_P2, t), MAZO_FAST_P1), t), MAZO_FAST_P0));
+}
+
+// Element 8o + l: half l & 1 (low first) of word l >> 1 of call o of stream 3 (the stochastic-rounding layout).
+MAZO_HD void gaussian_fast_from_words(const U4& w, float z[8]) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int pr = 0; pr < 4; ++pr) {
+    z[2 * pr] = gaussian_fast_of_half(w.v[pr] & 0xFFFFu);
+    z[2 * pr + 1] = gaussian_fast_of_half(w.v[pr] >> 16);
+  }
+}
+
 // z[i] = 1 - 2 * bit: Philox call i // 128 of stream 1, word (i // 32) % 4, bit i % 32.
 MAZO_HD void rademacher_oct(uint64_t seed, uint32_t tensor_id, uint64_t o, float z[8]) {
   const U4 w = philox_words(seed, tensor_id, o >> 4, STREAM_RADEMACHER);
@@ -219,6 +241,8 @@ MAZO_HD void rademacher_oct(uint64_t seed, uint32_t tensor_id, uint64_t o, float
 MAZO_HD void noise_oct(int dist, uint64_t seed, uint32_t tensor_id, uint64_t o, unsigned lanes, float z[8]) {
   if (dist == DIST_GAUSSIAN)
     gaussian_oct(seed, tensor_id, o, lanes, z);
+  else if (dist == DIST_GAUSSIAN_FAST)
+    gaussian_fast_from_words(philox_words(seed, tensor_id, o, STREAM_GAUSSIAN_FAST), z);
   else
     rademacher_oct(seed, tensor_id, o, z);
 }
@@ -230,6 +254,11 @@ MAZO_HD float gaussian(uint64_t seed, uint32_t tensor_id, uint64_t i) {
   float c, s;
   box_muller_angle(pw, c, s);
   return fmul(box_muller_radius(pw), (i & 1u) ? s : c);
+}
+
+MAZO_HD float gaussian_fast(uint64_t seed, uint32_t tensor_id, uint64_t i) {
+  const U4 w = philox_words(seed, tensor_id, i >> 3, STREAM_GAUSSIAN_FAST);
+  return gaussian_fast_of_half((w.v[(i >> 1) & 3u] >> (16 * (i & 1u))) & 0xFFFFu);
 }
 
 MAZO_HD float rademacher(uint64_t seed, uint32_t tensor_id, uint64_t i) {

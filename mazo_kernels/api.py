@@ -11,7 +11,7 @@ from . import reference as ref
 from .ops import zo_apply_
 from .plan import PlanEntry, ZOPlan
 
-_DISTS = {"gaussian": ref.DIST_GAUSSIAN, "rademacher": ref.DIST_RADEMACHER}
+_DISTS = {"gaussian": ref.DIST_GAUSSIAN, "rademacher": ref.DIST_RADEMACHER, "gaussian_fast": ref.DIST_GAUSSIAN_FAST}
 _ROUNDINGS = {"nearest": ref.ROUND_NEAREST, "stochastic": ref.ROUND_STOCHASTIC}
 
 

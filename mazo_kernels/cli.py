@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sparse-mezo/mazo: weights that get no mask (norms, biases, embeddings for mazo)")
     t.add_argument("--mask-batches", type=_positive_int, default=4, help="mazo: batches per task scored")
     t.add_argument("--mask-scorer", choices=["gradient", "activation"], default="gradient")
-    t.add_argument("--dist", choices=["gaussian", "rademacher"], default="gaussian")
+    t.add_argument("--dist", choices=["gaussian", "gaussian_fast", "rademacher"], default="gaussian")
     t.add_argument("--q", type=_positive_int, default=1, help="perturbation directions per step")
     t.add_argument("--estimator", choices=["two_sided", "one_sided"], default="two_sided")
     t.add_argument("--mode", choices=["inplace", "transient"], default="inplace")

@@ -27,7 +27,7 @@ from .transient import TransientPerturber
 M64 = (1 << 64) - 1
 _GAMMA = 0x9E3779B97F4A7C15           # SplitMix64 increment (golden ratio)
 
-DISTS = {"gaussian": ref.DIST_GAUSSIAN, "rademacher": ref.DIST_RADEMACHER}
+DISTS = {"gaussian": ref.DIST_GAUSSIAN, "rademacher": ref.DIST_RADEMACHER, "gaussian_fast": ref.DIST_GAUSSIAN_FAST}
 ROUNDINGS = {"nearest": ref.ROUND_NEAREST, "stochastic": ref.ROUND_STOCHASTIC}
 ESTIMATORS = ("two_sided", "one_sided")
 MODES = ("inplace", "transient")

@@ -1,4 +1,4 @@
-"""Pure-torch reference of the noise specification (docs/NOISE_SPEC.md, version 1) and of the ops.
+"""Pure-torch reference of the noise specification (docs/NOISE_SPEC.md, version 2) and of the ops.
 
 This file is the oracle: every backend (C++ CPU, Triton, CUDA) must produce the same bits.
 All float work is float32 with one IEEE-rounded operation per line, in the order written here:
@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import torch
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
+# Version 2 only added a distribution (gaussian_fast, stream 3): every version-1 value is unchanged, so seeds logged
+# under version 1 replay bit for bit.
+REPLAYABLE_SPEC_VERSIONS = (1, 2)
 
 M32 = 0xFFFFFFFF
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 
-STREAM_GAUSSIAN, STREAM_RADEMACHER, STREAM_ROUNDING = 0, 1, 2
-DIST_GAUSSIAN, DIST_RADEMACHER = 0, 1
+STREAM_GAUSSIAN, STREAM_RADEMACHER, STREAM_ROUNDING, STREAM_GAUSSIAN_FAST = 0, 1, 2, 3
+DIST_GAUSSIAN, DIST_RADEMACHER, DIST_GAUSSIAN_FAST = 0, 1, 2
 
 # Polynomial coefficients (float32 values, frozen by spec version 1).
 # ln(1+t) ~ t * P(t) on [sqrt(1/2) - 1, sqrt(2) - 1]; the spec uses LOG_P2 = -2 * P (exact scaling), so it
@@ -30,6 +33,9 @@ TWO_LN2 = 1.3862943649291992        # float32(2 ln 2)
 SQRT_HALF_BITS = 0x3F3504F3         # bits of float32(sqrt(1/2))
 ANGLE_STEP = 0.0007669904152862728  # float32(pi / 4096)
 RADIUS_BITS, ANGLE_BITS = 20, 12
+# gaussian_fast (spec v2): z = x * ((FAST_P[2]*x^2 + FAST_P[1])*x^2 + FAST_P[0]) on x = a + b - 255, the sum of two
+# random bytes centred. Fitted (least squares on the N(0,1) quantiles) under the constraints E z^2 = 1, E z^4 = 3.
+FAST_P = (0.009295222349464893, -5.1385477206622454e-08, 1.7205431957628692e-12)
 
 
 def _f32(v: float) -> torch.Tensor:
@@ -138,8 +144,29 @@ def rounding_bits(seed: int, tensor_id: int, index: torch.Tensor) -> torch.Tenso
     return (w >> (16 * (index & 1))) & 0xFFFF
 
 
+def gaussian_fast_from_half(h: torch.Tensor) -> torch.Tensor:
+    """The spec-v2 near-Gaussian of one 16-bit value: x = (h & 0xFF) + (h >> 8) - 255 (triangular on [-255, 255]),
+    shaped by an odd quintic so that E z = 0, E z^2 = 1 and E z^4 = 3 (to float32); |z| <= 3.374."""
+    x = _i2f((h & 0xFF) + ((h >> 8) & 0xFF) - 255)
+    t = x * x                                                  # exact: <= 65025
+    p = (_f32(FAST_P[2]) * t + _f32(FAST_P[1])) * t + _f32(FAST_P[0])
+    return x * p
+
+
+def gaussian_fast(seed: int, tensor_id: int, index: torch.Tensor) -> torch.Tensor:
+    """Spec v2: z[i] from the 16 bits the stochastic-rounding layout gives element i, on stream 3: half (i & 1)
+    (low half first) of word (i >> 1) & 3 of Philox call i >> 3. Eight values per call, as Gaussian."""
+    index = torch.as_tensor(index, dtype=torch.int64)
+    w = _pair_word(seed, tensor_id, index, STREAM_GAUSSIAN_FAST)
+    return gaussian_fast_from_half((w >> (16 * (index & 1))) & 0xFFFF)
+
+
 def noise(seed: int, tensor_id: int, index: torch.Tensor, dist: int = DIST_GAUSSIAN) -> torch.Tensor:
-    return gaussian(seed, tensor_id, index) if dist == DIST_GAUSSIAN else rademacher(seed, tensor_id, index)
+    if dist == DIST_GAUSSIAN:
+        return gaussian(seed, tensor_id, index)
+    if dist == DIST_GAUSSIAN_FAST:
+        return gaussian_fast(seed, tensor_id, index)
+    return rademacher(seed, tensor_id, index)
 
 
 # ---------------------------------------------------------------- rounding float32 -> storage dtype

@@ -19,7 +19,7 @@ import torch
 
 from .masks import BitMask, RowIndexMask, ThresholdMask
 from .plan import stable_tensor_id
-from .reference import SPEC_VERSION
+from .reference import REPLAYABLE_SPEC_VERSIONS, SPEC_VERSION
 from .version import __version__
 
 FORMAT = "mazo_kernels.seed_log"
@@ -142,11 +142,12 @@ class SeedLog:
 
     def check_spec(self):
         versions = {self.header.get("spec_version")} | {r.get("spec_version") for r in self._steps}
-        bad = sorted(v for v in versions if v != SPEC_VERSION)
+        bad = sorted((v for v in versions if v not in REPLAYABLE_SPEC_VERSIONS), key=repr)
         if bad:
             raise ValueError(f"seed log was written under noise spec version {bad[0]}, but this mazo_kernels "
-                             f"implements spec version {SPEC_VERSION}: its seeds would give other noise, so the run "
-                             "cannot be replayed (install the mazo_kernels release of that spec version)")
+                             f"implements spec version {SPEC_VERSION} (and replays {list(REPLAYABLE_SPEC_VERSIONS)}): "
+                             "its seeds would give other noise, so the run cannot be replayed (install the "
+                             "mazo_kernels release of that spec version)")
 
 
 def _coerce(seed_log) -> SeedLog:

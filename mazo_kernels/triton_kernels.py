@@ -164,6 +164,11 @@ def _noise(g, gstart, contiguous, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.con
             z = _gauss_rows(gstart >> 3, tid, k0, k1, BLOCK)
         else:
             z = _gauss_elem(g, tid, k0, k1)
+    elif DIST == 2:
+        if contiguous & ((gstart & 7) == 0):
+            z = _gauss_fast(_halves_rows(gstart >> 3, tid, 3, k0, k1, BLOCK))
+        else:
+            z = _gauss_fast(_halves_elem(g, tid, 3, k0, k1))
     else:
         if contiguous & ((gstart & 127) == 0):
             z = _rad_rows(gstart >> 7, tid, k0, k1, BLOCK)
@@ -173,19 +178,40 @@ def _noise(g, gstart, contiguous, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.con
 
 
 @triton.jit
-def _rbits_rows(row0, tid, k0, k1, BLOCK: tl.constexpr):
+def _halves_rows(row0, tid, STREAM: tl.constexpr, k0, k1, BLOCK: tl.constexpr):
+    """16 bits per element: half (i & 1) (low first) of word (i >> 1) & 3 of call i >> 3 of STREAM."""
     R: tl.constexpr = BLOCK // 8
     blk = row0 + tl.arange(0, R).to(tl.int64)
-    x0, x1, x2, x3 = _words(blk, tid, 2, k0, k1)
+    x0, x1, x2, x3 = _words(blk, tid, STREAM, k0, k1)
     w = _stack4(x0, x1, x2, x3, R)
     return tl.reshape(tl.join(w & 0xFFFF, w >> 16), [BLOCK])
 
 
 @triton.jit
-def _rbits_elem(g, tid, k0, k1):
-    x0, x1, x2, x3 = _words(g >> 3, tid, 2, k0, k1)
+def _halves_elem(g, tid, STREAM: tl.constexpr, k0, k1):
+    x0, x1, x2, x3 = _words(g >> 3, tid, STREAM, k0, k1)
     w = _select4((g >> 1) & 3, x0, x1, x2, x3)
     return (w >> ((g & 1) * 16).to(tl.uint32)) & 0xFFFF
+
+
+@triton.jit
+def _rbits_rows(row0, tid, k0, k1, BLOCK: tl.constexpr):
+    return _halves_rows(row0, tid, 2, k0, k1, BLOCK)
+
+
+@triton.jit
+def _rbits_elem(g, tid, k0, k1):
+    return _halves_elem(g, tid, 2, k0, k1)
+
+
+# ------------------------------------------------------------------------------------------------ gaussian_fast (v2)
+@triton.jit
+def _gauss_fast(h):
+    """z of the 16-bit value h: x = (h & 0xFF) + (h >> 8) - 255 from the float bits of 2^23 + byte sum (exact),
+    z = x * ((P2 x^2 + P1) x^2 + P0) (reference.FAST_P)."""
+    x = (0x4B000000 + (h & 0xFF) + ((h >> 8) & 0xFF)).to(tl.float32, bitcast=True) - 8388863.0
+    t = x * x
+    return x * ((1.7205431957628692e-12 * t + -5.1385477206622454e-08) * t + 0.009295222349464893)
 
 
 @triton.jit
@@ -342,10 +368,16 @@ def _gauss8(row0, tid, k0, k1, R: tl.constexpr):
 
 
 @triton.jit
-def _rbits8(row0, tid, k0, k1, R: tl.constexpr):
-    """Stochastic-rounding bits of elements 8*row0 .. as [R, 8] (uint32): half (i & 1) of pair word (i >> 1) & 3."""
-    w = _words8(row0, tid, 2, k0, k1, R)
+def _halves8(row0, tid, STREAM: tl.constexpr, k0, k1, R: tl.constexpr):
+    """16 bits of elements 8*row0 .. as [R, 8] (uint32): half (i & 1) of pair word (i >> 1) & 3 of STREAM."""
+    w = _words8(row0, tid, STREAM, k0, k1, R)
     return tl.reshape(tl.join(w & 0xFFFF, w >> 16), [R, 8])
+
+
+@triton.jit
+def _rbits8(row0, tid, k0, k1, R: tl.constexpr):
+    """Stochastic-rounding bits of elements 8*row0 .. as [R, 8] (uint32)."""
+    return _halves8(row0, tid, 2, k0, k1, R)
 
 
 @triton.jit
@@ -354,6 +386,8 @@ def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr, RO
     or as [BLOCK // 8, 8] when ROWS (the masked fast path's layout: one mask byte per row)."""
     if DIST == 0:
         z = _gauss8(gstart >> 3, tid, k0, k1, BLOCK // 8)
+    elif DIST == 2:
+        z = _gauss_fast(_halves8(gstart >> 3, tid, 3, k0, k1, BLOCK // 8))
     else:
         z = _rad_rows(gstart >> 7, tid, k0, k1, BLOCK)
         if ROWS:
@@ -371,7 +405,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
     MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold or packed bits
     (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes); the selection as in _general_block, the
     threshold latch written in TMODE 1, and only selected elements stored (perturbed_copy stores them all)."""
-    ROWS: tl.constexpr = DIST == 0 or MASKED
+    ROWS: tl.constexpr = DIST != 1 or MASKED
     if ROWS:
         offs = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
     else:
@@ -580,7 +614,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
     # inside MODE 3 instead raised its registers from 72 to 96-121 per thread.) MODE 4 rows with nblk == 0 are
     # ordinary general programs.
     gstart0 = off + start
-    if DIST == 0:
+    if DIST != 1:
         aligned = (gstart0 & 7) == 0
     else:
         aligned = (gstart0 & 127) == 0

@@ -19,7 +19,7 @@ else:
     pytestmark = pytest.mark.skipif(not mk.has_cpu(), reason="C++ extension mazo_kernels._C not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-DISTS = ["gaussian", "rademacher"]
+DISTS = ["gaussian", "rademacher", "gaussian_fast"]
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 # rowidx: a third of each row (the element path: every element visited); rowidx_sparse: a tenth (the entry path:
 # only the listed elements visited; csrc/zo_apply_common.h, rowidx_as_elements)

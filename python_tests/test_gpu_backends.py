@@ -52,7 +52,7 @@ def test_backends_present():
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_step_matches_reference(backend, dtype, dist, masked):
     gen = torch.Generator().manual_seed(hash((backend, str(dtype), dist, masked)) % 2 ** 31)
@@ -80,7 +80,7 @@ def test_step_matches_reference(backend, dtype, dist, masked):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 def test_noise_and_copy_match_reference(backend):
-    for dist in ("gaussian", "rademacher"):
+    for dist in ("gaussian", "rademacher", "gaussian_fast"):
         z = mk.noise(2 ** 63 + 5, 123, 2 ** 32 - 7, 5000, dist=dist, device="cuda", backend=backend)
         zr = mk.noise(2 ** 63 + 5, 123, 2 ** 32 - 7, 5000, dist=dist, backend="reference")
         assert torch.equal(_bits(z), _bits(zr))
@@ -152,7 +152,7 @@ KERNEL_VARIANTS = [(d, "") for d in DTYPES] + [(torch.bfloat16, "MAZO_CUDA_HW_BF
 
 @pytest.mark.skipif(not mk.has_cuda(), reason="needs the CUDA extension")
 @pytest.mark.parametrize("dtype,variant", KERNEL_VARIANTS, ids=[f"{d}-{v or 'default'}" for d, v in KERNEL_VARIANTS])
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
 @pytest.mark.parametrize("spec", ["1", "0"])
 def test_cuda_specialised_and_generic_kernels_match_reference(dtype, variant, dist, spec, monkeypatch):
     """The CUDA extension runs perturb_ and the restoring update_ in kernels specialised on (op, prior != 0, dist);

@@ -1,4 +1,4 @@
-"""Known answers that freeze noise spec v1: Philox4x32-10 (Random123's published vectors) and a committed table of z
+"""Known answers that freeze noise spec v2 (v1 plus gaussian_fast): Philox4x32-10 (Random123's published vectors) and a committed table of z
 values (python_tests/data/z_table.json, written once by make_z_table.py). Every available backend must reproduce the
 table bit for bit through the public noise()."""
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 import mazo_kernels
 from mazo_kernels import reference as ref
 
+DIST_CODES = {"gaussian": ref.DIST_GAUSSIAN, "rademacher": ref.DIST_RADEMACHER, "gaussian_fast": ref.DIST_GAUSSIAN_FAST}
 TABLE_PATH = os.path.join(os.path.dirname(__file__), "data", "z_table.json")
 
 # Random123 kat_vectors: philox4x32_10 (counter, key) -> output
@@ -52,8 +53,9 @@ def available_backends():
 
 
 def test_spec_version():
-    assert ref.SPEC_VERSION == 1
-    assert mazo_kernels.SPEC_VERSION == 1
+    assert ref.SPEC_VERSION == 2
+    assert mazo_kernels.SPEC_VERSION == 2
+    assert ref.REPLAYABLE_SPEC_VERSIONS == (1, 2)   # v2 only added gaussian_fast; every v1 value is unchanged
     assert _load_table()["spec_version"] == ref.SPEC_VERSION
 
 
@@ -75,7 +77,8 @@ def test_philox_vectorised_matches_scalar():
 def test_table_covers_the_documented_grid():
     rows = _load_table()["rows"]
     combos = {(r["dist"], int(r["seed"]), r["tensor_id"]) for r in rows}
-    assert len(combos) == len(rows) == 2 * 4 * 3
+    assert len(combos) == len(rows) == 3 * 4 * 3
+    assert {r["dist"] for r in rows} == {"gaussian", "rademacher", "gaussian_fast"}
     for r in rows:
         assert [int(i) for i in r["indices"]] == list(range(8)) + [2 ** 32 - 1, 2 ** 32, 2 ** 40 + 3]
         assert len(r["f32_bits"]) == len(r["indices"])
@@ -83,7 +86,7 @@ def test_table_covers_the_documented_grid():
 
 def test_reference_reproduces_z_table():
     for r in _load_table()["rows"]:
-        dist = ref.DIST_GAUSSIAN if r["dist"] == "gaussian" else ref.DIST_RADEMACHER
+        dist = DIST_CODES[r["dist"]]
         idx = torch.tensor([int(i) for i in r["indices"]], dtype=torch.int64)
         got = _bits(ref.noise(int(r["seed"]), r["tensor_id"], idx, dist))
         assert got == r["f32_bits"], (r["dist"], r["seed"], r["tensor_id"])
@@ -113,11 +116,10 @@ def test_api_noise_reproduces_z_table(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", available_backends())
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
 def test_api_noise_matches_reference_on_a_range(backend, device, dist):
     # an unaligned range (offset not a multiple of 4 or 128) of a few thousand values
     seed, tid, off, n = 0xDEADBEEFCAFEF00D, 12345, 1_000_003, 3001
     z = mazo_kernels.noise(seed, tid, off, n, dist=dist, device=device, backend=backend)
-    expect = ref.noise(seed, tid, torch.arange(off, off + n), ref.DIST_GAUSSIAN if dist == "gaussian"
-                       else ref.DIST_RADEMACHER)
+    expect = ref.noise(seed, tid, torch.arange(off, off + n), DIST_CODES[dist])
     assert torch.equal(z.cpu().view(torch.int32), expect.view(torch.int32))

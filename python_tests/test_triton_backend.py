@@ -141,7 +141,7 @@ def mixed_specs(dtype, g, *, offset_base=0, sizes=(1, 3, 130, 1029), with_masks=
 
 
 # ------------------------------------------------------------------------------------------------ noise
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
 @pytest.mark.parametrize("off,n", [(0, 1), (0, 1000), (3, 777), (128, 300), (2 ** 32 - 5, 700),
                                    (2 ** 40 + 3, 261), (2 ** 62 - 300, 299)])
 def test_noise_matches_reference(dist, off, n):
@@ -154,7 +154,7 @@ def test_noise_matches_reference(dist, off, n):
 @pytest.mark.parametrize("block", [128, 256, 4096])
 def test_noise_independent_of_block(block, monkeypatch, _big_block):
     monkeypatch.setattr(_big_block, "BLOCK", block)
-    for dist in ("gaussian", "rademacher"):
+    for dist in ("gaussian", "rademacher", "gaussian_fast"):
         for off in (0, 5, 2 ** 35 + 131):
             a = mk.noise(42, 9, off, 1500, dist=dist, backend="reference")
             b = mk.noise(42, 9, off, 1500, dist=dist, device=DEV, backend="triton")
@@ -167,7 +167,7 @@ def test_noise_empty():
 
 # ------------------------------------------------------------------------------------------------ ops
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
 def test_step_sequence(dtype, dist):
     """perturb(+eps, latch write) -> perturb(-eps, prior, latch read) -> update(prior, SR) -> update(no prior)."""
     g = gen(hash((str(dtype), dist)) & 0xFFFF)
@@ -306,13 +306,13 @@ def fast_specs(dtype, g):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
 def test_fast_path_mixed_call(dtype, dist, monkeypatch, _big_block):
     """A ZO step whose update reuses the restore seed (seeds[1] == seeds[0]), then multi-seed updates with a
     repeated seed and a copy, all with dense aligned blocks beside masked and unaligned tensors in one call."""
     monkeypatch.setattr(_big_block, "BLOCK", 128)
     monkeypatch.setattr(_big_block, "FAST_BLOCK", 128 if dist == "gaussian" else 256)
-    g = gen(3 * DTYPES.index(dtype) + (dist == "rademacher"))
+    g = gen(3 * DTYPES.index(dtype) + ["gaussian", "rademacher", "gaussian_fast"].index(dist) * 101)
     specs = fast_specs(dtype, g)
     pr, pt = plans(specs)
     eps, seed = 1e-3, 0x0123456789ABCDEF
@@ -354,7 +354,8 @@ def test_fast_path_off_matches(monkeypatch, _big_block):
         assert_same(a, b, "fast vs general")
 
 
-@pytest.mark.parametrize("dist,split", [("gaussian", True), ("rademacher", True), ("gaussian", False)])
+@pytest.mark.parametrize("dist,split", [("gaussian", True), ("rademacher", True), ("gaussian", False),
+                                        ("gaussian_fast", True)])
 def test_masked_fast_path_matches_general_and_reference(dist, split, monkeypatch, _big_block):
     """Threshold (latch) and packed-bit masks take the fast path (MASKED_FAST): the host gives their full blocks to
     the fast kernel, and a whole ZO step (latch written, then read; restore; update with SR; a masked copy) gives
