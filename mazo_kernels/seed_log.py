@@ -148,6 +148,11 @@ class SeedLog:
                              f"implements spec version {SPEC_VERSION} (and replays {list(REPLAYABLE_SPEC_VERSIONS)}): "
                              "its seeds would give other noise, so the run cannot be replayed (install the "
                              "mazo_kernels release of that spec version)")
+        early = [r for r in self._steps if r.get("dist") == "gaussian_fast" and r.get("spec_version") == 1]
+        if early:
+            raise ValueError(f"seed log step {early[0].get('step')} uses dist 'gaussian_fast' under spec version 1, but "
+                             "gaussian_fast exists only from spec version 2: the log is inconsistent, so it is not "
+                             "replayed")
 
 
 def _coerce(seed_log) -> SeedLog:

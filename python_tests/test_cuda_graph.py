@@ -109,7 +109,7 @@ def _log_view(opt):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("estimator,q,dist", [("two_sided", 1, "gaussian"), ("one_sided", 2, "rademacher"),
-                                              ("two_sided", 2, "gaussian")])
+                                              ("two_sided", 2, "gaussian"), ("two_sided", 1, "gaussian_fast")])
 def test_device_seeded_step_is_the_eager_step(dtype, estimator, q, dist):
     backend = "cpu" if mk.has_cpu() else "reference"
     kw = dict(lr=0.05, eps=1e-2, weight_decay=0.1, seed=21, estimator=estimator, num_perturbations=q, dist=dist,

@@ -48,8 +48,7 @@ def _named(model):
 
 
 def _z(seed, name, t, dist):
-    return ref.noise(seed, mk.stable_tensor_id(name), torch.arange(t.numel()),
-                     ref.DIST_GAUSSIAN if dist == "gaussian" else ref.DIST_RADEMACHER).view(t.shape)
+    return ref.noise(seed, mk.stable_tensor_id(name), torch.arange(t.numel()), mk.optim.DISTS[dist]).view(t.shape)
 
 
 def dense_mezo(model, theta0, hp, seeds, *, estimator="two_sided", dist="gaussian", sign=False):
@@ -93,6 +92,7 @@ def _assert_update_close(model, theta0, expect, rtol=1e-4):
     ("two_sided", "gaussian", False, 1),
     ("one_sided", "gaussian", False, 1),
     ("two_sided", "rademacher", False, 1),
+    ("two_sided", "gaussian_fast", False, 1),
     ("two_sided", "gaussian", True, 1),
     ("two_sided", "gaussian", False, 3),
     ("one_sided", "rademacher", False, 2),

@@ -87,6 +87,7 @@ def _train_mixed(backend, steps=5, mode="inplace", nan_at=(), raise_at=(), **kw)
 @pytest.mark.parametrize("opts", [
     dict(num_perturbations=2),
     dict(estimator="one_sided", dist="rademacher", sign=True),
+    dict(dist="gaussian_fast"),
     dict(mode="transient"),
     dict(mode="transient", estimator="one_sided", num_perturbations=2),
     dict(estimator="one_sided", num_perturbations=3, rounding="nearest"),
@@ -195,6 +196,26 @@ def test_spec_version_mismatch_is_refused():
     sd["seed_log"]["spec_version"] = mk.SPEC_VERSION + 1
     with pytest.raises(ValueError, match="spec version"):
         _train_mixed(BACKEND, steps=0)[2].load_state_dict(sd)
+
+
+def test_version_1_log_replays_under_version_2():
+    """Spec v2 only added gaussian_fast: a log written under v1 (Gaussian) replays bit for bit; a log that claims v1
+    but uses gaussian_fast cannot be a real one and is refused, weights untouched."""
+    model, init, opt, masks = _train_mixed(BACKEND, steps=3)
+    final = _snapshot(model)
+    log = copy.deepcopy(opt.seed_log.to_dict())
+    log["spec_version"] = 1
+    for r in log["steps"]:
+        r["spec_version"] = 1
+    assert mk.replay(init, log, masks=masks) == 3
+    _assert_bit_equal(init, final)
+    model, init, opt, masks = _train_mixed(BACKEND, steps=2, dist="gaussian_fast")
+    before = {n: t.clone() for n, t in init.items()}
+    log = copy.deepcopy(opt.seed_log.to_dict())
+    log["steps"][0]["spec_version"] = 1
+    with pytest.raises(ValueError, match="gaussian_fast.*spec version 2"):
+        mk.replay(init, log, masks=masks)
+    _assert_bit_equal(init, before)
 
 
 def test_replay_bad_inputs_leave_weights_untouched():
