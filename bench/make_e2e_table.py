@@ -95,7 +95,7 @@ def main_table(docs):
                 x_inpl = _f(inpl["step_ms"] / r["step_ms"]) if inpl else "-"
                 b = r["breakdown_ms"]
                 lines.append(
-                    f"| {shape} | {bs} | `{r['method']}`{_backend_tag(r)} | {_f(r['step_ms'], 1)} | {_f(b['forwards'], 1)} | "
+                    f"| {shape} | {bs} | `{r['method']}`{_backend_tag(r)}{_dist_tag(r, h)} | {_f(r['step_ms'], 1)} | {_f(b['forwards'], 1)} | "
                     f"{_f(b['passes'], 1)} | {_f(b['rest'], 1)} | {_f(r['one_pass_ms'], 1)} | "
                     f"{_f(r['overhead_over_one_pass'])} | {x_base} | {x_inpl} | {_f(r.get('host_ms'), 1)} | "
                     f"{_gib(r.get('mem_peak_step_bytes'))} ({_gib(h.get('weights_bytes'))}) |")
@@ -110,7 +110,9 @@ def target_lines(docs):
                 # older files marked a negative overhead (forwards timed longer than the step) as met
                 verdict = ("no measurement (the forwards, timed apart, took longer than the step)"
                            if t["value"] is not None and t["value"] < 0 else "met" if t["met"] else "not met")
-                out.append(f"- {d['header']['model_shape']} {cfg['batch']}x{cfg['seq']}: {t['what']} = "
+                dist = d["header"].get("dist", "gaussian")
+                tag = f" ({dist})" if dist != "gaussian" else ""
+                out.append(f"- {d['header']['model_shape']} {cfg['batch']}x{cfg['seq']}{tag}: {t['what']} = "
                            f"{_f(t['value'])} (target {t['target']}): **{verdict}**")
     return out
 
@@ -139,6 +141,12 @@ def memory_lines(docs):
                     f"{_gib(H100_80GB_BYTES)}: {'fits' if f.get('fits_h100_80gb') else 'does not fit'}"
                     + (f" (run with the allocator capped at {_gib(cap)} GiB)" if cap else ""))
     return out
+
+
+def _dist_tag(r, h):
+    """Our methods' rows say which noise ran when it is not v1's Gaussian (MeZO's rows draw torch.normal anyway)."""
+    dist = h.get("dist", "gaussian")
+    return f" ({dist})" if dist != "gaussian" and not r["method"].startswith("mezo") else ""
 
 
 def _backend_tag(r):

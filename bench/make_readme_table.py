@@ -77,6 +77,9 @@ def table(d, variant="", models=None, masked_dtypes=None):
                   key=lambda k: tuple(_rank(f, v) for f, v in zip(("model", "op", "dtype", "mask", "distribution"),
                                                                   k)))
     by = {(r["model"], r["op"], r["dtype"], r["mask"], r["distribution"], r["backend"]): r for r in recs}
+    # the MeZO column: the last input that timed the baseline for this case (a file run with --no-baselines has none)
+    mezo = {(r["model"], r["op"], r["dtype"], r["mask"], r["distribution"]): r["baseline_ms"] for r in recs
+            if r.get("baseline_ms")}
     sources = d.get("_sources") or [(d["_path"], commit_of(d), d.get("date"), d.get("copy_bandwidth_TBps", 0))]
     commits = ", ".join(sorted({f"`{c}`" for _, c, _, _ in sources}))
     floors = ", ".join(f"{bw:.2f}" for _, _, _, bw in sources)
@@ -108,7 +111,7 @@ def table(d, variant="", models=None, masked_dtypes=None):
                 cells.append("error")
             else:
                 cells.append(f"{r['ms']:.2f} ({100 * r['fraction_of_floor']:.0f}%)")
-                floor, base = r["floor_ms"], r.get("baseline_ms")
+                floor, base = r["floor_ms"], r.get("baseline_ms") or mezo.get(k)
                 extra.append(str(r.get("extra_bytes")))
         model, op, dt, mask, dist = k
         ex = ", ".join(extra) if extra else "-"
