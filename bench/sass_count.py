@@ -123,15 +123,13 @@ def cuda_kernels(cuda_home: str) -> list:
         if m and cur:
             t = re.search(r"zo_apply_kernelILi(\d)ELi(\d)ELi(n?\d+)E", cur)
             dt, minb, spec = (int(t.group(1)), int(t.group(2)), int(t.group(3).replace("n", "-"))) if t else (None,) * 3
-            what = "generic" if spec == -1 else (["perturb_", "update_", "perturbed_copy"][spec // 4]
-                                                  + (" with prior" if spec & 2 else "")
-                                                  + (" rademacher" if spec & 1 else " gaussian"))
+            what = "generic" if spec == -1 else (["perturb_", "update_", "perturbed_copy"][spec // 8]  # spec_of()
+                                                  + (" with prior" if spec & 4 else "")
+                                                  + " " + ["gaussian", "rademacher", "gaussian_fast"][spec & 3])
             dts = {0: "fp32", 1: "fp16", 2: "bf16", 3: "bf16_hw", 4: "fp16_hw"}  # 3, 4: device-only storage types
             flags = re.findall(r"Lb([01])E", cur[t.end():t.end() + 12]) if t else []
             xor = flags[:1] == ["1"]          # the fp32 exchange (MAZO_CUDA_F32_XOR)
-            prefetch = flags[1:2] == ["1"]    # masked units' loads first (MAZO_CUDA_PREFETCH=1)
-            recs.append({"kernel": what, "dtype": (dts.get(dt) or "?") + ("_xor" if xor else "")
-                         + ("_prefetch" if prefetch else ""), "min_blocks": minb,
+            recs.append({"kernel": what, "dtype": (dts.get(dt) or "?") + ("_xor" if xor else ""), "min_blocks": minb,
                          "registers": int(m.group(1)), "spill_store_bytes": spill[0], "spill_load_bytes": spill[1]})
             cur = None
     return recs

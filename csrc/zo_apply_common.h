@@ -172,11 +172,10 @@ MAZO_HD void store_unit(typename Storage<DT>::bits_t* p, int cnt, unsigned which
 // One element unit: local elements [8u, 8u + 8) ∩ [0, n).
 //   mask8: the packed mask / latch (kinds 1, 2); cols/k: the row-index table (kind 3: op COPY, or a dense mask).
 // raw: the unit's stored values, already loaded (load_unit), so that a caller can prefetch the next unit.
-// mask_byte: mask8[u] when the caller loaded it ahead (>= 0), else -1 (read here).
 template <int DT>
 MAZO_HD void process_loaded_unit(const OpParams& P, const TensorParams& T, const typename Storage<DT>::bits_t raw[UNIT],
                                  typename Storage<DT>::bits_t* out, uint8_t* mask8, const int32_t* cols, int64_t k,
-                                 int64_t n, int64_t u, int mask_byte = -1) {
+                                 int64_t n, int64_t u) {
   using S = Storage<DT>;
   using bits_t = typename S::bits_t;
   const int64_t i0 = u * UNIT;
@@ -189,7 +188,7 @@ MAZO_HD void process_loaded_unit(const OpParams& P, const TensorParams& T, const
   unsigned sel = valid;
   if (T.kind == MASK_THRESHOLD) {
     if (P.threshold_mode == THRESH_LATCH_READ) {
-      sel = (mask_byte >= 0 ? (unsigned)mask_byte : mask8[u]) & valid;
+      sel = mask8[u] & valid;
     } else {
       sel = 0;
       MAZO_UNROLL
@@ -198,7 +197,7 @@ MAZO_HD void process_loaded_unit(const OpParams& P, const TensorParams& T, const
       if (P.threshold_mode == THRESH_LATCH_WRITE) mask8[u] = (uint8_t)sel;
     }
   } else if (T.kind == MASK_BITMASK) {
-    sel = (mask_byte >= 0 ? (unsigned)mask_byte : mask8[u]) & valid;
+    sel = mask8[u] & valid;
   } else if (T.kind == MASK_ROWIDX) {
     sel = rowidx_unit_sel(cols, k, T.row_len, i0, cnt);
   }

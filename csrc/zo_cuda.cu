@@ -185,9 +185,7 @@ constexpr int spec_of(int op, bool prior_nonzero, int dist) { return op * 8 + (p
 
 // MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers; 3: 80; 4: 64). Same bits either way;
 // which one a call gets: see the launch below.
-// PREFETCH: masked element units load all of a thread's units (and mask bytes) before processing any (an experiment,
-// MAZO_CUDA_PREFETCH=1; only the 16-bit specialisations with the hardware conversions are instantiated with it).
-template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false, bool PREFETCH = false>
+template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
   OpParams P = a.P;
@@ -314,45 +312,6 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
       }
       continue;
     }
-    if constexpr (PREFETCH) {
-      if (d.work == WORK_ELEMENTS) {
-        // In place, out aliases in as far as the compiler knows, so the loop below cannot start a unit's load
-        // before the previous unit's store: one unit in flight per thread. Here the full 16-byte-aligned units
-        // (kept packed) and the mask bytes are loaded first; the rest load as before. Same units, same arithmetic.
-        constexpr int RW = DT == DT_F32 ? 8 : 4;
-        const bool read_mask8 = d.mask8 != nullptr &&
-                                (T.kind == MASK_BITMASK ||
-                                 (T.kind == MASK_THRESHOLD && P.threshold_mode == THRESH_LATCH_READ));
-        const bool aligned = (reinterpret_cast<uintptr_t>(in) & 15u) == 0;
-        uint32_t words[ITERS][RW];
-        int mbyte[ITERS];
-#pragma unroll
-        for (int it = 0; it < ITERS; ++it) {
-          const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
-          mbyte[it] = -1;
-          if (u < d.units) {
-            if (aligned && (u + 1) * UNIT <= d.n) fast_load<DT>(in + u * UNIT, words[it]);
-            if (read_mask8) mbyte[it] = d.mask8[u];
-          }
-        }
-#pragma unroll
-        for (int it = 0; it < ITERS; ++it) {
-          const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
-          if (u >= d.units) continue;
-          const int64_t i0 = u * UNIT;
-          bits_t raw[UNIT];
-          if (aligned && i0 + UNIT <= d.n) {
-#pragma unroll
-            for (int l = 0; l < UNIT; ++l)
-              raw[l] = DT == DT_F32 ? (bits_t)words[it][l % RW] : (bits_t)(words[it][l / 2] >> (16 * (l & 1)));
-          } else {
-            load_unit<DT>(in + i0, (int)((d.n - i0) < UNIT ? (d.n - i0) : UNIT), raw);
-          }
-          process_loaded_unit<DT>(P, T, raw, out, d.mask8, d.cols, d.k, d.n, u, mbyte[it]);
-        }
-        continue;
-      }
-    }
     for (int it = 0; it < ITERS; ++it) {
       const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
       if (u >= d.units) break;
@@ -372,21 +331,21 @@ constexpr int spec_minblocks(int dt, int spec) {
   return dt == DT_F32 ? (spec / 8 == OP_UPDATE ? 2 : 3) : (spec / 8 == OP_PERTURB && (spec & 4) == 0 ? 4 : 3);
 }
 
-template <int DT, int SPEC, bool XOR, bool PREFETCH = false>
+template <int DT, int SPEC, bool XOR, int BLOCKS = 0>
 const void* spec_kernel_of() {
   // the fp32 exchange spills at 3 blocks' 80 registers (ptxas: 150-250 B); 2 blocks keep 64 KB per SM in flight
-  return (const void*)zo_apply_kernel<DT, XOR ? 2 : spec_minblocks(DT, SPEC), SPEC, XOR, PREFETCH>;
+  return (const void*)zo_apply_kernel<DT, BLOCKS ? BLOCKS : XOR ? 2 : spec_minblocks(DT, SPEC), SPEC, XOR>;
 }
 
-template <int DT, bool XOR = false, bool PREFETCH = false>
+template <int DT, bool XOR = false>
 const void* spec_kernel_dt(int spec) {
   switch (spec) {
-    case spec_of(OP_PERTURB, false, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_GAUSSIAN), XOR, PREFETCH>();
-    case spec_of(OP_PERTURB, false, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_RADEMACHER), XOR, PREFETCH>();
-    case spec_of(OP_PERTURB, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_GAUSSIAN), XOR, PREFETCH>();
-    case spec_of(OP_PERTURB, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_RADEMACHER), XOR, PREFETCH>();
-    case spec_of(OP_UPDATE, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_GAUSSIAN), XOR, PREFETCH>();
-    case spec_of(OP_UPDATE, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_RADEMACHER), XOR, PREFETCH>();
+    case spec_of(OP_PERTURB, false, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_GAUSSIAN), XOR>();
+    case spec_of(OP_PERTURB, false, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_RADEMACHER), XOR>();
+    case spec_of(OP_PERTURB, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_GAUSSIAN), XOR>();
+    case spec_of(OP_PERTURB, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_RADEMACHER), XOR>();
+    case spec_of(OP_UPDATE, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_GAUSSIAN), XOR>();
+    case spec_of(OP_UPDATE, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_RADEMACHER), XOR>();
     default: TORCH_CHECK(false, cat("zo_apply_ (CUDA): no specialised kernel for spec ", spec));
   }
   return nullptr;
@@ -407,16 +366,35 @@ const void* spec_kernel_fast_gaussian(int spec) {
   return nullptr;
 }
 
-const void* spec_kernel(int dt, int spec, bool f32_xor, bool prefetch) {
+// The light 16-bit perturb_ passes (prior 0; Rademacher and gaussian_fast: ~20-30 instructions per element) at
+// LIGHT_BLOCKS blocks per SM instead of 4: more warps to hide the loads' latency, where ptxas fits them in the
+// smaller register budget (MAZO_CUDA_LIGHT_BLOCKS=4 gives the 4-block kernels back; bench/NOTES.md, "Session 10").
+constexpr int LIGHT_BLOCKS = 5;
+
+template <int DT>
+const void* light_kernel(int spec) {
+  switch (spec) {
+    case spec_of(OP_PERTURB, false, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_RADEMACHER), false, LIGHT_BLOCKS>();
+    case spec_of(OP_PERTURB, false, DIST_GAUSSIAN_FAST): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_GAUSSIAN_FAST), false, LIGHT_BLOCKS>();
+    default: TORCH_CHECK(false, cat("zo_apply_ (CUDA): no light kernel for spec ", spec));
+  }
+  return nullptr;
+}
+
+constexpr bool is_light(int dt, int spec) {
+  return (dt == DT_BF16_HW || dt == DT_F16_HW) &&
+         (spec == spec_of(OP_PERTURB, false, DIST_RADEMACHER) || spec == spec_of(OP_PERTURB, false, DIST_GAUSSIAN_FAST));
+}
+
+const void* spec_kernel(int dt, int spec, bool f32_xor, bool light) {
+  if (light && is_light(dt, spec)) return dt == DT_F16_HW ? light_kernel<DT_F16_HW>(spec) : light_kernel<DT_BF16_HW>(spec);
   if ((spec & 3) == DIST_GAUSSIAN_FAST) {
-    TORCH_CHECK(has_fast_gaussian_spec(dt) && !prefetch, "zo_apply_ (CUDA): no gaussian_fast kernel for this case");
+    TORCH_CHECK(has_fast_gaussian_spec(dt), "zo_apply_ (CUDA): no gaussian_fast kernel for this case");
     return dt == DT_F32       ? (f32_xor ? spec_kernel_fast_gaussian<DT_F32, true>(spec)
                                          : spec_kernel_fast_gaussian<DT_F32>(spec))
            : dt == DT_F16_HW  ? spec_kernel_fast_gaussian<DT_F16_HW>(spec)
                               : spec_kernel_fast_gaussian<DT_BF16_HW>(spec);
   }
-  if (prefetch && dt == DT_BF16_HW) return spec_kernel_dt<DT_BF16_HW, false, true>(spec);
-  if (prefetch && dt == DT_F16_HW) return spec_kernel_dt<DT_F16_HW, false, true>(spec);
   return dt == DT_F32       ? (f32_xor ? spec_kernel_dt<DT_F32, true>(spec) : spec_kernel_dt<DT_F32>(spec))
          : dt == DT_F16     ? spec_kernel_dt<DT_F16>(spec)
          : dt == DT_F16_HW  ? spec_kernel_dt<DT_F16_HW>(spec)
@@ -599,12 +577,10 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   const char* hw16_env = std::getenv("MAZO_CUDA_HW_F16");
   const bool hw16 = dt == DT_F16 && !(hw16_env && std::atoi(hw16_env) == 0);
   const int kdt = dt == DT_BF16 && !(hw_env && std::atoi(hw_env) == 0) ? DT_BF16_HW : hw16 ? DT_F16_HW : dt;
-  // Masked element units with their loads first (an experiment: off unless MAZO_CUDA_PREFETCH=1, read per call; the
-  // 16-bit specialisations with the hardware conversions only; same bits; bench/NOTES.md, "Session 9").
-  const char* prefetch_env = std::getenv("MAZO_CUDA_PREFETCH");
-  const bool prefetch = prefetch_env && std::atoi(prefetch_env) == 1;
-  if (dist == DIST_GAUSSIAN_FAST && (!has_fast_gaussian_spec(kdt) || prefetch)) spec = -1;  // generic kernel
-  const void* kfn = spec >= 0             ? spec_kernel(kdt, spec, f32_xor, prefetch)
+  const char* light_env = std::getenv("MAZO_CUDA_LIGHT_BLOCKS");  // read per call: one process can compare
+  const bool light = !(light_env && std::atoi(light_env) == 4);
+  if (dist == DIST_GAUSSIAN_FAST && !has_fast_gaussian_spec(kdt)) spec = -1;  // generic kernel
+  const void* kfn = spec >= 0             ? spec_kernel(kdt, spec, f32_xor, light)
                     : f32_xor             ? (const void*)zo_apply_kernel<DT_F32, 2, -1, true>
                     : kdt == DT_F32       ? (const void*)zo_apply_kernel<DT_F32>
                     : kdt == DT_F16       ? (const void*)zo_apply_kernel<DT_F16>
