@@ -331,10 +331,10 @@ constexpr int spec_minblocks(int dt, int spec) {
   return dt == DT_F32 ? (spec / 8 == OP_UPDATE ? 2 : 3) : (spec / 8 == OP_PERTURB && (spec & 4) == 0 ? 4 : 3);
 }
 
-template <int DT, int SPEC, bool XOR, int BLOCKS = 0>
+template <int DT, int SPEC, bool XOR>
 const void* spec_kernel_of() {
   // the fp32 exchange spills at 3 blocks' 80 registers (ptxas: 150-250 B); 2 blocks keep 64 KB per SM in flight
-  return (const void*)zo_apply_kernel<DT, BLOCKS ? BLOCKS : XOR ? 2 : spec_minblocks(DT, SPEC), SPEC, XOR>;
+  return (const void*)zo_apply_kernel<DT, XOR ? 2 : spec_minblocks(DT, SPEC), SPEC, XOR>;
 }
 
 template <int DT, bool XOR = false>
@@ -366,28 +366,7 @@ const void* spec_kernel_fast_gaussian(int spec) {
   return nullptr;
 }
 
-// The light 16-bit perturb_ passes (prior 0; Rademacher and gaussian_fast: ~20-30 instructions per element) at
-// LIGHT_BLOCKS blocks per SM instead of 4: more warps to hide the loads' latency, where ptxas fits them in the
-// smaller register budget (MAZO_CUDA_LIGHT_BLOCKS=4 gives the 4-block kernels back; bench/NOTES.md, "Session 10").
-constexpr int LIGHT_BLOCKS = 5;
-
-template <int DT>
-const void* light_kernel(int spec) {
-  switch (spec) {
-    case spec_of(OP_PERTURB, false, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_RADEMACHER), false, LIGHT_BLOCKS>();
-    case spec_of(OP_PERTURB, false, DIST_GAUSSIAN_FAST): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_GAUSSIAN_FAST), false, LIGHT_BLOCKS>();
-    default: TORCH_CHECK(false, cat("zo_apply_ (CUDA): no light kernel for spec ", spec));
-  }
-  return nullptr;
-}
-
-constexpr bool is_light(int dt, int spec) {
-  return (dt == DT_BF16_HW || dt == DT_F16_HW) &&
-         (spec == spec_of(OP_PERTURB, false, DIST_RADEMACHER) || spec == spec_of(OP_PERTURB, false, DIST_GAUSSIAN_FAST));
-}
-
-const void* spec_kernel(int dt, int spec, bool f32_xor, bool light) {
-  if (light && is_light(dt, spec)) return dt == DT_F16_HW ? light_kernel<DT_F16_HW>(spec) : light_kernel<DT_BF16_HW>(spec);
+const void* spec_kernel(int dt, int spec, bool f32_xor) {
   if ((spec & 3) == DIST_GAUSSIAN_FAST) {
     TORCH_CHECK(has_fast_gaussian_spec(dt), "zo_apply_ (CUDA): no gaussian_fast kernel for this case");
     return dt == DT_F32       ? (f32_xor ? spec_kernel_fast_gaussian<DT_F32, true>(spec)
@@ -577,10 +556,8 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   const char* hw16_env = std::getenv("MAZO_CUDA_HW_F16");
   const bool hw16 = dt == DT_F16 && !(hw16_env && std::atoi(hw16_env) == 0);
   const int kdt = dt == DT_BF16 && !(hw_env && std::atoi(hw_env) == 0) ? DT_BF16_HW : hw16 ? DT_F16_HW : dt;
-  const char* light_env = std::getenv("MAZO_CUDA_LIGHT_BLOCKS");  // read per call: one process can compare
-  const bool light = !(light_env && std::atoi(light_env) == 4);
   if (dist == DIST_GAUSSIAN_FAST && !has_fast_gaussian_spec(kdt)) spec = -1;  // generic kernel
-  const void* kfn = spec >= 0             ? spec_kernel(kdt, spec, f32_xor, light)
+  const void* kfn = spec >= 0             ? spec_kernel(kdt, spec, f32_xor)
                     : f32_xor             ? (const void*)zo_apply_kernel<DT_F32, 2, -1, true>
                     : kdt == DT_F32       ? (const void*)zo_apply_kernel<DT_F32>
                     : kdt == DT_F16       ? (const void*)zo_apply_kernel<DT_F16>
