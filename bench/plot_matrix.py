@@ -14,7 +14,7 @@ import sys
 
 TARGET = 0.93
 _ORDER = {"bf16": 0, "fp16": 1, "fp32": 2, "none": 0, "threshold": 1, "bitmask": 2, "rowindex": 3, "gaussian": 0,
-          "rademacher": 1}
+          "gaussian_fast": 1, "rademacher": 2}
 COLOURS = {"cuda": "#1f77b4", "triton": "#ff7f0e", "cpu": "#2ca02c", "reference": "#9467bd"}
 EXTRA = ["#d62728", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"]
 
@@ -85,7 +85,7 @@ def plot(heads, recs, out, variant=None):
         ax.legend(fontsize=7, loc="upper right", ncol=len(backends) + 2)
     fig.suptitle(f"{h.get('device')} | torch {h.get('torch')} | triton {h.get('triton')} | CUDA {h.get('cuda')} | "
                  f"{h.get('date')} | copy {h.get('copy_bandwidth_TBps', 0):.2f} TB/s | commit "
-                 f"{str(h.get('git_commit'))[:12]}", fontsize=8)
+                 f"{str(h.get('git_commit_as_run') or h.get('git_commit'))[:12]}", fontsize=8)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
