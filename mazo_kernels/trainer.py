@@ -27,7 +27,8 @@ class ZOArguments:
     method: "mezo" (all trainable weights), "sparse-mezo" (magnitude-threshold masks: ``sparsity`` of each weight
         matrix, its largest entries, is frozen) or "mazo" (importance masks from a few batches per task:
         ``density`` of each weight matrix is trained).
-    eps: perturbation size. dist: "gaussian" | "rademacher". num_perturbations: directions per step (q).
+    eps: perturbation size. dist: "gaussian" | "gaussian_fast" (spec v2) | "rademacher". num_perturbations:
+        directions per step (q).
     estimator: "two_sided" | "one_sided". sign: update with sign(g). rounding: None (stochastic for bf16/fp16) |
         "nearest" | "stochastic". mode: "inplace" | "transient". forward_mode: "eval" (dropout off during the ZO
         forwards, as MeZO does) | "train" (the same dropout masks for both forwards of a step).
