@@ -35,11 +35,11 @@ DTS = {"fp32": 0, "fp16": 1, "bf16": 2}
 
 
 def cases(which: str):
-    """(label, constexprs). OP 0 perturb_, 1 update_, 2 perturbed_copy; DIST 0 Gaussian, 1 Rademacher."""
+    """(label, constexprs). OP 0 perturb_, 1 update_, 2 perturbed_copy; DIST 0 Gaussian, 1 Rademacher, 2 gaussian_fast."""
     out = []
     dts = ("bf16",) if which == "core" else tuple(DTS)
     for dt in dts:
-        for dist, dname in ((0, "gaussian"), (1, "rademacher")):
+        for dist, dname in ((0, "gaussian"), (1, "rademacher"), (2, "gaussian_fast")):
             out.append((f"perturb_ {dname} {dt}", dict(OP=0, DIST=dist, SR=0, DT=DTS[dt], HAS_PRIOR=False, REUSE0=0,
                                                          NSTAT=0)))
             out.append((f"perturb_ {dname} {dt} restore", dict(OP=0, DIST=dist, SR=0, DT=DTS[dt], HAS_PRIOR=True,
