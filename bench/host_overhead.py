@@ -45,10 +45,10 @@ def main():
         tk._zo_kernel = kernel
     g = plan.groups[0]
     dev = g.tensors[0].device
-    tk._split_tables(g.tensors, g.tensors, g.masks, 0, tk.BLOCK, tk.FAST_BLOCK, 1, 16, dev)
+    tk._split_tables(g.tensors, g.tensors, g.masks, tk.BLOCK, tk.FAST_BLOCK, 1, 16, dev)
     t0 = time.perf_counter()
     for _ in range(args.repeat):
-        tk._split_tables(g.tensors, g.tensors, g.masks, 0, tk.BLOCK, tk.FAST_BLOCK, 1, 16, dev)
+        tk._split_tables(g.tensors, g.tensors, g.masks, tk.BLOCK, tk.FAST_BLOCK, 1, 16, dev)
     split = (time.perf_counter() - t0) / args.repeat
     print(f"{args.tensors} tensors: perturb_ host {per_call * 1e6:.0f} us per call (kernel stubbed); "
           f"_split_tables cache hit {split * 1e6:.0f} us")

@@ -337,43 +337,34 @@ const void* spec_kernel_of() {
   return (const void*)zo_apply_kernel<DT, XOR ? 2 : spec_minblocks(DT, SPEC), SPEC, XOR>;
 }
 
-template <int DT, bool XOR = false>
-const void* spec_kernel_dt(int spec) {
-  switch (spec) {
-    case spec_of(OP_PERTURB, false, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_GAUSSIAN), XOR>();
-    case spec_of(OP_PERTURB, false, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_RADEMACHER), XOR>();
-    case spec_of(OP_PERTURB, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_GAUSSIAN), XOR>();
-    case spec_of(OP_PERTURB, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_RADEMACHER), XOR>();
-    case spec_of(OP_UPDATE, true, DIST_GAUSSIAN): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_GAUSSIAN), XOR>();
-    case spec_of(OP_UPDATE, true, DIST_RADEMACHER): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_RADEMACHER), XOR>();
-    default: TORCH_CHECK(false, cat("zo_apply_ (CUDA): no specialised kernel for spec ", spec));
-  }
-  return nullptr;
-}
-
 // gaussian_fast (spec v2) is specialised only for the default storage kernels (bf16 and fp16 with the hardware
 // conversions, fp32 with and without the exchange): each distribution costs a dozen kernels of build time.
 constexpr bool has_fast_gaussian_spec(int dt) { return dt == DT_BF16_HW || dt == DT_F16_HW || dt == DT_F32; }
 
-template <int DT, bool XOR = false>
-const void* spec_kernel_fast_gaussian(int spec) {
+// The three specialised passes of one distribution: perturb_ with prior 0 and with a prior, the restoring update_.
+template <int DT, bool XOR, int DIST>
+const void* spec_kernel_dist(int spec) {
   switch (spec) {
-    case spec_of(OP_PERTURB, false, DIST_GAUSSIAN_FAST): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST_GAUSSIAN_FAST), XOR>();
-    case spec_of(OP_PERTURB, true, DIST_GAUSSIAN_FAST): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST_GAUSSIAN_FAST), XOR>();
-    case spec_of(OP_UPDATE, true, DIST_GAUSSIAN_FAST): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST_GAUSSIAN_FAST), XOR>();
-    default: TORCH_CHECK(false, cat("zo_apply_ (CUDA): no specialised kernel for spec ", spec));
+    case spec_of(OP_PERTURB, false, DIST): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST), XOR>();
+    case spec_of(OP_PERTURB, true, DIST): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST), XOR>();
+    case spec_of(OP_UPDATE, true, DIST): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST), XOR>();
   }
   return nullptr;
 }
 
-const void* spec_kernel(int dt, int spec, bool f32_xor) {
-  if ((spec & 3) == DIST_GAUSSIAN_FAST) {
-    TORCH_CHECK(has_fast_gaussian_spec(dt), "zo_apply_ (CUDA): no gaussian_fast kernel for this case");
-    return dt == DT_F32       ? (f32_xor ? spec_kernel_fast_gaussian<DT_F32, true>(spec)
-                                         : spec_kernel_fast_gaussian<DT_F32>(spec))
-           : dt == DT_F16_HW  ? spec_kernel_fast_gaussian<DT_F16_HW>(spec)
-                              : spec_kernel_fast_gaussian<DT_BF16_HW>(spec);
+template <int DT, bool XOR = false>
+const void* spec_kernel_dt(int spec) {
+  const void* k = (spec & 3) == DIST_GAUSSIAN     ? spec_kernel_dist<DT, XOR, DIST_GAUSSIAN>(spec)
+                  : (spec & 3) == DIST_RADEMACHER ? spec_kernel_dist<DT, XOR, DIST_RADEMACHER>(spec)
+                                                  : nullptr;
+  if constexpr (has_fast_gaussian_spec(DT)) {
+    if ((spec & 3) == DIST_GAUSSIAN_FAST) k = spec_kernel_dist<DT, XOR, DIST_GAUSSIAN_FAST>(spec);
   }
+  TORCH_CHECK(k != nullptr, cat("zo_apply_ (CUDA): no specialised kernel for spec ", spec));
+  return k;
+}
+
+const void* spec_kernel(int dt, int spec, bool f32_xor) {
   return dt == DT_F32       ? (f32_xor ? spec_kernel_dt<DT_F32, true>(spec) : spec_kernel_dt<DT_F32>(spec))
          : dt == DT_F16     ? spec_kernel_dt<DT_F16>(spec)
          : dt == DT_F16_HW  ? spec_kernel_dt<DT_F16_HW>(spec)

@@ -673,15 +673,17 @@ def _refuse_upload_in_capture(device):
                            "step)")
 
 
-def _tables(params, outs, masks, op: int, block: int, device):
-    rows = []
-    for theta, out, mask in zip(params, outs, masks):
-        n = theta.numel()
-        ri = _is_rowidx(mask)
-        kcols = int(mask.shape[1]) if ri else 0
-        entries = ri  # perturbed_copy: the output is first a copy of theta (zo_apply_)
-        nunits = mask.numel() if entries else n
-        rows.append((theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, nunits, kcols, int(entries)))
+def _table_row(theta, out, mask):
+    """One tensor's row of the per-tensor table (_NTAB columns). Row-index masks run as entry units (only the listed
+    elements) in every op; perturbed_copy's output is first a copy of theta (zo_apply_)."""
+    n = theta.numel()
+    ri = _is_rowidx(mask)
+    return (theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, mask.numel() if ri else n,
+            int(mask.shape[1]) if ri else 0, int(ri))
+
+
+def _tables(params, outs, masks, block: int, device):
+    rows = [_table_row(theta, out, mask) for theta, out, mask in zip(params, outs, masks)]
     key = (str(device), block, tuple(rows))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
@@ -710,7 +712,7 @@ _DEVICE = operator.attrgetter("device")
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 
-def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: int, guard: int, device):
+def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guard: int, device):
     """Program lists of the SPLIT launches: fast programs [t, start, nblk] over the full FBLOCK blocks of tensors with
     16-byte aligned data and no mask tensor (or, with MASKED_FAST, no row-index mask; chunk blocks per program); general programs [t, start, 0] over
     everything else at BLOCK granularity, and guards [t, start, nblk] (guard fast blocks each) that run the fast
@@ -718,7 +720,7 @@ def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: 
     # The cache key holds everything the tables are built from (addresses, sizes, mask shapes and dtypes, the
     # knobs), gathered with C-level maps: for a ~200-tensor plan this is the host's main cost per call (~0.5 ms
     # with a per-tensor Python loop, ~0.2 ms this way, on a 2-core CPU).
-    key = ("split", str(device), block, fblock, chunk, guard, op == ref.OP_COPY, bool(MASKED_FAST),
+    key = ("split", str(device), block, fblock, chunk, guard, bool(MASKED_FAST),
            tuple(map(_DATA_PTR, params)), None if outs is params else tuple(map(_DATA_PTR, outs)),
            tuple(map(_DATA_PTR, masks)), tuple(map(_NUMEL, params)), tuple(map(_SIZE, masks)),
            tuple(map(_DTYPE, masks)))
@@ -728,13 +730,8 @@ def _split_tables(params, outs, masks, op: int, block: int, fblock: int, chunk: 
         return hit
     rows, cand = [], []
     for theta, out, mask in zip(params, outs, masks):
-        n = theta.numel()
-        ri = _is_rowidx(mask)
-        kcols = int(mask.shape[1]) if ri else 0
-        entries = ri  # perturbed_copy: the output is first a copy of theta (zo_apply_)
-        nunits = mask.numel() if entries else n
-        rows.append((theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, nunits, kcols, int(entries)))
-        cand.append(not ri and (mask.numel() == 0 or bool(MASKED_FAST))
+        rows.append(_table_row(theta, out, mask))
+        cand.append(not _is_rowidx(mask) and (mask.numel() == 0 or bool(MASKED_FAST))
                     and (theta.data_ptr() | out.data_ptr()) % 16 == 0)
     _refuse_upload_in_capture(device)
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
@@ -834,12 +831,12 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     fblock = max(block, int(FAST_BLOCK))
     split = bool(FAST and SPLIT)
     if split:
-        tab, fprog, nf, gprog, ng = _split_tables(params, outs, masks, op, block, fblock, max(1, int(CHUNK)),
+        tab, fprog, nf, gprog, ng = _split_tables(params, outs, masks, block, fblock, max(1, int(CHUNK)),
                                                       max(1, int(GUARD)), device)
         if nf + ng == 0:
             return
     else:
-        tab, prog, nprog = _tables(params, outs, masks, op, block, device)
+        tab, prog, nprog = _tables(params, outs, masks, block, device)
         if nprog == 0:
             return
     if op == ref.OP_COPY and outs is not params:
@@ -880,7 +877,7 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     mode = 0
     if FAST and any(p_.numel() >= fblock for p_ in params):
         # dense aligned blocks first, in their own kernel; the general kernel then skips them (disjoint elements)
-        ftab, fprog, fnprog = _tables(params, outs, masks, op, fblock, device)
+        ftab, fprog, fnprog = _tables(params, outs, masks, fblock, device)
         _zo_kernel[(fnprog,)](ftab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=2, FBLOCK=fblock,
                               BLOCK=fblock, num_warps=FAST_NUM_WARPS, **consts)
         mode = 1

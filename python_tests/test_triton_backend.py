@@ -378,7 +378,7 @@ def test_masked_fast_path_matches_general_and_reference(dist, split, monkeypatch
     grp = pt[0].groups[0]
     for on, want in ((True, 8), (False, 1)):
         monkeypatch.setattr(tk, "MASKED_FAST", on)
-        nf = tk._split_tables(grp.tensors, grp.tensors, grp.masks, ref.OP_PERTURB, 128, 256, 1, 16,
+        nf = tk._split_tables(grp.tensors, grp.tensors, grp.masks, 128, 256, 1, 16,
                               grp.tensors[0].device)[2]
         assert nf == want, (on, nf)
     eps, seed = 1e-3, 0xFEDCBA9876543210
