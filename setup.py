@@ -18,13 +18,16 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
-DEPENDS = [os.path.join(CSRC, f) for f in ("zo_noise.h", "zo_apply_common.h", "zo_host_common.h", "zo_f32_exchange.cuh")]
+DEPENDS = [os.path.join(CSRC, f) for f in ("zo_noise.h", "zo_apply_common.h", "zo_host_common.h", "zo_f32_exchange.cuh",
+                                           "zo_cuda_kernel.cuh")]
+# The CUDA extension: the host side, and one file per storage kernel family so that ninja compiles them in parallel.
+CUDA_SOURCES = ["zo_cuda.cu"] + [f"zo_cuda_k_{f}.cu" for f in ("bf16", "bf16_hw", "f16", "f16_hw", "f32", "f32_xor")]
 
 # Bits must match reference.py: no FMA contraction, no fast-math, IEEE division and sqrt.
 CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math"]  # torch adds the -std it needs (c++17 or c++20)
 NVCC_FLAGS = ["-O3", "--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false",
               "-Xcompiler", "-ffp-contract=off",
-              # one .cu file holds every kernel instantiation: compile the architectures in parallel
+              # each .cu file holds a dozen kernel instantiations: compile the architectures in parallel too
               "--threads", str(max(1, min(4, os.cpu_count() or 1)))]
 
 
@@ -64,7 +67,7 @@ if _want_cuda():
     ext_modules.append(
         CUDAExtension(
             "mazo_kernels._C_cuda",
-            [os.path.join(CSRC, "zo_cuda.cu")],
+            [os.path.join(CSRC, f) for f in CUDA_SOURCES],
             include_dirs=[os.path.join(HERE, CSRC)],
             depends=DEPENDS,
             extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS},

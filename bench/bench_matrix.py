@@ -1,6 +1,7 @@
 """Microbenchmark matrix of the ZO ops against the copy floor and the MeZO baselines, all in one process.
 
-    op (perturb_, perturb_prior = perturb_ with a prior, update_ with restore + stochastic rounding, perturbed_copy)
+    op (perturb_, perturb_prior = perturb_ with a prior, update_ with restore + stochastic rounding, perturbed_copy,
+    update0 = update_ with prior 0 and stochastic rounding: the transient mode's update)
     x dtype (bf16, fp16, fp32)
     x mask (none, threshold, bitmask, rowindex) x distribution (gaussian, rademacher, gaussian_fast) x backend (cuda, triton)
     over a model's parameter list built as ONE plan (one launch per pass per dtype).
@@ -11,13 +12,14 @@ Models: `7b` (LLaMA-7B's 291 tensors, 6.74 B parameters), `125m` (OPT-125m's 196
 Floors. A large device-to-device copy measured in the same process gives the bandwidth (bytes read + written).
 floor_ms = the bytes the pass must move / that bandwidth: 2 x element size per element (read + write of the
 weights, or of weights -> out for perturbed_copy), plus the mask's own bytes: the threshold latch (1 bit per element,
-written by perturb_ with prior 0, read by perturb_prior and update_ (prior != 0), not touched by perturbed_copy, which evaluates the
-rule), the packed bitmask (1 bit per element, read), row-index columns (4 bytes per selected element, read).
+written by perturb_ with prior 0, read by perturb_prior and update_ (prior != 0), not touched by perturbed_copy and
+update0, which evaluate the rule), the packed bitmask (1 bit per element, read), row-index columns (4 bytes per selected element, read).
 Masks select half of the elements: tau = 0.6745 * std for weights drawn from N(0, std), random bytes for the bitmask,
 k = n_cols // 2 random sorted columns per row (2-D tensors; 1-D tensors get no row-index mask).
 
-Timing: warm-up, then per iteration an L2 flush (a 256 MiB memset), a GPU sleep that covers the host's launch work,
-and CUDA events around one pass; the median is `ms` (device time). `ms_host` is the median with the GPU idle before
+Timing: warm-up, then per iteration an L2 flush (a 256 MiB memset), a GPU sleep of twice the longest host enqueue
+of the call measured just before (at least 0.2 ms; `timing` in each record: sleep, enqueue times, and `host_bound`
+if an enqueue still outlasted the sleep), and CUDA events around one pass; the median is `ms` (device time). `ms_host` is the median with the GPU idle before
 the call (host work included: what a synchronous caller sees). Memory: torch.cuda.max_memory_allocated during a warm
 pass minus the memory allocated before it (`extra_bytes`; the plan's tables are already built), and for the first
 pass (`extra_bytes_first`). Launches: kernels seen by torch.profiler in one pass.
@@ -52,7 +54,7 @@ import time
 
 import torch
 
-OPS = ("perturb_", "perturb_prior", "update_", "perturbed_copy")
+OPS = ("perturb_", "perturb_prior", "update_", "perturbed_copy", "update0")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MASKS = ("none", "threshold", "bitmask", "rowindex")
 DISTS = ("gaussian", "rademacher", "gaussian_fast")   # gaussian_fast: spec v2
@@ -152,12 +154,33 @@ class Timer:
     def __init__(self, device, warmup, iters):
         self.device, self.warmup, self.iters = device, warmup, iters
         self.cuda = device.type == "cuda"
+        self.last = {}  # the last run's sleep and host enqueue times (recorded per case)
         if self.cuda:
             self.flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=device)
-            self.sleep_cycles = int(os.environ.get("BENCH_SLEEP_CYCLES", 400_000))  # ~0.2 ms at 1.98 GHz
+            self.cycles_per_ms = self._calibrate_sleep()
+            # floor of the sleep before each timed pass; BENCH_SLEEP_CYCLES (old knob) sets it in cycles
+            env = os.environ.get("BENCH_SLEEP_CYCLES")
+            self.min_sleep_ms = int(env) / self.cycles_per_ms if env else 0.2
+
+    def _calibrate_sleep(self):
+        """GPU clock cycles of torch.cuda._sleep per millisecond (the sleep must outlast the host's enqueue)."""
+        cycles = 2_000_000
+        torch.cuda._sleep(cycles)  # warm-up
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        torch.cuda._sleep(cycles)
+        b.record()
+        b.synchronize()
+        return cycles / max(a.elapsed_time(b), 1e-3)
 
     def run(self, fn, iters=None, warmup=None):
-        """fn(i) runs pass i. Returns (median device ms, median host-inclusive ms, all device times)."""
+        """fn(i) runs pass i. Returns (median device ms, median host-inclusive ms, all device times).
+
+        Host-inclusive first (GPU idle before each call), timing the host's enqueue of each call as well; then device
+        time with the GPU asleep for twice the longest enqueue seen (at least min_sleep_ms) before the first event,
+        so that a call whose host side is slower than its kernels (a ~125 M model's list) is still timed on the
+        device alone. `self.last` records the sleep, the enqueue times, and whether an enqueue outlasted the sleep.
+        """
         iters = self.iters if iters is None else iters
         warmup = self.warmup if warmup is None else warmup
         i = 0
@@ -173,22 +196,29 @@ class Timer:
                 ts.append((time.perf_counter() - t0) * 1e3)
             return statistics.median(ts), statistics.median(ts), ts
         torch.cuda.synchronize()
-        dev, host = [], []
-        for busy in (True, False):
+        dev, host, enq_idle, enq_busy = [], [], [], []
+        sleep_ms = self.min_sleep_ms
+        for busy in (False, True):
+            if busy:
+                sleep_ms = max(self.min_sleep_ms, 2.0 * max(enq_idle))
             for _ in range(iters):
                 a = torch.cuda.Event(enable_timing=True)
                 b = torch.cuda.Event(enable_timing=True)
                 self.flush.zero_()
                 if busy:
-                    torch.cuda._sleep(self.sleep_cycles)
+                    torch.cuda._sleep(int(sleep_ms * self.cycles_per_ms))
                 else:
                     torch.cuda.synchronize()
+                t0 = time.perf_counter()
                 a.record()
                 fn(i)
                 b.record()
+                (enq_busy if busy else enq_idle).append((time.perf_counter() - t0) * 1e3)
                 b.synchronize()
                 i += 1
                 (dev if busy else host).append(a.elapsed_time(b))
+        self.last = dict(sleep_ms=sleep_ms, enqueue_ms=statistics.median(enq_busy),
+                         enqueue_max_ms=max(enq_busy), host_bound=max(enq_busy) > sleep_ms)
         return statistics.median(dev), statistics.median(host), dev
 
     def memory(self, fn, i):
@@ -278,8 +308,8 @@ def make_masks(kind, shapes, weights, device, seed=1):
 
 def mask_traffic(kind, op, mask_bytes):
     """Mask bytes a pass must move (see the module docstring)."""
-    if kind == "threshold" and op == "perturbed_copy":
-        return 0  # the rule is evaluated on theta; no latch traffic
+    if kind == "threshold" and op in ("perturbed_copy", "update0"):
+        return 0  # prior 0 and not perturb_: the rule is evaluated on theta; no latch traffic
     return mask_bytes
 
 
@@ -353,17 +383,20 @@ def baseline_fns(weights, outs, dist):
             "perturb_": lambda i: perturb_written(100 + i, sign(i)),
             "perturb_prior": lambda i: perturb_written(100 + i, -2 * sign(i)),
             "update_": lambda i: (perturb_written(100 + i, sign(i)), update_written(100 + i)),
-            "perturbed_copy": lambda i: copy_written(100 + i)},
+            "perturbed_copy": lambda i: copy_written(100 + i),
+            "update0": lambda i: update_written(100 + i)},
         "mezo_add": {
             "perturb_": lambda i: perturb_add(100 + i, sign(i)),
             "perturb_prior": lambda i: perturb_add(100 + i, -2 * sign(i)),
             "update_": lambda i: (perturb_add(100 + i, sign(i)), update_add(100 + i)),
-            "perturbed_copy": lambda i: copy_add(100 + i)},
+            "perturbed_copy": lambda i: copy_add(100 + i),
+            "update0": lambda i: update_add(100 + i)},
         "sparse_mezo": {
             "perturb_": lambda i: perturb_sparse(100 + i, sign(i)),
             "perturb_prior": lambda i: perturb_sparse(100 + i, -2 * sign(i)),
             "update_": lambda i: (perturb_sparse(100 + i, sign(i)), update_sparse(100 + i)),
-            "perturbed_copy": lambda i: copy_sparse(100 + i)},
+            "perturbed_copy": lambda i: copy_sparse(100 + i),
+            "update0": lambda i: update_sparse(100 + i)},
     }
 
 
@@ -383,6 +416,10 @@ def op_fn(mk, plan, op, dist, backend, outs, grads):
                                     dist=dist, backend=backend)
     if op == "perturbed_copy":
         return lambda i: mk.perturbed_copy(plan, 1000 + i, EPS, out=outs(), dist=dist, backend=backend)
+    if op == "update0":
+        # the transient mode's one update pass: the stored weights carry no perturbation (prior 0), SR rounding
+        return lambda i: mk.update_(plan, [1000 + i], grads, lr=LR if i % 2 == 0 else -LR, rounding="stochastic",
+                                    sr_seed=i, dist=dist, backend=backend)
     raise ValueError(op)
 
 
@@ -555,6 +592,7 @@ def run_model_dtype(args, sel, timer, device, bw, model, dt, records, launch_cac
                     launch_cache[key] = timer.launches(fn, 0) + (model,)
                 kern, copies, lmodel = launch_cache[key]
                 rec.update(ms=ms, ms_host=ms_host, ms_all=all_ms, fraction_of_floor=rec["floor_ms"] / ms,
+                           timing=dict(timer.last),
                            fraction_of_dense_floor=rec["dense_floor_ms"] / ms,
                            speedup_vs_baseline=(b[0] / ms) if b[0] else None,
                            extra_bytes=extra, extra_bytes_first=first, launches=kern, memcpys=copies,

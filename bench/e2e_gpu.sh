@@ -10,6 +10,8 @@
 #          allocator capped at an H100 80GB's memory (--memory-cap h100-80gb)
 #   125m   a 134M LLaMA at 16x256 and 1x512, the dense methods
 #   graph  the 125m model at 1x512 (and 16x256), zosgd, plus the CUDA-graph capture attempt (own process)
+#   7bgraph  LLaMA-7B at 1x512: zosgd and mezo eager (M7G overrides), then the CUDA-graph step (mk.GraphedZOStep)
+#          against the eager one, bit for bit (not in the default PHASES)
 #   13b    LLaMA-13B bf16 at 16x256 and 1x512, dense methods (not in the default PHASES)
 #   7bt    LLaMA-7B as in 7b with --backend triton: zosgd, mezo, mezo-inplace (M7T overrides; not in the default)
 # Knobs: STEPS (5), WARMUP (2), DEADLINE_S (560: total wall budget; each phase gets at most its own budget and
@@ -61,9 +63,11 @@ for p in $PHASES; do
              --memory-cap h100-80gb --out "$OUT/e2e_30b.json" ;;
     13b)   phase 13b 150 --model-shape 13b --batch 16,1 --seq 256,512 --method dense --out "$OUT/e2e_13b.json" ;;
     125m)  phase 125m 70 --model-shape 125m --batch 16,1 --seq 256,512 --method dense --out "$OUT/e2e_125m.json" ;;
+    7bgraph) phase 7bgraph 200 --model-shape 7b --batch 1 --seq 512 --method "${M7G:-zosgd,mezo}" --cuda-graph \
+             --out "$OUT/e2e_7b_graph.json" ;;
     graph) phase graph 70 --model-shape 125m --batch 1,16 --seq 512,256 --method zosgd --cuda-graph \
              --out "$OUT/e2e_125m_graph.json" ;;
-    *) echo "unknown phase $p (7b 7bt 30b 13b 125m graph)"; exit 2 ;;
+    *) echo "unknown phase $p (7b 7bt 7bgraph 30b 13b 125m graph)"; exit 2 ;;
   esac
 done
 

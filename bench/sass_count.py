@@ -14,6 +14,7 @@ count gives 56, session 4). Needs triton's bundled nvdisasm / cuobjdump (triton/
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import re
@@ -92,18 +93,11 @@ def sass_stats(cubin: bytes) -> dict:
             "top_opcodes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])[:12])}
 
 
-def cuda_kernels(cuda_home: str) -> list:
-    """ptxas -v of csrc/zo_cuda.cu for sm_90 (the build's flags): registers, spills and stack per kernel
-    instantiation. Static counts of the CUDA kernel are not per-element figures (one kernel holds every mask path), so
-    only the register budget is reported: it sets the warps per SM that hide the loads' latency."""
-    import sysconfig
-    from torch.utils import cpp_extension
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    incs = [os.path.join(root, "csrc")] + cpp_extension.include_paths() + [os.path.join(cuda_home, "include"),
-                                                                          sysconfig.get_paths()["include"]]
+def _ptxas_v(src: str, cuda_home: str, incs: list) -> str:
+    """nvcc -Xptxas -v of one CUDA source for sm_90 with the build's flags; returns ptxas's report."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [os.path.join(cuda_home, "bin", "nvcc"), "-cubin", "-o", os.path.join(tmp, "k.cubin"),
-               os.path.join(root, "csrc", "zo_cuda.cu"), "-O3", "--fmad=false", "--prec-div=true", "--prec-sqrt=true",
+               src, "-O3", "--fmad=false", "--prec-div=true", "--prec-sqrt=true",
                "--ftz=false", "-std=c++20", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90",
                "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
                "-D__CUDA_NO_HALF2_OPERATORS__", "-DTORCH_EXTENSION_NAME=_C_cuda", "-Xptxas", "-v"]
@@ -111,8 +105,23 @@ def cuda_kernels(cuda_home: str) -> list:
         out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(out.stderr[-3000:])
+    return out.stderr
+
+
+def cuda_kernels(cuda_home: str) -> list:
+    """ptxas -v of the CUDA kernel families (csrc/zo_cuda_k_*.cu) for sm_90 (the build's flags): registers and spills
+    per kernel instantiation. Static counts of the CUDA kernel are not per-element figures (one kernel holds every mask path), so
+    only the register budget is reported: it sets the warps per SM that hide the loads' latency."""
+    import sysconfig
+    from torch.utils import cpp_extension
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    incs = [os.path.join(root, "csrc")] + cpp_extension.include_paths() + [os.path.join(cuda_home, "include"),
+                                                                          sysconfig.get_paths()["include"]]
+    stderr = ""
+    for src in sorted(glob.glob(os.path.join(root, "csrc", "zo_cuda_k_*.cu"))):
+        stderr += _ptxas_v(src, cuda_home, incs)
     recs, cur, spill = [], None, (0, 0)
-    for ln in out.stderr.splitlines():
+    for ln in stderr.splitlines():
         m = re.search(r"Compiling entry function '(\S+)'", ln)
         if m:
             cur = m.group(1)

@@ -13,6 +13,9 @@ namespace mazo {
 
 constexpr int UNIT = 8;
 
+// How a tensor's work is split (decided on the host from the mask tensor, without reading meta).
+enum : int { WORK_ELEMENTS = 0, WORK_ENTRIES = 1 };
+
 struct OpParams {
   int op, dist, rounding, threshold_mode;
   float scale, prior, lr;

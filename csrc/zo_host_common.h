@@ -109,9 +109,6 @@ inline void check_seed_dev(const c10::optional<at::Tensor>& seed_dev, at::IntArr
               seeds.size() + 1, " entries (the seeds, then sr_seed), got ", sd.numel()));
 }
 
-// How a tensor's work is split (decided on the host from the mask tensor, without reading meta).
-enum : int { WORK_ELEMENTS = 0, WORK_ENTRIES = 1 };
-
 inline bool is_rowidx_mask(const at::Tensor& m) { return m.scalar_type() == at::kInt && m.dim() == 2; }
 
 }  // namespace mazo

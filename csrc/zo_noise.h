@@ -488,9 +488,33 @@ MAZO_HD float invert_rounding_f16_hw(float w, float d) {
   return nan ? u2f((f2u(y0) & 0x80000000u) | 0x7FC00000u) : r;
 }
 
+// bf16 through the hardware conversion, in float32 bit patterns (low 16 bits zero). c0 = rne(y) is y's truncation t
+// or the next value up in magnitude, so its neighbour on y's side is the other one: c1 = 2t + 1 ulp - c0 (modulo
+// 2^32, sign included; for c0 = +-0 the smallest subnormal with y's sign). A NaN y gives some NaN c0 (not finite:
+// returned as it is); every caller rounds the base again, which maps each NaN to the spec's 0x7FC0, so the device
+// conversion needs no NaN fix-up. Same results as the generic form below (bench/check_invert_rounding.cpp, every w).
+MAZO_HD float invert_rounding_bf16_hw(float w, float d) {
+  using S = Storage<DT_BF16_HW>;
+  const float y = fsub(w, d);
+  const uint32_t yb = f2u(y);
+#if defined(__CUDA_ARCH__)
+  const uint32_t c0b = (uint32_t)S::rne_not_nan(y) << 16;
+#else
+  const uint32_t c0b = (uint32_t)S::rne(y) << 16;  // the host's integer rounding needs the NaN fix-up
+#endif
+  const uint32_t c1b = 2u * (yb & 0xFFFF0000u) + 0x10000u - c0b;
+  const float c0 = u2f(c0b), c1 = u2f(c1b);
+  const uint32_t wb = f2u(w) >> 16;
+  const bool ok0 = (uint32_t)S::rne_not_nan(fadd(c0, d)) == wb;
+  const bool ok1 = (uint32_t)S::rne_not_nan(fadd(c1, d)) == wb;
+  const bool take1 = (~c0b & 0x7F800000u) != 0u && y != c0 && ok1 && (!ok0 || (c1b & 0x10000u) == 0u);
+  return take1 ? c1 : c0;
+}
+
 template <int DT>
 MAZO_HD float invert_rounding(float w, float d) {
   if constexpr (DT == DT_F16_HW) return invert_rounding_f16_hw(w, d);
+  if constexpr (DT == DT_BF16_HW) return invert_rounding_bf16_hw(w, d);
   using S = Storage<DT>;
   using bits_t = typename S::bits_t;
   const float y = fsub(w, d);

@@ -283,6 +283,26 @@ def _bits_f32(b, DT: tl.constexpr):
 
 
 @triton.jit
+def _invert_rounding_bf16_hw(w, d, y):
+    """_invert_rounding for bf16 through the hardware conversion, in float32 bit patterns (low 16 bits zero).
+    c0 = rne(y) is y's bf16 truncation t or the next value up in magnitude, so its neighbour on y's side is the other
+    one: c1 = 2t + 1 ulp - c0 (modulo 2^32, sign included; for c0 = +-0 the smallest subnormal with y's sign). A NaN
+    y gives some NaN c0 (not finite: returned as it is); every caller rounds the base again, which maps each NaN to
+    the spec's 0x7FC0, so the conversion needs no NaN fix-up here."""
+    yb = y.to(tl.uint32, bitcast=True)
+    c0b = y.to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16
+    c1b = 2 * (yb & 0xFFFF0000) + 0x10000 - c0b
+    c0 = c0b.to(tl.float32, bitcast=True)
+    c1 = c1b.to(tl.float32, bitcast=True)
+    wb = w.to(tl.uint32, bitcast=True)   # compared as float32 bit patterns: the half moved up, no mask
+    ok0 = (c0 + d).to(tl.bfloat16).to(tl.float32).to(tl.uint32, bitcast=True) == wb
+    ok1 = (c1 + d).to(tl.bfloat16).to(tl.float32).to(tl.uint32, bitcast=True) == wb
+    finite = (~c0b & 0x7F800000) != 0
+    take1 = finite & (y != c0) & ok1 & ((ok0 == 0) | ((c1b & 0x10000) == 0))
+    return tl.where(take1, c1, c0)
+
+
+@triton.jit
 def _invert_rounding(w, d, DT: tl.constexpr):
     """reference.invert_rounding: rne(w - d), or, where rounding lost a bit and two storage values map to w, the
     one with the even bit pattern (docs/NOISE_SPEC.md, "Restore"). Same comparisons as the reference in fewer ops
@@ -290,15 +310,13 @@ def _invert_rounding(w, d, DT: tl.constexpr):
     finite, y != c0) y and c0 share a sign, so their float32 bit patterns order their magnitudes; w is a storage
     value and nothing rounded after y can be NaN."""
     y = w - d
+    if DT == 2 and HW_BF16:
+        return _invert_rounding_bf16_hw(w, d, y)
     b0 = _raw_bits(_rne(y, DT), DT)
     c0 = _bits_f32(b0, DT)
     b1 = tl.where(y.to(tl.uint32, bitcast=True) > c0.to(tl.uint32, bitcast=True), b0 + 1, b0 - 1)
     c1 = _bits_f32(b1, DT)
-    if DT == 2 and HW_BF16:   # nothing here can be NaN: the hardware conversion needs no fix-up
-        wb = w.to(tl.uint32, bitcast=True) >> 16
-        ok0 = (c0 + d).to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32) == wb
-        ok1 = (c1 + d).to(tl.bfloat16).to(tl.uint16, bitcast=True).to(tl.uint32) == wb
-    elif DT == 2:
+    if DT == 2:
         wb = w.to(tl.uint32, bitcast=True) >> 16
         s0 = (c0 + d).to(tl.uint32, bitcast=True)
         s1 = (c1 + d).to(tl.uint32, bitcast=True)

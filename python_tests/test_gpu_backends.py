@@ -151,8 +151,9 @@ KERNEL_VARIANTS = [(d, "") for d in DTYPES] + [(torch.bfloat16, "MAZO_CUDA_HW_BF
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
 @pytest.mark.parametrize("spec", ["1", "0"])
 def test_cuda_specialised_and_generic_kernels_match_reference(dtype, variant, dist, spec, monkeypatch):
-    """The CUDA extension runs perturb_ and the restoring update_ in kernels specialised on (op, prior != 0, dist);
-    MAZO_CUDA_SPEC=0 forces the generic kernel. Both against the reference, on tensors spanning several blocks of
+    """The CUDA extension runs perturb_, the restoring update_ and (default storage kernels) the transient mode's
+    perturbed_copy and update_ with prior 0 in kernels specialised on (op, prior != 0, dist); MAZO_CUDA_SPEC=0
+    forces the generic kernel. Both against the reference, on tensors spanning several blocks of
     8192 elements (the block -> tensor walk), with masks and an unaligned global offset among them. bf16 runs with
     the hardware rounding (the default) and with MAZO_CUDA_HW_BF16=0 (integer rounding); fp32 with the
     warp-coalesced fast path where it is the default, off (MAZO_CUDA_F32_XOR=0) and on every call (=1); fp16 with
@@ -195,10 +196,12 @@ def test_cuda_specialised_and_generic_kernels_match_reference(dtype, variant, di
             for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):
                 mk.perturb_(plan, seed, -eps, dist=dist, backend=b)   # carry a perturbation into the next restore
             same("perturb_ between updates")
-    for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):   # prior 0: the threshold evaluated, no latch
-        gg = torch.tensor([0.2], device="cuda") if b == "cuda" else [0.2]
-        mk.update_(plan, [11], gg, lr=1e-2, rounding="nearest", dist=dist, backend=b)
-    same("update_ with prior 0")
+    for rounding in ("nearest", "stochastic"):   # prior 0 (the transient mode's update): the threshold evaluated
+        for seeds, g in (([11], [0.2]), ([11, 2 ** 64 - 5], [0.2, -0.9])):
+            for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):
+                gg = torch.tensor(g, device="cuda") if b == "cuda" else g
+                mk.update_(plan, seeds, gg, lr=1e-2, rounding=rounding, sr_seed=5, dist=dist, backend=b)
+            same(f"update_ with prior 0, {len(seeds)} seeds, {rounding}")
     copies = {}
     for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):
         outs = [torch.full_like(e.tensor, float("nan")) for e in plan.entries]

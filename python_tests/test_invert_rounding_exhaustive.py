@@ -19,7 +19,7 @@ def test_invert_rounding_matches_spec_form_for_every_16bit_value(tmp_path):
     lines = run.stdout.strip().splitlines()
     assert run.returncode == 0 and lines[-1] == "OK", run.stdout[-3000:]
     counts = {ln.split(":")[0]: ln for ln in lines if "cases" in ln}
-    for dt in ("bf16", "fp16", "fp16_hw"):  # the check really ran over every storage value
+    for dt in ("bf16", "bf16_hw", "fp16", "fp16_hw"):  # the check really ran over every storage value
         cases = int(counts[dt].split(": ")[1].split(" cases")[0])
         assert cases > 65536 * 2000, counts[dt]
         assert counts[dt].endswith(" 0 mismatches"), counts[dt]

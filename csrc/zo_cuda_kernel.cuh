@@ -1,0 +1,393 @@
+// The CUDA kernel of mazo_C::zo_apply_ (one template), and the table of its instantiations for one storage type.
+// Each csrc/zo_cuda_k_*.cu instantiates one storage type's kernels, so that the build compiles them in parallel
+// (one file held all 55 and took most of a GPU session's build); csrc/zo_cuda.cu is the host side and picks one.
+// Everything here is in an anonymous namespace: every translation unit has its own kernels, none shared.
+#pragma once
+
+#include <cstdint>
+
+#include "zo_apply_common.h"
+#include "zo_f32_exchange.cuh"
+
+namespace mazo_cuda {
+// One per storage kernel family (csrc/zo_cuda_k_*.cu): the kernel for spec (-1: the generic kernel; minb its blocks
+// per SM where the family has a choice), or nullptr where the family has no such specialisation.
+const void* kernels_bf16(int spec, int minb);
+const void* kernels_bf16_hw(int spec, int minb);
+const void* kernels_f16(int spec, int minb);
+const void* kernels_f16_hw(int spec, int minb);
+const void* kernels_f32(int spec, int minb);
+const void* kernels_f32_xor(int spec, int minb);
+}  // namespace mazo_cuda
+
+namespace {
+
+using namespace mazo;
+
+using namespace mazo;
+
+constexpr int THREADS = 256;
+constexpr int ITERS = 4;                            // units per thread per block
+constexpr int64_t UNITS_PER_BLOCK = (int64_t)THREADS * ITERS;  // 8192 elements
+
+struct Desc {
+  const void* in;
+  void* out;
+  uint8_t* mask8;       // packed bits / latch (kinds 1, 2), else null
+  const int32_t* cols;  // row-index table (kind 3), else null
+  int64_t n;            // elements
+  int64_t k;            // row-index: entries per row
+  int64_t work_n;       // elements or entries this tensor's units cover
+  int64_t units;
+  int64_t block_start;  // first block of this tensor
+  int32_t work;         // WORK_ELEMENTS or WORK_ENTRIES
+  int32_t fast;         // unmasked elements, in/out 16-byte aligned: fast path when offset % 8 == 0
+};
+
+struct KArgs {
+  OpParams P;
+  const Desc* descs;
+  const int64_t* meta;  // [T, 4]
+  const float* fvals;   // [T, 5]
+  const int64_t* seed_dev;  // null, or [nseeds + 1]: the seeds then sr_seed, read in place of P's values
+  int nseeds;
+  int T;
+  int64_t total_blocks;
+};
+
+// ------------------------------------------------------------------ fast path
+// Unmasked tensors whose global offset is 8-aligned and whose data is 16-byte aligned: every full unit is exactly
+// one global oct, processed without lane masks from one 16-byte (bf16/fp16) or 32-byte (fp32) load and store.
+// The arithmetic is the same header functions, in the same order, as compute_oct (same bits).
+template <int DT>
+__device__ __forceinline__ void fast_load(const typename Storage<DT>::bits_t* p, uint32_t raw[DT == DT_F32 ? 8 : 4]) {
+  const uint4* q = reinterpret_cast<const uint4*>(p);
+  const uint4 v = q[0];
+  raw[0] = v.x; raw[1] = v.y; raw[2] = v.z; raw[3] = v.w;
+  if (DT == DT_F32) {
+    const uint4 v1 = q[1];
+    raw[DT == DT_F32 ? 4 : 0] = v1.x; raw[DT == DT_F32 ? 5 : 1] = v1.y;
+    raw[DT == DT_F32 ? 6 : 2] = v1.z; raw[DT == DT_F32 ? 7 : 3] = v1.w;
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void fast_unpack(const uint32_t* raw, float x[8]) {
+  using S = Storage<DT>;
+  if (DT == DT_F32) {
+#pragma unroll
+    for (int l = 0; l < 8; ++l) x[l] = u2f(raw[l]);
+    return;
+  }
+  if constexpr (DT == DT_F16_HW) {
+    // NaN patterns are the only fp16 values whose hardware conversion differs from the spec's: one packed test per
+    // word (HSET2), and the per-element NaN select of Storage<DT_F16_HW>::to_f32 only for a unit that holds one.
+    uint32_t nan = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const __half2 t = __hisnan2(*reinterpret_cast<const __half2*>(&raw[j]));
+      nan |= *reinterpret_cast<const uint32_t*>(&t);
+    }
+    if (nan == 0) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        x[2 * j] = __half2float(__ushort_as_half((unsigned short)(raw[j] & 0xFFFFu)));
+        x[2 * j + 1] = __half2float(__ushort_as_half((unsigned short)(raw[j] >> 16)));
+      }
+      return;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    x[2 * j] = S::to_f32((typename S::bits_t)(raw[j] & 0xFFFFu));
+    x[2 * j + 1] = S::to_f32((typename S::bits_t)(raw[j] >> 16));
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void fast_store(typename Storage<DT>::bits_t* p, const typename Storage<DT>::bits_t res[8]) {
+  uint4* q = reinterpret_cast<uint4*>(p);
+  if (DT == DT_F32) {
+    q[0] = make_uint4((uint32_t)res[0], (uint32_t)res[1], (uint32_t)res[2], (uint32_t)res[3]);
+    q[1] = make_uint4((uint32_t)res[4], (uint32_t)res[5], (uint32_t)res[6], (uint32_t)res[7]);
+  } else {
+    q[0] = make_uint4((uint32_t)res[0] | ((uint32_t)res[1] << 16), (uint32_t)res[2] | ((uint32_t)res[3] << 16),
+                      (uint32_t)res[4] | ((uint32_t)res[5] << 16), (uint32_t)res[6] | ((uint32_t)res[7] << 16));
+  }
+}
+
+__device__ __forceinline__ void gaussian_from_words(const U4& w, float z[8]) {
+#pragma unroll
+  for (int pr = 0; pr < 4; ++pr) {
+    const float r = box_muller_radius(w.v[pr]);
+    float c, s;
+    box_muller_angle(w.v[pr], c, s);
+    z[2 * pr] = fmul(r, c);
+    z[2 * pr + 1] = fmul(r, s);
+  }
+}
+
+// compute_oct with all eight lanes selected and z0 given (valid whenever op != UPDATE or prior != 0).
+template <int DT>
+__device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const float x[8],
+                                         const float z0[8], typename Storage<DT>::bits_t res[8]) {
+  using S = Storage<DT>;
+  if (P.op == OP_COPY) {
+    const float s = fmul(P.scale, T.scale_mult);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) res[l] = S::rne(fadd(x[l], fmul(s, z0[l])));
+    return;
+  }
+  float base[8];
+  if (P.prior_nonzero) {
+    const float p = fmul(P.prior, T.scale_mult);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) base[l] = invert_rounding<DT>(x[l], fmul(p, z0[l]));
+  } else {
+#pragma unroll
+    for (int l = 0; l < 8; ++l) base[l] = x[l];
+  }
+  if (P.op == OP_PERTURB) {
+    const float s = fmul(P.scale, T.scale_mult);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) res[l] = S::rne(fadd(base[l], fmul(s, z0[l])));
+    return;
+  }
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int k = 0; k < P.nupd; ++k) {
+    const float gk = fmul(P.gs[k], T.g_mult);
+    float z[8];
+    if (P.prior_nonzero && P.useeds[k] == P.seed0) {
+#pragma unroll
+      for (int l = 0; l < 8; ++l) z[l] = z0[l];
+    } else {
+      noise_oct(P.dist, P.useeds[k], T.tid, o, 0xFFu, z);
+    }
+#pragma unroll
+    for (int l = 0; l < 8; ++l) acc[l] = fadd(acc[l], fmul(gk, z[l]));
+  }
+  const float lrm = fmul(P.lr, T.lr_mult);
+  float nw[8];
+#pragma unroll
+  for (int l = 0; l < 8; ++l) nw[l] = fsub(base[l], fmul(lrm, fadd(acc[l], fmul(T.wd, base[l]))));
+  if (DT != DT_F32 && P.rounding == ROUND_STOCHASTIC) {
+    const U4 rb = rounding_words(P.sr_seed, T.tid, o);
+#pragma unroll
+    for (int l = 0; l < 8; ++l) res[l] = S::sr(nw[l], rounding_bits_of(rb, l));
+  } else {
+#pragma unroll
+    for (int l = 0; l < 8; ++l) res[l] = S::rne(nw[l]);
+  }
+}
+
+// SPEC: -1 for the generic kernel (op, distribution and "prior != 0" read at run time), else spec_of(op, prior, dist)
+// (dist in the low two bits):
+// the same code with those three fixed at compile time, so every branch on them folds away and each instantiation
+// holds only its own path's registers (the generic kernel's 126-128 registers left 16 warps per SM: latency-bound).
+constexpr int spec_of(int op, bool prior_nonzero, int dist) { return op * 8 + (prior_nonzero ? 4 : 0) + dist; }
+
+// MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers; 3: 80; 4: 64). Same bits either way;
+// which one a call gets: see the launch below.
+template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false>
+__global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) {
+  using bits_t = typename Storage<DT>::bits_t;
+  OpParams P = a.P;
+  if (SPEC >= 0) {  // the host launches a specialisation only for calls that have these values
+    P.op = SPEC / 8;
+    P.prior_nonzero = (SPEC & 4) != 0;
+    P.dist = SPEC & 3;
+  }
+  if (a.seed_dev != nullptr) {  // seeds in device memory (a captured graph replays with new ones)
+    P.seed0 = (uint64_t)a.seed_dev[0];
+    P.sr_seed = (uint64_t)a.seed_dev[a.nseeds];
+    P.useeds = reinterpret_cast<const uint64_t*>(a.seed_dev + 1);
+  }
+  constexpr int RW = DT == DT_F32 ? 8 : 4;  // 32-bit words per unit
+  int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
+  for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
+    // last tensor whose block_start <= b (empty tensors own no block); usually still lo_prev (one load)
+    int lo = lo_prev, hi = a.T - 1;
+    if (lo < hi && a.descs[lo + 1].block_start > b) hi = lo;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (a.descs[mid].block_start <= b)
+        lo = mid;
+      else
+        hi = mid - 1;
+    }
+    lo_prev = lo;
+    const Desc& d = a.descs[lo];
+    TensorParams T;
+    const int64_t* mp = a.meta + 4 * (int64_t)lo;
+    const float* fp = a.fvals + 5 * (int64_t)lo;
+    T.tid = (uint32_t)(uint64_t)mp[0];
+    T.offset = mp[1];
+    T.kind = (int)mp[2];
+    T.row_len = mp[3];
+    T.scale_mult = fp[0];
+    T.lr_mult = fp[1];
+    T.wd = fp[2];
+    T.g_mult = fp[3];
+    T.tau = fp[4];
+    if (d.work == WORK_ELEMENTS) {
+      if ((T.kind == MASK_THRESHOLD && P.threshold_mode != THRESH_EVAL) || T.kind == MASK_BITMASK) {
+        if (d.mask8 == nullptr) continue;  // malformed call: nothing safe to do
+      }
+    }
+    const int64_t ub = (b - d.block_start) * UNITS_PER_BLOCK;
+    const bits_t* in = reinterpret_cast<const bits_t*>(d.in);
+    bits_t* out = reinterpret_cast<bits_t*>(d.out);
+    if (d.fast && T.kind == MASK_NONE && (T.offset & 7) == 0) {  // block-uniform
+      const int64_t full = d.n >> 3;  // units holding 8 elements
+      const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;  // global oct of the block's first unit
+      uint32_t raw[ITERS][RW];
+      constexpr bool XOR = DT == DT_F32 && F32_XOR;
+      // block-uniform: every unit of the block is full (so every warp takes part in the exchanges)
+      const bool xor_block = XOR && ub + UNITS_PER_BLOCK <= full;
+      const int64_t warp0 = (int64_t)(threadIdx.x & ~31u);
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {  // all loads first: ITERS units in flight per thread
+        const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+        if constexpr (XOR) {  // csrc/zo_f32_exchange.cuh
+          if (xor_block) {
+            xor_load(reinterpret_cast<const uint4*>(in) + 2 * (ub + (int64_t)it * THREADS + warp0), raw[it]);
+            continue;
+          }
+        }
+        if (u < full) fast_load<DT>(in + u * UNIT, raw[it]);
+      }
+      const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
+      U4 rw;  // Rademacher: this lane's Philox call, shared through the warp (one call covers 16 units)
+      if (P.dist == DIST_RADEMACHER && need_z0) {
+        const unsigned lane = threadIdx.x & 31u, jj = lane % (3u * ITERS);
+        const uint64_t o_first = o_base + (uint64_t)((jj / 3u) * THREADS + (threadIdx.x & ~31u));
+        rw = philox_words(P.seed0, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
+      }
+#pragma unroll
+      for (int it = 0; it < ITERS; ++it) {
+        const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+        const uint64_t o = o_base + (uint64_t)(it * THREADS + threadIdx.x);
+        if constexpr (XOR) {
+          if (xor_block) xor_exchange_in(raw[it]);  // before any lane leaves the iteration
+        }
+        float z0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (P.dist == DIST_RADEMACHER) {
+          if (need_z0) {
+            const uint64_t o0 = o_base + (uint64_t)(it * THREADS + (threadIdx.x & ~31u));
+            const int src = it * 3 + (int)((o >> 4) - (o0 >> 4));
+            const uint32_t w0 = __shfl_sync(0xFFFFFFFFu, rw.v[0], src);
+            const uint32_t w1 = __shfl_sync(0xFFFFFFFFu, rw.v[1], src);
+            const uint32_t w2 = __shfl_sync(0xFFFFFFFFu, rw.v[2], src);
+            const uint32_t w3 = __shfl_sync(0xFFFFFFFFu, rw.v[3], src);
+            const uint32_t ws = (uint32_t)(o >> 2) & 3u;
+            const uint32_t word = ws == 0 ? w0 : ws == 1 ? w1 : ws == 2 ? w2 : w3;
+            const unsigned sh = (unsigned)((o & 3u) << 3);
+#pragma unroll
+            for (int l = 0; l < 8; ++l) z0[l] = ((word >> (sh + l)) & 1u) ? -1.0f : 1.0f;
+          }
+          if (u >= full) continue;
+        } else {
+          if (u >= full) continue;
+          if (need_z0) {
+            if (P.dist == DIST_GAUSSIAN_FAST)
+              gaussian_fast_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN_FAST), z0);
+            else
+              gaussian_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
+          }
+        }
+        float x[8];
+        fast_unpack<DT>(raw[it], x);
+        bits_t res[8];
+        fast_oct<DT>(P, T, o, x, z0, res);
+        if constexpr (XOR) {
+          if (xor_block) {
+            xor_store(reinterpret_cast<uint4*>(out) + 2 * (ub + (int64_t)it * THREADS + warp0), res);
+            continue;
+          }
+        }
+        fast_store<DT>(out + u * UNIT, res);
+      }
+      if (ub + UNITS_PER_BLOCK > full) {  // the tensor's last, partial unit (n % 8 != 0)
+        for (int it = 0; it < ITERS; ++it) {
+          const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+          if (u >= full && u < d.units) process_element_unit<DT>(P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
+        }
+      }
+      continue;
+    }
+    for (int it = 0; it < ITERS; ++it) {
+      const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+      if (u >= d.units) break;
+      if (d.work == WORK_ELEMENTS)
+        process_element_unit<DT>(P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
+      else
+        process_entry_unit<DT>(P, T, in, out, d.cols, d.k, d.work_n, u);
+    }
+  }
+}
+
+// Blocks per SM each specialisation's register budget is cut to (__launch_bounds__). Left alone, ptxas gives them
+// 90-147 registers (2 blocks per SM); these caps are the most blocks without spills or with a few dozen bytes
+// (ptxas -v for sm_90, bench/NOTES.md): 16-bit passes without a prior other than update_ (perturb_,
+// perturbed_copy) 64 registers (4 blocks, 32 warps per SM), the restoring passes and update_ 80 (3 blocks); fp32
+// holds twice the data per unit.
+constexpr int spec_minblocks(int dt, int spec) {
+  return dt == DT_F32 ? (spec / 8 == OP_UPDATE ? 2 : 3) : (spec / 8 != OP_UPDATE && (spec & 4) == 0 ? 4 : 3);
+}
+
+template <int DT, int SPEC, bool XOR>
+const void* spec_kernel_of() {
+  // the fp32 exchange spills at 3 blocks' 80 registers (ptxas: 150-250 B); 2 blocks keep 64 KB per SM in flight
+  return (const void*)zo_apply_kernel<DT, XOR ? 2 : spec_minblocks(DT, SPEC), SPEC, XOR>;
+}
+
+// gaussian_fast (spec v2) is specialised only for the default storage kernels (bf16 and fp16 with the hardware
+// conversions, fp32 with and without the exchange): each distribution costs a dozen kernels of build time.
+constexpr bool has_fast_gaussian_spec(int dt) { return dt == DT_BF16_HW || dt == DT_F16_HW || dt == DT_F32; }
+
+// The transient mode's passes (perturbed_copy, update_ with prior 0) are specialised for the default storage
+// kernels without the fp32 exchange (the kernels a default call of those ops runs).
+constexpr bool has_transient_spec(int dt, bool xor_) { return !xor_ && has_fast_gaussian_spec(dt); }
+
+// The specialised passes of one distribution: perturb_ with prior 0 and with a prior, the restoring update_; for
+// the transient mode also perturbed_copy and update_ with prior 0.
+template <int DT, bool XOR, int DIST>
+const void* spec_kernel_dist(int spec) {
+  switch (spec) {
+    case spec_of(OP_PERTURB, false, DIST): return spec_kernel_of<DT, spec_of(OP_PERTURB, false, DIST), XOR>();
+    case spec_of(OP_PERTURB, true, DIST): return spec_kernel_of<DT, spec_of(OP_PERTURB, true, DIST), XOR>();
+    case spec_of(OP_UPDATE, true, DIST): return spec_kernel_of<DT, spec_of(OP_UPDATE, true, DIST), XOR>();
+  }
+  if constexpr (has_transient_spec(DT, XOR)) {
+    switch (spec) {
+      case spec_of(OP_COPY, false, DIST): return spec_kernel_of<DT, spec_of(OP_COPY, false, DIST), XOR>();
+      case spec_of(OP_UPDATE, false, DIST): return spec_kernel_of<DT, spec_of(OP_UPDATE, false, DIST), XOR>();
+    }
+  }
+  return nullptr;
+}
+
+// One storage kernel family: the generic kernel (spec -1) or a specialisation (nullptr where there is none).
+template <int DT, bool XOR>
+const void* kernel_table(int spec, int minb) {
+  if (spec < 0) {
+    if constexpr (XOR) {
+      return (const void*)zo_apply_kernel<DT, 2, -1, true>;
+    } else {
+      if constexpr (DT == DT_BF16) {
+        if (minb == 3) return (const void*)zo_apply_kernel<DT_BF16, 3>;
+      }
+      return (const void*)zo_apply_kernel<DT>;
+    }
+  }
+  switch (spec & 3) {
+    case DIST_GAUSSIAN: return spec_kernel_dist<DT, XOR, DIST_GAUSSIAN>(spec);
+    case DIST_RADEMACHER: return spec_kernel_dist<DT, XOR, DIST_RADEMACHER>(spec);
+    case DIST_GAUSSIAN_FAST:
+      if constexpr (has_fast_gaussian_spec(DT)) return spec_kernel_dist<DT, XOR, DIST_GAUSSIAN_FAST>(spec);
+      return nullptr;
+  }
+  return nullptr;
+}
+
+}  // namespace
