@@ -18,7 +18,8 @@ Methods (`--method`, a comma list, or all / dense / masked):
 
   zosgd             mk.ZOSGD(mode="inplace"): +eps pass, -eps pass (undoing the first's rounding), fused
                     restore + update pass; 3 passes over the weights, no host sync
-  zosgd-transient   mk.ZOSGD(mode="transient"): per-module perturbed copies inside the forwards, one update pass
+  zosgd-transient   mk.ZOSGD(mode="transient"): perturbed copies inside the forwards (one launch per block of at
+                    most --transient-group-bytes: by default one decoder layer), one update pass
   mezo              MeZO as written (princeton-nlp/MeZO large_models/trainer.py): torch.manual_seed(seed), per
                     parameter z = torch.normal(...), p.data = p.data + s*z*eps for s = +1, -2, +1 around the two
                     forwards (inference_mode), projected_grad via .item(), then zo_update regenerates z under the same
@@ -370,7 +371,7 @@ def ours_pass_fns(opt: mk.ZOSGD):
                 tp._swap_out(own)
         for it in items:
             if it[0] == "F":
-                labels.append(f"per-module copies scale {it[3]:+g}")
+                labels.append(f"copies, {tp.launch_groups} launch groups, scale {it[3]:+g}")
                 fns.append(lambda s=it[3]: sweep(s))
     labels.append("restore + update" if opt.mode == "inplace" else "update")
     fns.append(update)
@@ -462,8 +463,9 @@ def make_method(method, model, args, masks, dense):
             m = {n: mk.ThresholdMask(masks[n]) for n, _ in named}
         elif mask_kind == "bits":
             m = {n: masks[n] for n, _ in named}
+        extra = {} if mode != "transient" else dict(transient_group_bytes=args.transient_group_bytes)
         opt = mk.ZOSGD(named, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, mode=mode, module=model,
-                       masks=m, backend=args.backend, seed=args.seed, dist=args.dist)
+                       masks=m, backend=args.backend, seed=args.seed, dist=args.dist, **extra)
         return opt, named
     opt = MezoBaseline(model, named, args.lr, args.eps, args.weight_decay, inplace=mode, mask_kind=mask_kind,
                        taus=masks if mask_kind == "threshold" else None, dense=dense, seed=args.seed)
@@ -712,6 +714,19 @@ def cuda_graph_experiment(model, ids, args, clock, write, res=None):
         per, _ = clock.sequence([g2.replay], args.steps, args.warmup)
         res["graph_fwd2_ms"] = median(per[0])
         del g2
+        # does a captured forward give the eager forward's loss bit for bit (same weights)? If not, a replayed
+        # step cannot equal the eager one whatever the ZO kernels do (cuBLAS may pick other GEMM algorithms
+        # inside a capture)
+        with torch.no_grad():
+            eager_loss = closure().detach().clone()
+            g1 = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g1):
+                static_loss = closure()
+            g1.replay()
+            torch.cuda.synchronize()
+            res["captured_forward_loss_equals_eager"] = bool(torch.equal(static_loss, eager_loss))
+            res["captured_forward_loss"], res["eager_forward_loss"] = float(static_loss), float(eager_loss)
+            del g1, static_loss
     except Exception as exc:  # noqa: BLE001
         res["graph_fwd2_error"] = f"{type(exc).__name__}: {exc}"[:1500]
     write()
@@ -865,6 +880,9 @@ def build_parser():
     ap.add_argument("--sparsity", type=float, default=0.75, help="Sparse MeZO: fraction of each matrix frozen")
     ap.add_argument("--density", type=float, default=0.1, help="MaZO: fraction of each row trained")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--transient-group-bytes", type=int, default=None,
+                    help="zosgd-transient: ZOSGD(transient_group_bytes=...); default the optimizer's rule, 0 one "
+                         "copy launch per owning module")
     ap.add_argument("--dist", choices=["gaussian", "gaussian_fast", "rademacher"], default="gaussian",
                     help="noise of the ZOSGD methods (the MeZO baselines always draw Gaussian, as MeZO does)")
     ap.add_argument("--memory-cap", default="none",

@@ -11,7 +11,7 @@
 #   125m   a 134M LLaMA at 16x256 and 1x512, the dense methods
 #   graph  the 125m model at 1x512 (and 16x256), zosgd, plus the CUDA-graph capture attempt (own process)
 #   7bgraph  LLaMA-7B at 1x512: zosgd and mezo eager (M7G overrides), then the CUDA-graph step (mk.GraphedZOStep)
-#          against the eager one, bit for bit (not in the default PHASES)
+#          against the eager one, bit for bit (not in the default PHASES); 7bgrapht the same with --backend triton
 #   13b    LLaMA-13B bf16 at 16x256 and 1x512, dense methods (not in the default PHASES)
 #   7bt    LLaMA-7B as in 7b with --backend triton: zosgd, mezo, mezo-inplace (M7T overrides; not in the default)
 # Knobs: STEPS (5), WARMUP (2), DEADLINE_S (560: total wall budget; each phase gets at most its own budget and
@@ -65,9 +65,11 @@ for p in $PHASES; do
     125m)  phase 125m 70 --model-shape 125m --batch 16,1 --seq 256,512 --method dense --out "$OUT/e2e_125m.json" ;;
     7bgraph) phase 7bgraph 200 --model-shape 7b --batch 1 --seq 512 --method "${M7G:-zosgd,mezo}" --cuda-graph \
              --out "$OUT/e2e_7b_graph.json" ;;
+    7bgrapht) phase 7bgrapht 200 --model-shape 7b --batch 1 --seq 512 --method "${M7G:-zosgd,mezo}" --cuda-graph \
+             --backend triton --out "$OUT/e2e_7b_graph_triton.json" ;;
     graph) phase graph 70 --model-shape 125m --batch 1,16 --seq 512,256 --method zosgd --cuda-graph \
              --out "$OUT/e2e_125m_graph.json" ;;
-    *) echo "unknown phase $p (7b 7bt 7bgraph 30b 13b 125m graph)"; exit 2 ;;
+    *) echo "unknown phase $p (7b 7bt 7bgraph 7bgrapht 30b 13b 125m graph)"; exit 2 ;;
   esac
 done
 

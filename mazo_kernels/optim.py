@@ -293,14 +293,23 @@ class ZOSGD(torch.optim.Optimizer):
         "param_names": [...], "lr", "eps", "weight_decay"}). Names are required: they give the stable tensor ids that
         key the noise. Parameters with requires_grad=False are kept in the groups but never perturbed or updated.
     lr, eps, weight_decay: defaults for the groups; read from param_groups at every step (LR schedulers work).
+    transient_group_bytes (mode="transient"): the perturbed copies are made per block of at most this many bytes
+        (one launch per block and dtype; the extra memory is one block). None: 5% of the trainable bytes, at least
+        64 MiB (one decoder layer of a 7B-30B LLaMA); 0: one launch per owning module (docs/OPTIMIZER.md).
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
                  dist: str = "gaussian", estimator: str = "two_sided", num_perturbations: int = 1,
                  sign: bool = False, rounding: str | None = None, masks: dict | None = None,
                  mode: str = "inplace", module: torch.nn.Module | None = None, forward_mode: str = "eval",
-                 seed: int = 0, backend: str = "auto", loss_reduce=None):
+                 seed: int = 0, backend: str = "auto", loss_reduce=None,
+                 transient_group_bytes: int | None = None):
         _check_group_values("defaults", lr, eps, weight_decay)
+        if transient_group_bytes is not None and (isinstance(transient_group_bytes, bool) or
+                                                  not isinstance(transient_group_bytes, int) or
+                                                  transient_group_bytes < 0):
+            raise ValueError("transient_group_bytes must be None (the default rule) or an int >= 0 (0: one copy "
+                             f"launch per owning module), got {transient_group_bytes!r}")
         if dist not in DISTS:
             raise ValueError(f"dist must be one of {sorted(DISTS)}, got {dist!r}")
         if estimator not in ESTIMATORS:
@@ -378,7 +387,11 @@ class ZOSGD(torch.optim.Optimizer):
             if len({pt.backend for pt in self._parts}) > 1:
                 raise ValueError("ZOSGD: mode='transient' needs one kernel backend for every device, got "
                                  f"{sorted({pt.backend for pt in self._parts})}")
-            self._transient = TransientPerturber(module, by_param, lambda plan: build_tables(plan, group_of))
+            if transient_group_bytes is None:   # blocks of at most 5% of the trainable bytes (at least 64 MiB)
+                total = sum(e.tensor.numel() * e.tensor.element_size() for e in entries)
+                transient_group_bytes = max(64 << 20, total // 20)
+            self._transient = TransientPerturber(module, by_param, lambda plan: build_tables(plan, group_of),
+                                                 transient_group_bytes)
         self.loss_reduce = loss_reduce
         self._step_count = 0
         self._log = SeedLog.new(self._base_seed, [

@@ -33,7 +33,8 @@ def _expected_copy(name, stored, seed, scale):
 
 
 @pytest.mark.parametrize("estimator", ["two_sided", "one_sided"])
-def test_forwards_see_perturbed_copies_and_never_write(estimator):
+@pytest.mark.parametrize("group_bytes", [0, None])   # one copy launch per owning module; blocks (here: the model)
+def test_forwards_see_perturbed_copies_and_never_write(estimator, group_bytes):
     model = _tiny_llama(torch.bfloat16, tie=False)
     stored = {n: p.detach().clone() for n, p in model.named_parameters()}
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
@@ -46,10 +47,10 @@ def test_forwards_see_perturbed_copies_and_never_write(estimator):
     def capture(mod, _args, _out):
         for _, p in mod.named_parameters(recurse=False):
             seen.setdefault(by_param[p], []).append(p.detach().clone())
-        # only this module's weights are swapped: every other parameter is the stored tensor
-        for n, q in model.named_parameters():
-            if all(q is not p for p in mod.parameters(recurse=False)):
-                assert q.data_ptr() == ptrs[n], n
+        if group_bytes == 0:  # only this module's weights are swapped: every other parameter is the stored tensor
+            for n, q in model.named_parameters():
+                if all(q is not p for p in mod.parameters(recurse=False)):
+                    assert q.data_ptr() == ptrs[n], n
 
     for m in model.modules():
         if any(True for _ in m.parameters(recurse=False)):
@@ -61,7 +62,9 @@ def test_forwards_see_perturbed_copies_and_never_write(estimator):
         return model(input_ids=ids, labels=ids).loss
 
     opt = mk.ZOSGD(model.named_parameters(), lr=0.0, eps=eps, mode="transient", module=model, seed=17,
-                   estimator=estimator, backend=BACKEND)
+                   estimator=estimator, backend=BACKEND, transient_group_bytes=group_bytes)
+    assert opt._transient.launch_groups == (1 if group_bytes is None else
+                                           sum(1 for m in model.modules() if any(True for _ in m.parameters(False))))
     opt.step(closure)
     scales = [eps, -eps] if estimator == "two_sided" else [None, eps]
     for n, views in seen.items():
@@ -172,3 +175,76 @@ def test_exception_inside_a_module_forward_restores_the_parameters():
         assert p.data_ptr() == ptrs[n] and torch.equal(p.detach(), stored[n]), n
     opt.step(net)
     assert not torch.equal(net.a.weight.detach(), stored["a.weight"])
+
+
+def _layer_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_block_copies_equal_per_module_copies(dtype):
+    """The copies made per block (a decoder layer, or the whole model) are the per-module copies: same losses and
+    weights, bit for bit, over steps with lr > 0; fewer launch groups."""
+    ids = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    runs = {}
+    for gb in (0, "layer", None):
+        model = _tiny_llama(dtype, tie=True)
+        size = _layer_bytes(model) if gb == "layer" else gb
+        opt = mk.ZOSGD(model.named_parameters(), lr=1e-2, eps=1e-2, mode="transient", module=model, seed=5,
+                       backend=BACKEND, transient_group_bytes=size)
+        losses = [opt.step(lambda: model(input_ids=ids, labels=ids).loss).item() for _ in range(3)]
+        runs[gb] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()},
+                    opt._transient.launch_groups, opt._transient.sentinel_swaps)
+    per_module, layer, whole = runs[0], runs["layer"], runs[None]
+    assert whole[2] == 1 and per_module[2] > layer[2] > 1       # 2 layers + embed + norm (+ tied head): 4-5 groups
+    for other in (layer, whole):
+        assert other[0] == per_module[0]
+        for n, w in per_module[1].items():
+            assert torch.equal(other[1][n], w), n
+        assert other[3] == 0                                     # every block's forward ran
+
+
+class _Holder(nn.Module):       # a container whose forward is never called: its parent calls its children
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(16, 32)
+        self.l2 = nn.Linear(32, 16)
+
+
+class _Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.h = _Holder()
+        self.head = nn.Linear(16, 4)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        self.register_buffer("x", torch.randn(8, 16, generator=g))
+
+    def forward(self):
+        return self.head(torch.tanh(self.h.l2(torch.tanh(self.h.l1(self.x))))).pow(2).mean()
+
+
+def test_a_block_whose_forward_is_not_called_still_sees_copies():
+    """A block module that the model never calls (it only holds submodules): the owning modules' own pre-hooks swap
+    their copies in, so the step equals the per-module one."""
+    out = {}
+    for gb in (0, "holder"):
+        net = _Outer()
+        size = sum(p.numel() * p.element_size() for p in net.h.parameters()) if gb else 0
+        opt = mk.ZOSGD(net.named_parameters(), lr=1e-2, eps=1e-2, mode="transient", module=net, seed=9,
+                       backend=BACKEND, transient_group_bytes=size)
+        losses = [opt.step(net).item() for _ in range(2)]
+        out[gb] = (losses, {n: p.detach().clone() for n, p in net.named_parameters()}, opt._transient.sentinel_swaps)
+    assert out["holder"][2] > 0 and out[0][2] == 0
+    assert out["holder"][0] == out[0][0]
+    for n, w in out[0][1].items():
+        assert torch.equal(out["holder"][1][n], w), n
+
+
+def test_transient_group_bytes_is_checked():
+    net = Net(torch.float32)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="transient_group_bytes"):
+            mk.ZOSGD(net.named_parameters(), mode="transient", module=net, transient_group_bytes=bad)
