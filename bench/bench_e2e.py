@@ -341,7 +341,7 @@ class MezoBaseline(MezoStyle):
 def ours_pass_fns(opt: mk.ZOSGD):
     """The optimizer's own launches of one step without its forwards, in step order, through the engine functions
     ZOSGD.step itself calls (mazo_kernels.optim.run_pass / run_update) on the optimizer's launch tables. g = 0, so
-    the final update only restores. Transient mode: one sweep of per-module perturbed copies stands for the copies
+    the final update only restores. Transient mode: one sweep of the per-block perturbed copies stands for the copies
     made inside each forward (they are made by the forward hooks in the real step)."""
     dist, backend = DISTS[opt.dist], opt.backend
     seed, sr_seed = 0x243F6A8885A308D3, 0x13198A2E03707344

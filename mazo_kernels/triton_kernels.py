@@ -42,7 +42,7 @@ HW_BF16 = tl.constexpr(os.environ.get("MAZO_TRITON_HW_BF16", "1") != "0"
                        and os.environ.get("TRITON_INTERPRET", "0") != "1")
 _NTAB = 7             # int64 columns of the per-tensor table
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_TABLE_CACHE_SIZE = 64
+_TABLE_CACHE_SIZE = 256   # a 30B LLaMA's transient mode uses ~65 block tables per forward
 
 
 
@@ -700,13 +700,37 @@ def _table_row(theta, out, mask):
             int(mask.shape[1]) if ri else 0, int(ri))
 
 
+def _upload(t: torch.Tensor, device) -> torch.Tensor:
+    """Host table -> device without a stream sync (a pageable host-to-device copy waits for the stream: with the
+    transient mode's per-block copies that serialised the host with every layer's forward)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def _with_outs(tab: torch.Tensor, params, outs, device) -> torch.Tensor:
+    """The cached tables of an out-of-place call (perturbed_copy) are keyed without the outputs' addresses (only their
+    16-byte alignment, which decides the fast path): fresh outputs every call would miss the cache every call. This
+    call's addresses go into a per-call copy of the table (column 1)."""
+    if outs is params:
+        return tab
+    optr = torch.tensor(list(map(_DATA_PTR, outs)), dtype=torch.int64)
+    tab = tab.clone()
+    tab[:, 1].copy_(_upload(optr, device))
+    return tab
+
+
+def _out_key(params, outs):
+    return None if outs is params else tuple(p % 16 == 0 for p in map(_DATA_PTR, outs))
+
+
 def _tables(params, outs, masks, block: int, device):
     rows = [_table_row(theta, out, mask) for theta, out, mask in zip(params, outs, masks)]
-    key = (str(device), block, tuple(rows))
+    key = (str(device), block, tuple(r[:1] + r[2:] for r in rows), _out_key(params, outs))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
-        return hit
+        return (_with_outs(hit[0], params, outs, device),) + hit[1:]
     _refuse_upload_in_capture(device)
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
     nunits = tab[:, 4]
@@ -715,7 +739,7 @@ def _tables(params, outs, masks, block: int, device):
     first = torch.cumsum(nprog, 0) - nprog
     starts = (torch.arange(tidx.numel(), dtype=torch.int64) - first[tidx]) * block
     prog = torch.stack([tidx, starts], 1).contiguous()
-    hit = (tab.to(device), prog.to(device), int(prog.shape[0]))
+    hit = (_upload(tab, device), _upload(prog, device), int(prog.shape[0]))
     _TABLE_CACHE[key] = hit
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)
@@ -739,13 +763,13 @@ def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guar
     # knobs), gathered with C-level maps: for a ~200-tensor plan this is the host's main cost per call (~0.5 ms
     # with a per-tensor Python loop, ~0.2 ms this way, on a 2-core CPU).
     key = ("split", str(device), block, fblock, chunk, guard, bool(MASKED_FAST),
-           tuple(map(_DATA_PTR, params)), None if outs is params else tuple(map(_DATA_PTR, outs)),
+           tuple(map(_DATA_PTR, params)), _out_key(params, outs),
            tuple(map(_DATA_PTR, masks)), tuple(map(_NUMEL, params)), tuple(map(_SIZE, masks)),
            tuple(map(_DTYPE, masks)))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
-        return hit
+        return (_with_outs(hit[0], params, outs, device),) + hit[1:]
     rows, cand = [], []
     for theta, out, mask in zip(params, outs, masks):
         rows.append(_table_row(theta, out, mask))
@@ -774,7 +798,8 @@ def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guar
     gprog = torch.cat([torch.stack([tg, g0[tg] + jg * block, torch.zeros_like(tg)], 1),
                        torch.stack([tq, jq * guard * fblock, torch.minimum(nfull[tq] - jq * guard,
                                                                           torch.full_like(jq, guard))], 1)]).contiguous()
-    hit = (tab.to(device), fprog.to(device), int(fprog.shape[0]), gprog.to(device), int(gprog.shape[0]))
+    hit = (_upload(tab, device), _upload(fprog, device), int(fprog.shape[0]), _upload(gprog, device),
+           int(gprog.shape[0]))
     _TABLE_CACHE[key] = hit
     if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
         _TABLE_CACHE.popitem(last=False)

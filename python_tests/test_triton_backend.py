@@ -209,6 +209,29 @@ def test_perturbed_copy_all_masks(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_perturbed_copy_into_new_outputs_each_call(dtype):
+    """The cached tables of perturbed_copy are keyed without the outputs' addresses (the transient mode allocates
+    new copies every forward): every call must write its own outputs, aligned or not, and leave earlier ones."""
+    g = gen(17 + DTYPES.index(dtype))
+    specs = mixed_specs(dtype, g)
+    pr, pt = plans(specs)
+
+    def fresh(plan, shift):   # poisoned outputs; shift 1: one element off a 16-byte boundary (no fast path)
+        outs = []
+        for e in plan.entries:
+            buf = torch.full((e.tensor.numel() + 8,), float("nan"), dtype=dtype)
+            outs.append(buf[shift:shift + e.tensor.numel()].view(e.tensor.shape))
+        return outs
+
+    calls = [(0xABC, 0.3, 0), (0xDEF, -0.2, 1), (0x123, 0.1, 0)]
+    got = [mk.perturbed_copy(pt[0], seed, sc, out=fresh(pt[0], sh), backend="triton") for seed, sc, sh in calls]
+    for (seed, sc, sh), outs in zip(calls, got):
+        want = mk.perturbed_copy(pr[0], seed, sc, out=fresh(pr[0], 0), backend="reference")
+        for a, b, e in zip(want, outs, pr[0].entries):
+            assert_same(a, b, f"copy seed {seed:#x} shift {sh} {e.name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_grouping_and_block_independence(dtype, monkeypatch, _big_block):
     g = gen(99 + DTYPES.index(dtype))
     specs = mixed_specs(dtype, g)
