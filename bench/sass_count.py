@@ -138,9 +138,6 @@ def cuda_kernels(cuda_home: str) -> list:
             dts = {0: "fp32", 1: "fp16", 2: "bf16", 3: "bf16_hw", 4: "fp16_hw"}  # 3, 4: device-only storage types
             flags = re.findall(r"Lb([01])E", cur[t.end():t.end() + 12]) if t else []
             xor = flags[:1] == ["1"]          # the fp32 exchange (MAZO_CUDA_F32_XOR)
-            sub = re.match(r"Lb[01]ELi(\d)E", cur[t.end():t.end() + 12]) if t else None
-            if sub and sub.group(1) != "1":   # CUDA blocks per logical block (MAZO_CUDA_SUB)
-                what += f" sub{sub.group(1)}"
             recs.append({"kernel": what, "dtype": (dts.get(dt) or "?") + ("_xor" if xor else ""), "min_blocks": minb,
                          "registers": int(m.group(1)), "spill_store_bytes": spill[0], "spill_load_bytes": spill[1]})
             cur = None

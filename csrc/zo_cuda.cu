@@ -206,26 +206,16 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
                                    : kdt == DT_F16_HW ? mazo_cuda::kernels_f16_hw
                                    : kdt == DT_BF16_HW ? mazo_cuda::kernels_bf16_hw
                                                        : mazo_cuda::kernels_bf16;
-  // MAZO_CUDA_SUB=2 (an experiment, read per call; same bits): the light passes' specialisations with two CUDA
-  // blocks per logical block (csrc/zo_cuda_kernel.cuh, SUB), where one exists.
-  const char* sub_env = std::getenv("MAZO_CUDA_SUB");
-  int sub = 1;
-  const void* kfn = nullptr;
-  if (spec >= 0 && sub_env && std::atoi(sub_env) == 2) {
-    kfn = family(spec + SPEC_SUB2, 0);
-    if (kfn != nullptr) sub = 2;
-  }
-  if (kfn == nullptr && spec >= 0) kfn = family(spec, 0);
+  const void* kfn = spec >= 0 ? family(spec, 0) : nullptr;
   if (kfn == nullptr) kfn = family(-1, minb3 ? 3 : 2);  // no specialisation for this call: the generic kernel
   TORCH_CHECK(kfn != nullptr, "zo_apply_ (CUDA): no kernel for this storage type");
-  const int64_t cuda_blocks = total_blocks * sub;  // the kernel maps them back to the logical blocks of a.total_blocks
   if (waves > 0) {
     int per_sm = 0, sms = 0;
     C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kfn, THREADS, 0));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device.index()));
     max_grid = (int64_t)waves * (per_sm > 0 ? per_sm : 1) * (sms > 0 ? sms : 1);
   }
-  const unsigned grid = (unsigned)(cuda_blocks < max_grid ? cuda_blocks : max_grid);
+  const unsigned grid = (unsigned)(total_blocks < max_grid ? total_blocks : max_grid);
   void* kargs[] = {&a};
   C10_CUDA_CHECK(cudaLaunchKernel(kfn, dim3(grid), dim3(THREADS), kargs, 0, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -188,10 +188,7 @@ constexpr int spec_of(int op, bool prior_nonzero, int dist) { return op * 8 + (p
 
 // MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers; 3: 80; 4: 64). Same bits either way;
 // which one a call gets: see the launch below.
-// SUB: CUDA blocks per logical block of UNITS_PER_BLOCK units (the host's tensor -> block table is the same for
-// every kernel); each thread then holds ITERS / SUB units. SUB = 2 is the light passes' experiment
-// (MAZO_CUDA_SUB=2): half the units in flight per thread, fewer registers, more resident warps.
-template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false, int SUB = 1>
+template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
   OpParams P = a.P;
@@ -206,11 +203,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
     P.useeds = reinterpret_cast<const uint64_t*>(a.seed_dev + 1);
   }
   constexpr int RW = DT == DT_F32 ? 8 : 4;  // 32-bit words per unit
-  constexpr int IT = ITERS / SUB;                       // units per thread of this CUDA block
-  constexpr int64_t UPB = (int64_t)THREADS * IT;        // units per CUDA block
   int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
-  for (int64_t vb = blockIdx.x; vb < a.total_blocks * SUB; vb += gridDim.x) {
-    const int64_t b = vb / SUB;
+  for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
     // last tensor whose block_start <= b (empty tensors own no block); usually still lo_prev (one load)
     int lo = lo_prev, hi = a.T - 1;
     if (lo < hi && a.descs[lo + 1].block_start > b) hi = lo;
@@ -240,19 +234,19 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         if (d.mask8 == nullptr) continue;  // malformed call: nothing safe to do
       }
     }
-    const int64_t ub = (b - d.block_start) * UNITS_PER_BLOCK + (vb % SUB) * UPB;
+    const int64_t ub = (b - d.block_start) * UNITS_PER_BLOCK;
     const bits_t* in = reinterpret_cast<const bits_t*>(d.in);
     bits_t* out = reinterpret_cast<bits_t*>(d.out);
     if (d.fast && T.kind == MASK_NONE && (T.offset & 7) == 0) {  // block-uniform
       const int64_t full = d.n >> 3;  // units holding 8 elements
       const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;  // global oct of the block's first unit
-      uint32_t raw[IT][RW];
+      uint32_t raw[ITERS][RW];
       constexpr bool XOR = DT == DT_F32 && F32_XOR;
       // block-uniform: every unit of the block is full (so every warp takes part in the exchanges)
-      const bool xor_block = XOR && ub + UPB <= full;
+      const bool xor_block = XOR && ub + UNITS_PER_BLOCK <= full;
       const int64_t warp0 = (int64_t)(threadIdx.x & ~31u);
 #pragma unroll
-      for (int it = 0; it < IT; ++it) {  // all loads first: IT units in flight per thread
+      for (int it = 0; it < ITERS; ++it) {  // all loads first: ITERS units in flight per thread
         const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
         if constexpr (XOR) {  // csrc/zo_f32_exchange.cuh
           if (xor_block) {
@@ -265,12 +259,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
       const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
       U4 rw;  // Rademacher: this lane's Philox call, shared through the warp (one call covers 16 units)
       if (P.dist == DIST_RADEMACHER && need_z0) {
-        const unsigned lane = threadIdx.x & 31u, jj = lane % (3u * IT);
+        const unsigned lane = threadIdx.x & 31u, jj = lane % (3u * ITERS);
         const uint64_t o_first = o_base + (uint64_t)((jj / 3u) * THREADS + (threadIdx.x & ~31u));
         rw = philox_words(P.seed0, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
       }
 #pragma unroll
-      for (int it = 0; it < IT; ++it) {
+      for (int it = 0; it < ITERS; ++it) {
         const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
         const uint64_t o = o_base + (uint64_t)(it * THREADS + threadIdx.x);
         if constexpr (XOR) {
@@ -313,15 +307,15 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         }
         fast_store<DT>(out + u * UNIT, res);
       }
-      if (ub + UPB > full) {  // the tensor's last, partial unit (n % 8 != 0)
-        for (int it = 0; it < IT; ++it) {
+      if (ub + UNITS_PER_BLOCK > full) {  // the tensor's last, partial unit (n % 8 != 0)
+        for (int it = 0; it < ITERS; ++it) {
           const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
           if (u >= full && u < d.units) process_element_unit<DT>(P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
         }
       }
       continue;
     }
-    for (int it = 0; it < IT; ++it) {
+    for (int it = 0; it < ITERS; ++it) {
       const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
       if (u >= d.units) break;
       if (d.work == WORK_ELEMENTS)
@@ -373,34 +367,9 @@ const void* spec_kernel_dist(int spec) {
   return nullptr;
 }
 
-// The light passes (perturb_ and perturbed_copy with prior 0, Rademacher and gaussian_fast; 16-bit storage with the
-// hardware conversions) with SUB = 2 blocks per logical block: an experiment (MAZO_CUDA_SUB=2, spec + SPEC_SUB2).
-constexpr int SPEC_SUB2 = 64;
-constexpr int LIGHT_SUB2_MINBLOCKS = 5;
-constexpr bool has_sub2_spec(int dt, bool xor_) { return !xor_ && (dt == DT_BF16_HW || dt == DT_F16_HW); }
-
-template <int DT, int DIST>
-const void* sub2_kernel_dist(int spec) {
-  switch (spec) {
-    case spec_of(OP_PERTURB, false, DIST):
-      return (const void*)zo_apply_kernel<DT, LIGHT_SUB2_MINBLOCKS, spec_of(OP_PERTURB, false, DIST), false, 2>;
-    case spec_of(OP_COPY, false, DIST):
-      return (const void*)zo_apply_kernel<DT, LIGHT_SUB2_MINBLOCKS, spec_of(OP_COPY, false, DIST), false, 2>;
-  }
-  return nullptr;
-}
-
 // One storage kernel family: the generic kernel (spec -1) or a specialisation (nullptr where there is none).
 template <int DT, bool XOR>
 const void* kernel_table(int spec, int minb) {
-  if (spec >= SPEC_SUB2) {
-    if constexpr (has_sub2_spec(DT, XOR)) {
-      const int base = spec - SPEC_SUB2;
-      if ((base & 3) == DIST_RADEMACHER) return sub2_kernel_dist<DT, DIST_RADEMACHER>(base);
-      if ((base & 3) == DIST_GAUSSIAN_FAST) return sub2_kernel_dist<DT, DIST_GAUSSIAN_FAST>(base);
-    }
-    return nullptr;
-  }
   if (spec < 0) {
     if constexpr (XOR) {
       return (const void*)zo_apply_kernel<DT, 2, -1, true>;
