@@ -43,6 +43,16 @@ HW_BF16 = tl.constexpr(os.environ.get("MAZO_TRITON_HW_BF16", "1") != "0"
 _NTAB = 7             # int64 columns of the per-tensor table
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 256   # a 30B LLaMA's transient mode uses ~65 block tables per forward
+_TABLE_OUTS: dict = {}    # key -> the output addresses the cached table holds (out-of-place calls)
+
+
+def _cache_put(key, hit, outs_ptrs):
+    _TABLE_CACHE[key] = hit
+    if outs_ptrs is not None:
+        _TABLE_OUTS[key] = outs_ptrs
+    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
+        old, _ = _TABLE_CACHE.popitem(last=False)
+        _TABLE_OUTS.pop(old, None)
 
 
 
@@ -708,29 +718,41 @@ def _upload(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
-def _with_outs(tab: torch.Tensor, params, outs, device) -> torch.Tensor:
+def _with_outs(key, tab: torch.Tensor, params, outs, device) -> torch.Tensor:
     """The cached tables of an out-of-place call (perturbed_copy) are keyed without the outputs' addresses (only their
-    16-byte alignment, which decides the fast path): fresh outputs every call would miss the cache every call. This
-    call's addresses go into a per-call copy of the table (column 1)."""
+    16-byte alignment, which decides the fast path, and the stream): fresh outputs every call (the transient mode)
+    would miss the cache every call. Where this call's outputs differ from those the cached table holds, their
+    addresses are written into its column 1 on the stream (after the launches that read the old ones; no new device
+    memory). Not during a CUDA graph capture: a capture must find the table as it will replay."""
     if outs is params:
         return tab
-    optr = torch.tensor(list(map(_DATA_PTR, outs)), dtype=torch.int64)
-    tab = tab.clone()
-    tab[:, 1].copy_(_upload(optr, device))
+    optr = tuple(map(_DATA_PTR, outs))
+    if _TABLE_OUTS.get(key) == optr:
+        return tab
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("zo_apply_ (triton): perturbed_copy into outputs other than those of the call before, "
+                           "during CUDA graph capture: their addresses would be uploaded, which a graph cannot "
+                           "capture; run the call once with the same outputs before capturing")
+    host = torch.tensor(optr, dtype=torch.int64)
+    tab[:, 1].copy_(host.pin_memory() if device.type == "cuda" else host, non_blocking=True)
+    _TABLE_OUTS[key] = optr
     return tab
 
 
-def _out_key(params, outs):
-    return None if outs is params else tuple(p % 16 == 0 for p in map(_DATA_PTR, outs))
+def _out_key(params, outs, device):
+    if outs is params:
+        return None
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    return stream, tuple(p % 16 == 0 for p in map(_DATA_PTR, outs))
 
 
 def _tables(params, outs, masks, block: int, device):
     rows = [_table_row(theta, out, mask) for theta, out, mask in zip(params, outs, masks)]
-    key = (str(device), block, tuple(r[:1] + r[2:] for r in rows), _out_key(params, outs))
+    key = (str(device), block, tuple(r[:1] + r[2:] for r in rows), _out_key(params, outs, device))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
-        return (_with_outs(hit[0], params, outs, device),) + hit[1:]
+        return (_with_outs(key, hit[0], params, outs, device),) + hit[1:]
     _refuse_upload_in_capture(device)
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
     nunits = tab[:, 4]
@@ -740,9 +762,7 @@ def _tables(params, outs, masks, block: int, device):
     starts = (torch.arange(tidx.numel(), dtype=torch.int64) - first[tidx]) * block
     prog = torch.stack([tidx, starts], 1).contiguous()
     hit = (_upload(tab, device), _upload(prog, device), int(prog.shape[0]))
-    _TABLE_CACHE[key] = hit
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
+    _cache_put(key, hit, None if outs is params else tuple(map(_DATA_PTR, outs)))
     return hit
 
 
@@ -763,13 +783,13 @@ def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guar
     # knobs), gathered with C-level maps: for a ~200-tensor plan this is the host's main cost per call (~0.5 ms
     # with a per-tensor Python loop, ~0.2 ms this way, on a 2-core CPU).
     key = ("split", str(device), block, fblock, chunk, guard, bool(MASKED_FAST),
-           tuple(map(_DATA_PTR, params)), _out_key(params, outs),
+           tuple(map(_DATA_PTR, params)), _out_key(params, outs, device),
            tuple(map(_DATA_PTR, masks)), tuple(map(_NUMEL, params)), tuple(map(_SIZE, masks)),
            tuple(map(_DTYPE, masks)))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
-        return (_with_outs(hit[0], params, outs, device),) + hit[1:]
+        return (_with_outs(key, hit[0], params, outs, device),) + hit[1:]
     rows, cand = [], []
     for theta, out, mask in zip(params, outs, masks):
         rows.append(_table_row(theta, out, mask))
@@ -800,9 +820,7 @@ def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guar
                                                                           torch.full_like(jq, guard))], 1)]).contiguous()
     hit = (_upload(tab, device), _upload(fprog, device), int(fprog.shape[0]), _upload(gprog, device),
            int(gprog.shape[0]))
-    _TABLE_CACHE[key] = hit
-    if len(_TABLE_CACHE) > _TABLE_CACHE_SIZE:
-        _TABLE_CACHE.popitem(last=False)
+    _cache_put(key, hit, None if outs is params else tuple(map(_DATA_PTR, outs)))
     return hit
 
 
