@@ -517,8 +517,7 @@ class ZOSGD(torch.optim.Optimizer):
             for t in pt.tables:
                 t.sync(mults)
         if self._transient is not None:
-            for t in self._transient.tables:
-                t.sync(mults)
+            self._transient.sync(mults)
         k = self._step_count
         seeds, sr_seed, fwd_seed = step_seeds(self._base_seed, k, q)
         record = {"step": k, "seeds": seeds, "sr_seed": sr_seed, "forward_seed": fwd_seed,

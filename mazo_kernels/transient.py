@@ -77,8 +77,10 @@ class TransientPerturber:
     def __init__(self, module: torch.nn.Module, entries: dict, make_tables, group_bytes: int = 0):
         if isinstance(group_bytes, bool) or not isinstance(group_bytes, int) or group_bytes < 0:
             raise ValueError(f"transient group_bytes must be an int >= 0, got {group_bytes!r}")
+        self._make_tables = make_tables
         self._owners = []          # (module, [(param, entry)], tables): the launches, in module order
-        self._sentinels = []       # (module, [(param, entry)], tables): owning modules inside a block
+        self._sentinels = []       # (module, [(param, entry)], [tables] built on first use): owners inside a block
+        self._mults = None         # the multipliers last synced into the tables (sentinel tables built later)
         found = set()
         for mod, own, is_block in _plan_groups(module, entries, group_bytes):
             self._owners.append((mod, own, make_tables(ZOPlan([e for _, e in own]))))
@@ -87,8 +89,7 @@ class TransientPerturber:
                 for sub in mod.modules():
                     sown = [entries[id(p)] for _, p in sub.named_parameters(recurse=False) if id(p) in entries]
                     if sown:
-                        sown = list({id(p): (p, e) for p, e in sown}.values())
-                        self._sentinels.append((sub, sown, make_tables(ZOPlan([e for _, e in sown]))))
+                        self._sentinels.append((sub, list({id(p): (p, e) for p, e in sown}.values()), []))
         missing = [e.name for k, (_, e) in entries.items() if k not in found]
         if missing:
             raise ValueError(f"transient mode: parameters {missing} are not parameters of the module given as "
@@ -103,8 +104,25 @@ class TransientPerturber:
 
     @property
     def tables(self):
-        """Every launch table (the optimizer refreshes their per-group multipliers before each step)."""
-        return [t for _, _, tables in self._owners + self._sentinels for t in tables]
+        """Every launch table built so far."""
+        return [t for _, _, tables in self._owners for t in tables] + \
+               [t for _, _, built in self._sentinels for tables in built for t in tables]
+
+    def sync(self, mults: list):
+        """Write the step's per-group multipliers (eps, lr, weight decay) into every table, as the optimizer does for
+        its own (a sentinel's tables, built on first use, get them then)."""
+        self._mults = mults
+        for t in self.tables:
+            t.sync(mults)
+
+    def _sentinel_tables(self, own, built):
+        if not built:
+            tables = self._make_tables(ZOPlan([e for _, e in own]))
+            if self._mults is not None:
+                for t in tables:
+                    t.sync(self._mults)
+            built.append(tables)
+        return built[0]
 
     def _swap_in(self, own, tables, seed_bits, scale, dist, backend):
         empty = torch.zeros(0, dtype=torch.float32, device=own[0][1].tensor.device)
@@ -145,13 +163,13 @@ class TransientPerturber:
 
                 handles.append(mod.register_forward_pre_hook(pre))
                 handles.append(mod.register_forward_hook(post))
-            for mod, own, tables in self._sentinels:
+            for mod, own, built in self._sentinels:
                 mine = []   # what this sentinel swapped in itself (its block's forward was not called)
 
-                def spre(_m, _args, own=own, tables=tables, mine=mine):
+                def spre(_m, _args, own=own, built=built, mine=mine):
                     if all(id(p) in self._swapped for p, _ in own):
                         return
-                    self._swap_in(own, tables, seed_bits, scale, dist, backend)
+                    self._swap_in(own, self._sentinel_tables(own, built), seed_bits, scale, dist, backend)
                     self.sentinel_swaps += 1
                     mine.append(own)
 

@@ -235,7 +235,10 @@ def test_a_block_whose_forward_is_not_called_still_sees_copies():
         size = sum(p.numel() * p.element_size() for p in net.h.parameters()) if gb else 0
         opt = mk.ZOSGD(net.named_parameters(), lr=1e-2, eps=1e-2, mode="transient", module=net, seed=9,
                        backend=BACKEND, transient_group_bytes=size)
-        losses = [opt.step(net).item() for _ in range(2)]
+        losses = [opt.step(net).item()]
+        for g in opt.param_groups:    # new multipliers reach the tables a sentinel builds on first use
+            g["lr"], g["eps"] = 5e-3, 2e-2
+        losses += [opt.step(net).item() for _ in range(2)]
         out[gb] = (losses, {n: p.detach().clone() for n, p in net.named_parameters()}, opt._transient.sentinel_swaps)
     assert out["holder"][2] > 0 and out[0][2] == 0
     assert out["holder"][0] == out[0][0]
