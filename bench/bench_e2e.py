@@ -463,9 +463,9 @@ def make_method(method, model, args, masks, dense):
             m = {n: mk.ThresholdMask(masks[n]) for n, _ in named}
         elif mask_kind == "bits":
             m = {n: masks[n] for n, _ in named}
-        extra = {} if mode != "transient" else dict(transient_group_bytes=args.transient_group_bytes)
         opt = mk.ZOSGD(named, lr=args.lr, eps=args.eps, weight_decay=args.weight_decay, mode=mode, module=model,
-                       masks=m, backend=args.backend, seed=args.seed, dist=args.dist, **extra)
+                       masks=m, backend=args.backend, seed=args.seed, dist=args.dist,
+                       transient_group_bytes=args.transient_group_bytes)
         return opt, named
     opt = MezoBaseline(model, named, args.lr, args.eps, args.weight_decay, inplace=mode, mask_kind=mask_kind,
                        taus=masks if mask_kind == "threshold" else None, dense=dense, seed=args.seed)

@@ -75,8 +75,6 @@ class TransientPerturber:
     """
 
     def __init__(self, module: torch.nn.Module, entries: dict, make_tables, group_bytes: int = 0):
-        if isinstance(group_bytes, bool) or not isinstance(group_bytes, int) or group_bytes < 0:
-            raise ValueError(f"transient group_bytes must be an int >= 0, got {group_bytes!r}")
         self._make_tables = make_tables
         self._owners = []          # (module, [(param, entry)], tables): the launches, in module order
         self._sentinels = []       # (module, [(param, entry)], [tables] built on first use): owners inside a block

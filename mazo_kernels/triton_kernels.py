@@ -718,16 +718,14 @@ def _upload(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
-def _with_outs(key, tab: torch.Tensor, params, outs, device) -> torch.Tensor:
+def _with_outs(key, tab: torch.Tensor, optr, device) -> torch.Tensor:
     """The cached tables of an out-of-place call (perturbed_copy) are keyed without the outputs' addresses (only their
     16-byte alignment, which decides the fast path, and the stream): fresh outputs every call (the transient mode)
     would miss the cache every call. Where this call's outputs differ from those the cached table holds, their
     addresses are written into its column 1 on the stream (after the launches that read the old ones; no new device
-    memory). Not during a CUDA graph capture: a capture must find the table as it will replay."""
-    if outs is params:
-        return tab
-    optr = tuple(map(_DATA_PTR, outs))
-    if _TABLE_OUTS.get(key) == optr:
+    memory). Not during a CUDA graph capture: a capture must find the table as it will replay.
+    optr: the outputs' addresses (_out_ptrs), None in place."""
+    if optr is None or _TABLE_OUTS.get(key) == optr:
         return tab
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         raise RuntimeError("zo_apply_ (triton): perturbed_copy into outputs other than those of the call before, "
@@ -739,20 +737,26 @@ def _with_outs(key, tab: torch.Tensor, params, outs, device) -> torch.Tensor:
     return tab
 
 
-def _out_key(params, outs, device):
-    if outs is params:
+def _out_ptrs(params, outs):
+    """The outputs' addresses of an out-of-place call, None in place."""
+    return None if outs is params else tuple(map(_DATA_PTR, outs))
+
+
+def _out_key(optr, device):
+    if optr is None:
         return None
     stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    return stream, tuple(p % 16 == 0 for p in map(_DATA_PTR, outs))
+    return stream, tuple(p % 16 == 0 for p in optr)
 
 
 def _tables(params, outs, masks, block: int, device):
     rows = [_table_row(theta, out, mask) for theta, out, mask in zip(params, outs, masks)]
-    key = (str(device), block, tuple(r[:1] + r[2:] for r in rows), _out_key(params, outs, device))
+    optr = _out_ptrs(params, outs)
+    key = (str(device), block, tuple(r[:1] + r[2:] for r in rows), _out_key(optr, device))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
-        return (_with_outs(key, hit[0], params, outs, device),) + hit[1:]
+        return (_with_outs(key, hit[0], optr, device),) + hit[1:]
     _refuse_upload_in_capture(device)
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
     nunits = tab[:, 4]
@@ -762,7 +766,7 @@ def _tables(params, outs, masks, block: int, device):
     starts = (torch.arange(tidx.numel(), dtype=torch.int64) - first[tidx]) * block
     prog = torch.stack([tidx, starts], 1).contiguous()
     hit = (_upload(tab, device), _upload(prog, device), int(prog.shape[0]))
-    _cache_put(key, hit, None if outs is params else tuple(map(_DATA_PTR, outs)))
+    _cache_put(key, hit, optr)
     return hit
 
 
@@ -782,14 +786,15 @@ def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guar
     # The cache key holds everything the tables are built from (addresses, sizes, mask shapes and dtypes, the
     # knobs), gathered with C-level maps: for a ~200-tensor plan this is the host's main cost per call (~0.5 ms
     # with a per-tensor Python loop, ~0.2 ms this way, on a 2-core CPU).
+    optr = _out_ptrs(params, outs)
     key = ("split", str(device), block, fblock, chunk, guard, bool(MASKED_FAST),
-           tuple(map(_DATA_PTR, params)), _out_key(params, outs, device),
+           tuple(map(_DATA_PTR, params)), _out_key(optr, device),
            tuple(map(_DATA_PTR, masks)), tuple(map(_NUMEL, params)), tuple(map(_SIZE, masks)),
            tuple(map(_DTYPE, masks)))
     hit = _TABLE_CACHE.get(key)
     if hit is not None:
         _TABLE_CACHE.move_to_end(key)
-        return (_with_outs(key, hit[0], params, outs, device),) + hit[1:]
+        return (_with_outs(key, hit[0], optr, device),) + hit[1:]
     rows, cand = [], []
     for theta, out, mask in zip(params, outs, masks):
         rows.append(_table_row(theta, out, mask))
@@ -820,7 +825,7 @@ def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guar
                                                                           torch.full_like(jq, guard))], 1)]).contiguous()
     hit = (_upload(tab, device), _upload(fprog, device), int(fprog.shape[0]), _upload(gprog, device),
            int(gprog.shape[0]))
-    _cache_put(key, hit, None if outs is params else tuple(map(_DATA_PTR, outs)))
+    _cache_put(key, hit, optr)
     return hit
 
 
