@@ -19,7 +19,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join("csrc")
 DEPENDS = [os.path.join(CSRC, f) for f in ("zo_noise.h", "zo_apply_common.h", "zo_host_common.h", "zo_f32_exchange.cuh",
-                                           "zo_cuda_kernel.cuh")]
+                                           "zo_global_access.cuh", "zo_cuda_kernel.cuh")]
 # The CUDA extension: the host side, and one file per storage kernel family so that ninja compiles them in parallel.
 CUDA_SOURCES = ["zo_cuda.cu"] + [f"zo_cuda_k_{f}.cu" for f in ("bf16", "bf16_hw", "f16", "f16_hw", "f32", "f32_xor")]
 

@@ -8,6 +8,7 @@
 #pragma once
 
 #include "zo_noise.h"
+#include "zo_global_access.cuh"
 
 namespace mazo {
 
@@ -129,14 +130,14 @@ MAZO_HD void load_unit(const typename Storage<DT>::bits_t* p, int cnt, typename 
 #if defined(__CUDA_ARCH__)
   if (cnt == UNIT && (reinterpret_cast<uintptr_t>(p) & 15u) == 0) {
     if (sizeof(bits_t) == 2) {
-      const uint4 v = *reinterpret_cast<const uint4*>(p);
+      const uint4 v = ld_global_u4(p);
       const uint32_t w[4] = {v.x, v.y, v.z, v.w};
       for (int j = 0; j < 4; ++j) {
         raw[2 * j] = (bits_t)(w[j] & 0xFFFFu);
         raw[2 * j + 1] = (bits_t)(w[j] >> 16);
       }
     } else {
-      const uint4 v0 = reinterpret_cast<const uint4*>(p)[0], v1 = reinterpret_cast<const uint4*>(p)[1];
+      const uint4 v0 = ld_global_u4(p), v1 = ld_global_u4(reinterpret_cast<const uint4*>(p) + 1);
       raw[0] = (bits_t)v0.x; raw[1] = (bits_t)v0.y; raw[2] = (bits_t)v0.z; raw[3] = (bits_t)v0.w;
       raw[4] = (bits_t)v1.x; raw[5] = (bits_t)v1.y; raw[6] = (bits_t)v1.z; raw[7] = (bits_t)v1.w;
     }
@@ -159,10 +160,10 @@ MAZO_HD void store_unit(typename Storage<DT>::bits_t* p, int cnt, unsigned which
       v.y = (uint32_t)res[2] | ((uint32_t)res[3] << 16);
       v.z = (uint32_t)res[4] | ((uint32_t)res[5] << 16);
       v.w = (uint32_t)res[6] | ((uint32_t)res[7] << 16);
-      *reinterpret_cast<uint4*>(p) = v;
+      st_global_u4(p, v);
     } else {
-      reinterpret_cast<uint4*>(p)[0] = make_uint4(res[0], res[1], res[2], res[3]);
-      reinterpret_cast<uint4*>(p)[1] = make_uint4(res[4], res[5], res[6], res[7]);
+      st_global_u4(p, make_uint4(res[0], res[1], res[2], res[3]));
+      st_global_u4(reinterpret_cast<uint4*>(p) + 1, make_uint4(res[4], res[5], res[6], res[7]));
     }
     return;
   }

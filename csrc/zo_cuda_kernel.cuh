@@ -62,10 +62,10 @@ struct KArgs {
 template <int DT>
 __device__ __forceinline__ void fast_load(const typename Storage<DT>::bits_t* p, uint32_t raw[DT == DT_F32 ? 8 : 4]) {
   const uint4* q = reinterpret_cast<const uint4*>(p);
-  const uint4 v = q[0];
+  const uint4 v = ld_global_u4(q);
   raw[0] = v.x; raw[1] = v.y; raw[2] = v.z; raw[3] = v.w;
   if (DT == DT_F32) {
-    const uint4 v1 = q[1];
+    const uint4 v1 = ld_global_u4(q + 1);
     raw[DT == DT_F32 ? 4 : 0] = v1.x; raw[DT == DT_F32 ? 5 : 1] = v1.y;
     raw[DT == DT_F32 ? 6 : 2] = v1.z; raw[DT == DT_F32 ? 7 : 3] = v1.w;
   }
@@ -108,11 +108,11 @@ template <int DT>
 __device__ __forceinline__ void fast_store(typename Storage<DT>::bits_t* p, const typename Storage<DT>::bits_t res[8]) {
   uint4* q = reinterpret_cast<uint4*>(p);
   if (DT == DT_F32) {
-    q[0] = make_uint4((uint32_t)res[0], (uint32_t)res[1], (uint32_t)res[2], (uint32_t)res[3]);
-    q[1] = make_uint4((uint32_t)res[4], (uint32_t)res[5], (uint32_t)res[6], (uint32_t)res[7]);
+    st_global_u4(q, make_uint4((uint32_t)res[0], (uint32_t)res[1], (uint32_t)res[2], (uint32_t)res[3]));
+    st_global_u4(q + 1, make_uint4((uint32_t)res[4], (uint32_t)res[5], (uint32_t)res[6], (uint32_t)res[7]));
   } else {
-    q[0] = make_uint4((uint32_t)res[0] | ((uint32_t)res[1] << 16), (uint32_t)res[2] | ((uint32_t)res[3] << 16),
-                      (uint32_t)res[4] | ((uint32_t)res[5] << 16), (uint32_t)res[6] | ((uint32_t)res[7] << 16));
+    st_global_u4(q, make_uint4((uint32_t)res[0] | ((uint32_t)res[1] << 16), (uint32_t)res[2] | ((uint32_t)res[3] << 16),
+                               (uint32_t)res[4] | ((uint32_t)res[5] << 16), (uint32_t)res[6] | ((uint32_t)res[7] << 16)));
   }
 }
 

@@ -9,6 +9,8 @@
 #pragma once
 #include <cstdint>
 
+#include "zo_global_access.cuh"
+
 namespace mazo {
 
 __device__ __forceinline__ int xor_slot1(int lane) { return lane < 16 ? 2 * lane : 2 * (lane - 16) + 1; }
@@ -20,7 +22,7 @@ __device__ __forceinline__ uint32_t shfl_xor16(uint32_t v) { return __shfl_xor_s
 // raw[0..3] from access 1, raw[4..7] from access 2 (each lane's own unit after xor_exchange_in).
 __device__ __forceinline__ void xor_load(const uint4* q, uint32_t raw[8]) {
   const int lane = (int)(threadIdx.x & 31u);
-  const uint4 v1 = q[xor_slot1(lane)], v2 = q[xor_slot2(lane)];
+  const uint4 v1 = ld_global_u4(q + xor_slot1(lane)), v2 = ld_global_u4(q + xor_slot2(lane));
   raw[0] = v1.x; raw[1] = v1.y; raw[2] = v1.z; raw[3] = v1.w;
   raw[4] = v2.x; raw[5] = v2.y; raw[6] = v2.z; raw[7] = v2.w;
 }
@@ -42,8 +44,8 @@ __device__ __forceinline__ void xor_store(uint4* q, const uint32_t res[8]) {
   const bool lo = lane < 16;
   const uint4 own0 = make_uint4(res[0], res[1], res[2], res[3]);
   const uint4 partner1 = make_uint4(shfl_xor16(res[4]), shfl_xor16(res[5]), shfl_xor16(res[6]), shfl_xor16(res[7]));
-  q[xor_slot1(lane)] = lo ? own0 : partner1;
-  q[xor_slot2(lane)] = lo ? partner1 : own0;
+  st_global_u4(q + xor_slot1(lane), lo ? own0 : partner1);
+  st_global_u4(q + xor_slot2(lane), lo ? partner1 : own0);
 }
 
 }  // namespace mazo

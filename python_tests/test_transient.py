@@ -8,6 +8,12 @@ from torch import nn
 import mazo_kernels as mk
 
 BACKEND = "cpu" if mk.has_cpu() else "reference"
+# (device, backend): the block-grouping tests also run on a GPU through both GPU backends (skipped without one)
+_GPU = torch.cuda.is_available()
+DEVICE_BACKENDS = [pytest.param("cpu", BACKEND, id="cpu")] + [
+    pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.skipif(
+        not (_GPU and (mk.has_cuda() if b == "cuda" else mk.has_triton())), reason=f"needs a GPU and the {b} backend"))
+    for b in ("cuda", "triton")]
 
 
 @pytest.fixture(autouse=True)
@@ -181,17 +187,18 @@ def _layer_bytes(model):
     return sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
 
 
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_block_copies_equal_per_module_copies(dtype):
+def test_block_copies_equal_per_module_copies(dtype, device, backend):
     """The copies made per block (a decoder layer, or the whole model) are the per-module copies: same losses and
     weights, bit for bit, over steps with lr > 0; fewer launch groups."""
-    ids = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(4, 64, (2, 8), generator=torch.Generator().manual_seed(1)).to(device)
     runs = {}
     for gb in (0, "layer", None):
-        model = _tiny_llama(dtype, tie=True)
+        model = _tiny_llama(dtype, tie=True).to(device)
         size = _layer_bytes(model) if gb == "layer" else gb
         opt = mk.ZOSGD(model.named_parameters(), lr=1e-2, eps=1e-2, mode="transient", module=model, seed=5,
-                       backend=BACKEND, transient_group_bytes=size)
+                       backend=backend, transient_group_bytes=size)
         losses = [opt.step(lambda: model(input_ids=ids, labels=ids).loss).item() for _ in range(3)]
         runs[gb] = (losses, {n: p.detach().clone() for n, p in model.named_parameters()},
                     opt._transient.launch_groups, opt._transient.sentinel_swaps)
@@ -226,15 +233,16 @@ class _Outer(nn.Module):
         return self.head(torch.tanh(self.h.l2(torch.tanh(self.h.l1(self.x))))).pow(2).mean()
 
 
-def test_a_block_whose_forward_is_not_called_still_sees_copies():
+@pytest.mark.parametrize("device,backend", DEVICE_BACKENDS)
+def test_a_block_whose_forward_is_not_called_still_sees_copies(device, backend):
     """A block module that the model never calls (it only holds submodules): the owning modules' own pre-hooks swap
     their copies in, so the step equals the per-module one."""
     out = {}
     for gb in (0, "holder"):
-        net = _Outer()
+        net = _Outer().to(device)
         size = sum(p.numel() * p.element_size() for p in net.h.parameters()) if gb else 0
         opt = mk.ZOSGD(net.named_parameters(), lr=1e-2, eps=1e-2, mode="transient", module=net, seed=9,
-                       backend=BACKEND, transient_group_bytes=size)
+                       backend=backend, transient_group_bytes=size)
         losses = [opt.step(net).item()]
         for g in opt.param_groups:    # new multipliers reach the tables a sentinel builds on first use
             g["lr"], g["eps"] = 5e-3, 2e-2

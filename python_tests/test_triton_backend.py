@@ -219,7 +219,7 @@ def test_perturbed_copy_into_new_outputs_each_call(dtype):
     def fresh(plan, shift):   # poisoned outputs; shift 1: one element off a 16-byte boundary (no fast path)
         outs = []
         for e in plan.entries:
-            buf = torch.full((e.tensor.numel() + 8,), float("nan"), dtype=dtype)
+            buf = torch.full((e.tensor.numel() + 8,), float("nan"), dtype=dtype, device=e.tensor.device)
             outs.append(buf[shift:shift + e.tensor.numel()].view(e.tensor.shape))
         return outs
 
