@@ -25,6 +25,11 @@ struct OpParams {
   int nupd;               // number of update seeds (seeds[1:])
   const uint64_t* useeds; // the update seeds
   const float* gs;        // one projected gradient per update seed
+  // Experiment (MAZO_CUDA_WHOLE_UNITS=1, CUDA only; off by default): a masked element unit that selects some
+  // elements is stored whole, its unselected elements with their own loaded bits (one 16-byte store instead of one
+  // 2-byte store per selected element). The values are the same; the spec's "unselected elements are never
+  // written" is not, so it stays an opt-in measurement (bench/NOTES.md, session 12).
+  bool whole_unit_store;
 };
 
 struct TensorParams {
@@ -242,7 +247,7 @@ MAZO_HD void process_loaded_unit(const OpParams& P, const TensorParams& T, const
   if (P.op == OP_COPY) {
     store_unit<DT>(out + i0, cnt, valid, res);
   } else if (sel) {
-    store_unit<DT>(out + i0, cnt, sel, res);
+    store_unit<DT>(out + i0, cnt, P.whole_unit_store ? valid : sel, res);
   }
 }
 

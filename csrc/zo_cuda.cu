@@ -143,6 +143,8 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   a.seed_dev = has_seed_dev ? seed_dev->data_ptr<int64_t>() : nullptr;
   a.nseeds = (int)seeds.size();
   a.P.gs = P.nupd ? gs_d.data_ptr<float>() : nullptr;
+  const char* whole_env = std::getenv("MAZO_CUDA_WHOLE_UNITS");  // experiment (OpParams::whole_unit_store)
+  a.P.whole_unit_store = whole_env && std::atoi(whole_env) == 1;
   a.meta = meta_d.data_ptr<int64_t>();
   a.fvals = fvals_d.data_ptr<float>();
   a.T = T;

@@ -94,6 +94,7 @@ inline OpParams make_op_params(at::IntArrayRef seeds, int64_t op, int64_t dist, 
   P.nupd = op == OP_UPDATE ? (int)seeds.size() - 1 : 0;
   P.useeds = nullptr;
   P.gs = nullptr;
+  P.whole_unit_store = false;
   return P;
 }
 

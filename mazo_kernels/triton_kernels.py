@@ -27,6 +27,12 @@ NUM_WARPS = 4
 FAST = True          # dense aligned blocks of unmasked tensors take the [FAST_BLOCK // 8, 8] fast path
 FAST_BLOCK = 4096    # elements per program of the fast kernel (the plain kernel's BLOCK8=512); power of two
 FAST_NUM_WARPS = 4
+# Warps of the fast kernel for masked calls without a restore (perturb_ with prior 0, which evaluates and latches a
+# threshold or reads packed bits, and update_ with prior 0): at 4 warps they compile to 108-128 registers (16 warps
+# per SM: latency-bound, 29-45% of the floor at 7B); at 8 warps to 54-80 registers for 6-19% more instructions per
+# element (bench/sass_count.py; bench/NOTES.md, session 12). The restoring masked passes stay at 4: they are
+# instruction-bound and 8 warps add 6-12% instructions there.
+MASKED_NUM_WARPS = 8
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
@@ -932,10 +938,11 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
                   NSTAT=(len(seeds) if op == ref.OP_UPDATE and len(seeds) <= 4 else 0), NTAB=_NTAB,
                   enable_fp_fusion=False)
+    fast_warps = MASKED_NUM_WARPS if (masked and prior == 0.0 and op != ref.OP_COPY) else FAST_NUM_WARPS
     if split:
         if nf:
             _zo_kernel[(nf,)](tab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=3, FBLOCK=fblock, BLOCK=block,
-                              num_warps=FAST_NUM_WARPS, **consts)
+                              num_warps=fast_warps, **consts)
         if ng:
             _zo_kernel[(ng,)](tab, gprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=4, FBLOCK=fblock, BLOCK=block,
                               num_warps=NUM_WARPS, **consts)
@@ -945,7 +952,7 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
         # dense aligned blocks first, in their own kernel; the general kernel then skips them (disjoint elements)
         ftab, fprog, fnprog = _tables(params, outs, masks, fblock, device)
         _zo_kernel[(fnprog,)](ftab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=2, FBLOCK=fblock,
-                              BLOCK=fblock, num_warps=FAST_NUM_WARPS, **consts)
+                              BLOCK=fblock, num_warps=fast_warps, **consts)
         mode = 1
     _zo_kernel[(nprog,)](tab, prog, meta_d, fv_d, call, gs_d, len(seeds), MODE=mode, FBLOCK=fblock, BLOCK=block,
                          num_warps=NUM_WARPS, **consts)
