@@ -27,11 +27,11 @@ NUM_WARPS = 4
 FAST = True          # dense aligned blocks of unmasked tensors take the [FAST_BLOCK // 8, 8] fast path
 FAST_BLOCK = 4096    # elements per program of the fast kernel (the plain kernel's BLOCK8=512); power of two
 FAST_NUM_WARPS = 4
-# Warps of the fast kernel for masked calls without a restore (perturb_ with prior 0, which evaluates and latches a
-# threshold or reads packed bits, and update_ with prior 0): at 4 warps they compile to 108-128 registers (16 warps
-# per SM: latency-bound, 29-45% of the floor at 7B); at 8 warps to 54-80 registers for 6-19% more instructions per
-# element (bench/sass_count.py; bench/NOTES.md, session 12). The restoring masked passes stay at 4: they are
-# instruction-bound and 8 warps add 6-12% instructions there.
+# Warps of the fast kernel for masked gaussian_fast perturb_ with prior 0 (evaluates and latches a threshold, or
+# reads packed bits): at 4 warps it compiles to 124 registers (16 warps per SM, latency-bound), at 8 to 76 for 6%
+# more instructions per element. On an H200 over 7B bf16 (bench/results/h200_2026-12-02/s12/call4, one process):
+# threshold 14.67 -> 12.99 ms, packed bits 18.00 -> 12.72. The same change made Rademacher's perturb_ (11.97 ->
+# 15.05 threshold) and every update_ with prior 0 (2-15%) slower, so those and the restoring passes stay at 4.
 MASKED_NUM_WARPS = 8
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
@@ -938,7 +938,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
                   NSTAT=(len(seeds) if op == ref.OP_UPDATE and len(seeds) <= 4 else 0), NTAB=_NTAB,
                   enable_fp_fusion=False)
-    fast_warps = MASKED_NUM_WARPS if (masked and prior == 0.0 and op != ref.OP_COPY) else FAST_NUM_WARPS
+    fast_warps = (MASKED_NUM_WARPS if (masked and prior == 0.0 and op == ref.OP_PERTURB
+                                       and dist == ref.DIST_GAUSSIAN_FAST) else FAST_NUM_WARPS)
     if split:
         if nf:
             _zo_kernel[(nf,)](tab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=3, FBLOCK=fblock, BLOCK=block,
