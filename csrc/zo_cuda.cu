@@ -88,6 +88,7 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
 
   std::vector<Desc> descs(T);
   int64_t total_blocks = 0;
+  bool any_bits_mask = false;  // a threshold or packed-bit mask tensor in the call
   for (int t = 0; t < T; ++t) {
     const at::Tensor& theta = params[t];
     const at::Tensor& outt = outs.empty() ? theta : outs[t];
@@ -113,7 +114,12 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
                   " must be uint8 with ceil(numel / 8) bytes"));
       d.mask8 = mask.data_ptr<uint8_t>();
     }
-    d.fast = (d.work == WORK_ELEMENTS && mask.numel() == 0 && (reinterpret_cast<uintptr_t>(d.in) & 15u) == 0 &&
+    // fast: 16-byte aligned element units; the dense kernels take it for unmasked tensors, the masked kernels for
+    // threshold and packed-bit masks too (the kernel tests the kind)
+    const bool bits_mask = mask.numel() > 0 && !is_rowidx_mask(mask);
+    any_bits_mask = any_bits_mask || bits_mask;
+    d.fast = (d.work == WORK_ELEMENTS && (mask.numel() == 0 || bits_mask) &&
+              (reinterpret_cast<uintptr_t>(d.in) & 15u) == 0 &&
               (reinterpret_cast<uintptr_t>(d.out) & 15u) == 0)
                  ? 1
                  : 0;
@@ -187,7 +193,7 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // Gaussian noise (on an H200 6-11% faster there, 6% slower for Rademacher perturb_: bench/results/h200_2026-12-01/
   // minblocks); MAZO_CUDA_MINBLOCKS=2|3 forces one (bf16 only).
   bool all_fast = true;
-  for (const Desc& d : descs) all_fast = all_fast && (d.fast || d.units == 0);
+  for (const Desc& d : descs) all_fast = all_fast && ((d.fast && d.mask8 == nullptr) || d.units == 0);
   int minb = (all_fast && (op == OP_UPDATE || dist == DIST_GAUSSIAN)) ? 3 : 2;
   const char* minb_env = std::getenv("MAZO_CUDA_MINBLOCKS");
   if (minb_env) minb = std::atoi(minb_env);
@@ -208,7 +214,19 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
                                    : kdt == DT_F16_HW ? mazo_cuda::kernels_f16_hw
                                    : kdt == DT_BF16_HW ? mazo_cuda::kernels_bf16_hw
                                                        : mazo_cuda::kernels_bf16;
-  const void* kfn = spec >= 0 ? family(spec, 0) : nullptr;
+  const void* kfn = nullptr;
+  // Calls with a threshold or packed-bit mask: the masked specialisation (default storage kernels; fp32 without
+  // the exchange), whose fast path handles masked units; MAZO_CUDA_MASKED_FAST=0 (read per call) keeps the dense
+  // kernel, where masked tensors run element units (same bits).
+  const char* mfast_env = std::getenv("MAZO_CUDA_MASKED_FAST");
+  if (spec >= 0 && any_bits_mask && !(mfast_env && std::atoi(mfast_env) == 0)) {
+    const void* (*mfamily)(int, int) = kdt == DT_F32 ? mazo_cuda::kernels_f32
+                                       : kdt == DT_F16_HW ? mazo_cuda::kernels_f16_hw
+                                       : kdt == DT_BF16_HW ? mazo_cuda::kernels_bf16_hw
+                                                           : nullptr;
+    if (mfamily) kfn = mfamily(spec | MASKED_SPEC, 0);
+  }
+  if (kfn == nullptr && spec >= 0) kfn = family(spec, 0);
   if (kfn == nullptr) kfn = family(-1, minb3 ? 3 : 2);  // no specialisation for this call: the generic kernel
   TORCH_CHECK(kfn != nullptr, "zo_apply_ (CUDA): no kernel for this storage type");
   if (waves > 0) {

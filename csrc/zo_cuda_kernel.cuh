@@ -127,6 +127,65 @@ __device__ __forceinline__ void gaussian_from_words(const U4& w, float z[8]) {
   }
 }
 
+// Rademacher z0 of unit o in iteration it: the warp's lanes hold the Philox calls of its units (rw, one call per 16
+// units); every lane of the warp must call this (shuffles).
+__device__ __forceinline__ void rademacher_from_warp(const U4& rw, int it, uint64_t o, uint64_t o_base, float z0[8]) {
+  const uint64_t o0 = o_base + (uint64_t)(it * THREADS + (threadIdx.x & ~31u));
+  const int src = it * 3 + (int)((o >> 4) - (o0 >> 4));
+  const uint32_t w0 = __shfl_sync(0xFFFFFFFFu, rw.v[0], src);
+  const uint32_t w1 = __shfl_sync(0xFFFFFFFFu, rw.v[1], src);
+  const uint32_t w2 = __shfl_sync(0xFFFFFFFFu, rw.v[2], src);
+  const uint32_t w3 = __shfl_sync(0xFFFFFFFFu, rw.v[3], src);
+  const uint32_t ws = (uint32_t)(o >> 2) & 3u;
+  const uint32_t word = ws == 0 ? w0 : ws == 1 ? w1 : ws == 2 ? w2 : w3;
+  const unsigned sh = (unsigned)((o & 3u) << 3);
+#pragma unroll
+  for (int l = 0; l < 8; ++l) z0[l] = ((word >> (sh + l)) & 1u) ? -1.0f : 1.0f;
+}
+
+// Element l of a loaded unit, as storage bits.
+template <int DT>
+__device__ __forceinline__ typename Storage<DT>::bits_t raw_elem(const uint32_t* raw, int l) {
+  if (DT == DT_F32) return (typename Storage<DT>::bits_t)raw[l];
+  return (typename Storage<DT>::bits_t)((raw[l >> 1] >> (16 * (l & 1))) & 0xFFFFu);
+}
+
+// The selection of one full unit u, as process_loaded_unit makes it (the threshold latch byte written in
+// THRESH_LATCH_WRITE); kind none selects all eight.
+__device__ __forceinline__ unsigned fast_unit_sel(const OpParams& P, const TensorParams& T, uint8_t* mask8, int64_t u,
+                                                  const float x[8]) {
+  if (T.kind == MASK_BITMASK || (T.kind == MASK_THRESHOLD && P.threshold_mode == THRESH_LATCH_READ))
+    return mask8[u];
+  if (T.kind != MASK_THRESHOLD) return 0xFFu;
+  unsigned sel = 0;
+#pragma unroll
+  for (int l = 0; l < 8; ++l)
+    if (u2f(f2u(x[l]) & 0x7FFFFFFFu) < T.tau) sel |= 1u << l;
+  if (P.threshold_mode == THRESH_LATCH_WRITE) mask8[u] = (uint8_t)sel;
+  return sel;
+}
+
+// Store a full unit: whole when every element is selected (or for perturbed_copy, whose unselected elements are the
+// input's, or with P.whole_unit_store), else only the selected elements (unselected ones are never written).
+template <int DT>
+__device__ __forceinline__ void fast_store_masked(const OpParams& P, typename Storage<DT>::bits_t* p, unsigned sel,
+                                                  const uint32_t* raw, typename Storage<DT>::bits_t res[8]) {
+  if (sel == 0xFFu) {
+    fast_store<DT>(p, res);
+    return;
+  }
+  if (P.op == OP_COPY || P.whole_unit_store) {
+#pragma unroll
+    for (int l = 0; l < 8; ++l)
+      if (!((sel >> l) & 1u)) res[l] = raw_elem<DT>(raw, l);
+    fast_store<DT>(p, res);
+    return;
+  }
+#pragma unroll
+  for (int l = 0; l < 8; ++l)
+    if ((sel >> l) & 1u) p[l] = res[l];
+}
+
 // compute_oct with all eight lanes selected and z0 given (valid whenever op != UPDATE or prior != 0).
 template <int DT>
 __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const float x[8],
@@ -188,7 +247,10 @@ constexpr int spec_of(int op, bool prior_nonzero, int dist) { return op * 8 + (p
 
 // MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers; 3: 80; 4: 64). Same bits either way;
 // which one a call gets: see the launch below.
-template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false>
+// MASKED: the kernel for calls with threshold or packed-bit masks (specialisations only, see masked_kernel_of):
+// every 16-byte aligned tensor, masked or not, takes a fast path one unit at a time with the unit's selection;
+// a separate instantiation, so the dense kernels keep their registers.
+template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false, bool MASKED = false>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
   OpParams P = a.P;
@@ -237,7 +299,50 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
     const int64_t ub = (b - d.block_start) * UNITS_PER_BLOCK;
     const bits_t* in = reinterpret_cast<const bits_t*>(d.in);
     bits_t* out = reinterpret_cast<bits_t*>(d.out);
-    if (d.fast && T.kind == MASK_NONE && (T.offset & 7) == 0) {  // block-uniform
+    if constexpr (MASKED) {
+      if (d.fast && (T.offset & 7) == 0) {  // block-uniform
+        const int64_t full = d.n >> 3;
+        const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;
+        const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
+        U4 rw;
+        if (P.dist == DIST_RADEMACHER && need_z0) {
+          const unsigned lane = threadIdx.x & 31u, jj = lane % (3u * ITERS);
+          const uint64_t o_first = o_base + (uint64_t)((jj / 3u) * THREADS + (threadIdx.x & ~31u));
+          rw = philox_words(P.seed0, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
+        }
+#pragma unroll
+        for (int it = 0; it < ITERS; ++it) {
+          const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+          const uint64_t o = o_base + (uint64_t)(it * THREADS + threadIdx.x);
+          uint32_t raw[RW];
+          if (u < full) fast_load<DT>(in + u * UNIT, raw);
+          float z0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+          if (P.dist == DIST_RADEMACHER && need_z0) rademacher_from_warp(rw, it, o, o_base, z0);
+          if (u >= full) continue;
+          float x[8];
+          fast_unpack<DT>(raw, x);
+          const unsigned sel = fast_unit_sel(P, T, d.mask8, u, x);
+          if (sel == 0 && P.op != OP_COPY) continue;  // nothing selected: nothing written
+          if (P.dist != DIST_RADEMACHER && need_z0) {
+            if (P.dist == DIST_GAUSSIAN_FAST)
+              gaussian_fast_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN_FAST), z0);
+            else
+              gaussian_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
+          }
+          bits_t res[8];
+          fast_oct<DT>(P, T, o, x, z0, res);
+          fast_store_masked<DT>(P, out + u * UNIT, sel, raw, res);
+        }
+        if (ub + UNITS_PER_BLOCK > full) {  // the tensor's last, partial unit
+          for (int it = 0; it < ITERS; ++it) {
+            const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+            if (u >= full && u < d.units) process_element_unit<DT>(P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
+          }
+        }
+        continue;
+      }
+    }
+    if (!MASKED && d.fast && T.kind == MASK_NONE && (T.offset & 7) == 0) {  // block-uniform
       const int64_t full = d.n >> 3;  // units holding 8 elements
       const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;  // global oct of the block's first unit
       uint32_t raw[ITERS][RW];
@@ -272,19 +377,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         }
         float z0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         if (P.dist == DIST_RADEMACHER) {
-          if (need_z0) {
-            const uint64_t o0 = o_base + (uint64_t)(it * THREADS + (threadIdx.x & ~31u));
-            const int src = it * 3 + (int)((o >> 4) - (o0 >> 4));
-            const uint32_t w0 = __shfl_sync(0xFFFFFFFFu, rw.v[0], src);
-            const uint32_t w1 = __shfl_sync(0xFFFFFFFFu, rw.v[1], src);
-            const uint32_t w2 = __shfl_sync(0xFFFFFFFFu, rw.v[2], src);
-            const uint32_t w3 = __shfl_sync(0xFFFFFFFFu, rw.v[3], src);
-            const uint32_t ws = (uint32_t)(o >> 2) & 3u;
-            const uint32_t word = ws == 0 ? w0 : ws == 1 ? w1 : ws == 2 ? w2 : w3;
-            const unsigned sh = (unsigned)((o & 3u) << 3);
-#pragma unroll
-            for (int l = 0; l < 8; ++l) z0[l] = ((word >> (sh + l)) & 1u) ? -1.0f : 1.0f;
-          }
+          if (need_z0) rademacher_from_warp(rw, it, o, o_base, z0);
           if (u >= full) continue;
         } else {
           if (u >= full) continue;
@@ -367,9 +460,39 @@ const void* spec_kernel_dist(int spec) {
   return nullptr;
 }
 
+// spec | MASKED_SPEC: the masked kernel of that specialisation (default storage kernels without the exchange only).
+constexpr int MASKED_SPEC = 32;
+
+template <int DT, int SPEC>
+const void* masked_kernel_of() {
+  return (const void*)zo_apply_kernel<DT, spec_minblocks(DT, SPEC), SPEC, false, true>;
+}
+
+template <int DT, int DIST>
+const void* masked_kernel_dist(int spec) {
+  switch (spec) {
+    case spec_of(OP_PERTURB, false, DIST): return masked_kernel_of<DT, spec_of(OP_PERTURB, false, DIST)>();
+    case spec_of(OP_PERTURB, true, DIST): return masked_kernel_of<DT, spec_of(OP_PERTURB, true, DIST)>();
+    case spec_of(OP_UPDATE, true, DIST): return masked_kernel_of<DT, spec_of(OP_UPDATE, true, DIST)>();
+    case spec_of(OP_COPY, false, DIST): return masked_kernel_of<DT, spec_of(OP_COPY, false, DIST)>();
+    case spec_of(OP_UPDATE, false, DIST): return masked_kernel_of<DT, spec_of(OP_UPDATE, false, DIST)>();
+  }
+  return nullptr;
+}
+
 // One storage kernel family: the generic kernel (spec -1) or a specialisation (nullptr where there is none).
 template <int DT, bool XOR>
 const void* kernel_table(int spec, int minb) {
+  if (spec >= 0 && (spec & MASKED_SPEC)) {
+    if constexpr (has_transient_spec(DT, XOR)) {
+      switch (spec & 3) {
+        case DIST_GAUSSIAN: return masked_kernel_dist<DT, DIST_GAUSSIAN>(spec & ~MASKED_SPEC);
+        case DIST_RADEMACHER: return masked_kernel_dist<DT, DIST_RADEMACHER>(spec & ~MASKED_SPEC);
+        case DIST_GAUSSIAN_FAST: return masked_kernel_dist<DT, DIST_GAUSSIAN_FAST>(spec & ~MASKED_SPEC);
+      }
+    }
+    return nullptr;
+  }
   if (spec < 0) {
     if constexpr (XOR) {
       return (const void*)zo_apply_kernel<DT, 2, -1, true>;

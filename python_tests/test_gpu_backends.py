@@ -143,7 +143,11 @@ def test_cuda_and_triton_agree_on_a_tensor_past_2_31_elements():
 KERNEL_VARIANTS = [(d, "") for d in DTYPES] + [(torch.bfloat16, "MAZO_CUDA_HW_BF16=0"),
                                                  (torch.float32, "MAZO_CUDA_F32_XOR=0"),
                                                  (torch.float32, "MAZO_CUDA_F32_XOR=1"),
-                                                 (torch.float16, "MAZO_CUDA_HW_F16=0")]
+                                                 (torch.float16, "MAZO_CUDA_HW_F16=0"),
+                                                 # masked tensors: element units instead of the masked kernels'
+                                                 # fast path; the whole-unit store experiment
+                                                 (torch.bfloat16, "MAZO_CUDA_MASKED_FAST=0"),
+                                                 (torch.bfloat16, "MAZO_CUDA_WHOLE_UNITS=1")]
 
 
 @pytest.mark.skipif(not mk.has_cuda(), reason="needs the CUDA extension")
@@ -157,7 +161,8 @@ def test_cuda_specialised_and_generic_kernels_match_reference(dtype, variant, di
     8192 elements (the block -> tensor walk), with masks and an unaligned global offset among them. bf16 runs with
     the hardware rounding (the default) and with MAZO_CUDA_HW_BF16=0 (integer rounding); fp32 with the
     warp-coalesced fast path where it is the default, off (MAZO_CUDA_F32_XOR=0) and on every call (=1); fp16 with
-    the hardware conversions (the default) and the integer ones (MAZO_CUDA_HW_F16=0)."""
+    the hardware conversions (the default) and the integer ones (MAZO_CUDA_HW_F16=0). Threshold and packed-bit
+    masks run the masked kernels' fast path (default) and element units (MAZO_CUDA_MASKED_FAST=0)."""
     monkeypatch.setenv("MAZO_CUDA_SPEC", spec)
     if variant:
         monkeypatch.setenv(*variant.split("="))
