@@ -136,9 +136,11 @@ def cuda_kernels(cuda_home: str) -> list:
                                                   + (" with prior" if spec & 4 else "")
                                                   + " " + ["gaussian", "rademacher", "gaussian_fast"][spec & 3])
             dts = {0: "fp32", 1: "fp16", 2: "bf16", 3: "bf16_hw", 4: "fp16_hw"}  # 3, 4: device-only storage types
-            flags = re.findall(r"Lb([01])E", cur[t.end():t.end() + 12]) if t else []
+            flags = re.findall(r"Lb([01])E", cur[t.end():t.end() + 16]) if t else []
             xor = flags[:1] == ["1"]          # the fp32 exchange (MAZO_CUDA_F32_XOR)
-            recs.append({"kernel": what, "dtype": (dts.get(dt) or "?") + ("_xor" if xor else ""), "min_blocks": minb,
+            masked = flags[1:2] == ["1"]      # the masked kernels (threshold / packed-bit masks)
+            recs.append({"kernel": what + (" masked" if masked else ""),
+                         "dtype": (dts.get(dt) or "?") + ("_xor" if xor else ""), "min_blocks": minb,
                          "registers": int(m.group(1)), "spill_store_bytes": spill[0], "spill_load_bytes": spill[1]})
             cur = None
     return recs
