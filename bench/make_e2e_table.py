@@ -146,7 +146,8 @@ def memory_lines(docs):
 def _dist_tag(r, h):
     """Our methods' rows say which noise ran when it is not v1's Gaussian (MeZO's rows draw torch.normal anyway)."""
     dist = h.get("dist", "gaussian")
-    return f" ({dist})" if dist != "gaussian" and not r["method"].startswith("mezo") else ""
+    mezo_style = "mezo" in r["method"] and "zosgd" not in r["method"]   # mezo*, sparse-mezo*, mazo-mezo*
+    return f" ({dist})" if dist != "gaussian" and not mezo_style else ""
 
 
 def _backend_tag(r):
