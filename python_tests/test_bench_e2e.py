@@ -201,3 +201,14 @@ def test_negative_overhead_is_never_a_met_target():
     lines = make_e2e_table.target_lines([doc])
     assert "**no measurement" in lines[0] and "**met**" not in lines[0]
     assert lines[1].endswith("**met**")
+
+
+def test_noise_tag_only_on_our_methods():
+    """A run with --dist gaussian_fast: ZOSGD rows say so; MeZO-style rows (masked ones included) draw
+    torch.normal whatever --dist says, so they carry no tag."""
+    h = {"dist": "gaussian_fast"}
+    for method in ("zosgd", "zosgd-transient", "sparse-zosgd", "mazo-zosgd"):
+        assert make_e2e_table._dist_tag({"method": method}, h) == " (gaussian_fast)", method
+    for method in ("mezo", "mezo-inplace", "sparse-mezo", "sparse-mezo-inplace", "mazo-mezo", "mazo-mezo-inplace"):
+        assert make_e2e_table._dist_tag({"method": method}, h) == "", method
+    assert make_e2e_table._dist_tag({"method": "zosgd"}, {"dist": "gaussian"}) == ""
