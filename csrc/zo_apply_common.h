@@ -25,8 +25,8 @@ struct OpParams {
   int nupd;               // number of update seeds (seeds[1:])
   const uint64_t* useeds; // the update seeds
   const float* gs;        // one projected gradient per update seed
-  // Experiment (MAZO_CUDA_WHOLE_UNITS=1, CUDA only; off by default): a masked element unit that selects some
-  // elements is stored whole, its unselected elements with their own loaded bits (one 16-byte store instead of one
+  // Experiment (MAZO_CUDA_WHOLE_UNITS=1, CUDA only; off by default): a full masked unit (element unit or the
+  // masked kernels' fast path) that selects some elements is stored whole, its unselected elements with their own loaded bits (one 16-byte store instead of one
   // 2-byte store per selected element). The values are the same; the spec's "unselected elements are never
   // written" is not, so it stays an opt-in measurement (bench/NOTES.md, session 12).
   bool whole_unit_store;

@@ -219,13 +219,8 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // the exchange), whose fast path handles masked units; MAZO_CUDA_MASKED_FAST=0 (read per call) keeps the dense
   // kernel, where masked tensors run element units (same bits).
   const char* mfast_env = std::getenv("MAZO_CUDA_MASKED_FAST");
-  if (spec >= 0 && any_bits_mask && !(mfast_env && std::atoi(mfast_env) == 0)) {
-    const void* (*mfamily)(int, int) = kdt == DT_F32 ? mazo_cuda::kernels_f32
-                                       : kdt == DT_F16_HW ? mazo_cuda::kernels_f16_hw
-                                       : kdt == DT_BF16_HW ? mazo_cuda::kernels_bf16_hw
-                                                           : nullptr;
-    if (mfamily) kfn = mfamily(spec | MASKED_SPEC, 0);
-  }
+  if (spec >= 0 && any_bits_mask && !(mfast_env && std::atoi(mfast_env) == 0))  // nullptr where a family has none
+    kfn = (f32_xor ? mazo_cuda::kernels_f32 : family)(spec | MASKED_SPEC, 0);
   if (kfn == nullptr && spec >= 0) kfn = family(spec, 0);
   if (kfn == nullptr) kfn = family(-1, minb3 ? 3 : 2);  // no specialisation for this call: the generic kernel
   TORCH_CHECK(kfn != nullptr, "zo_apply_ (CUDA): no kernel for this storage type");

@@ -127,6 +127,22 @@ __device__ __forceinline__ void gaussian_from_words(const U4& w, float z[8]) {
   }
 }
 
+// This lane's share of the warp's Rademacher Philox calls (one call covers 16 units; lanes hold them in the order
+// rademacher_from_warp reads them) for a block whose first unit is global oct o_base.
+__device__ __forceinline__ U4 rademacher_warp_words(const OpParams& P, const TensorParams& T, uint64_t o_base) {
+  const unsigned lane = threadIdx.x & 31u, jj = lane % (3u * ITERS);
+  const uint64_t o_first = o_base + (uint64_t)((jj / 3u) * THREADS + (threadIdx.x & ~31u));
+  return philox_words(P.seed0, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
+}
+
+// Gaussian z0 of oct o from this lane's own Philox call (v1 or gaussian_fast).
+__device__ __forceinline__ void gaussian_z0(const OpParams& P, const TensorParams& T, uint64_t o, float z0[8]) {
+  if (P.dist == DIST_GAUSSIAN_FAST)
+    gaussian_fast_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN_FAST), z0);
+  else
+    gaussian_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
+}
+
 // Rademacher z0 of unit o in iteration it: the warp's lanes hold the Philox calls of its units (rw, one call per 16
 // units); every lane of the warp must call this (shuffles).
 __device__ __forceinline__ void rademacher_from_warp(const U4& rw, int it, uint64_t o, uint64_t o_base, float z0[8]) {
@@ -184,6 +200,19 @@ __device__ __forceinline__ void fast_store_masked(const OpParams& P, typename St
 #pragma unroll
   for (int l = 0; l < 8; ++l)
     if ((sel >> l) & 1u) p[l] = res[l];
+}
+
+// The fast paths' block that ends a tensor whose length is not a multiple of 8: its last, partial unit as an element
+// unit.
+template <int DT>
+__device__ __forceinline__ void partial_tail_unit(const OpParams& P, const TensorParams& T, const Desc& d,
+                                                  const typename Storage<DT>::bits_t* in,
+                                                  typename Storage<DT>::bits_t* out, int64_t ub, int64_t full) {
+  if (ub + UNITS_PER_BLOCK <= full) return;
+  for (int it = 0; it < ITERS; ++it) {
+    const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+    if (u >= full && u < d.units) process_element_unit<DT>(P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
+  }
 }
 
 // compute_oct with all eight lanes selected and z0 given (valid whenever op != UPDATE or prior != 0).
@@ -305,11 +334,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;
         const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
         U4 rw;
-        if (P.dist == DIST_RADEMACHER && need_z0) {
-          const unsigned lane = threadIdx.x & 31u, jj = lane % (3u * ITERS);
-          const uint64_t o_first = o_base + (uint64_t)((jj / 3u) * THREADS + (threadIdx.x & ~31u));
-          rw = philox_words(P.seed0, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
-        }
+        if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(P, T, o_base);
 #pragma unroll
         for (int it = 0; it < ITERS; ++it) {
           const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
@@ -323,22 +348,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
           fast_unpack<DT>(raw, x);
           const unsigned sel = fast_unit_sel(P, T, d.mask8, u, x);
           if (sel == 0 && P.op != OP_COPY) continue;  // nothing selected: nothing written
-          if (P.dist != DIST_RADEMACHER && need_z0) {
-            if (P.dist == DIST_GAUSSIAN_FAST)
-              gaussian_fast_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN_FAST), z0);
-            else
-              gaussian_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
-          }
+          if (P.dist != DIST_RADEMACHER && need_z0) gaussian_z0(P, T, o, z0);
           bits_t res[8];
           fast_oct<DT>(P, T, o, x, z0, res);
           fast_store_masked<DT>(P, out + u * UNIT, sel, raw, res);
         }
-        if (ub + UNITS_PER_BLOCK > full) {  // the tensor's last, partial unit
-          for (int it = 0; it < ITERS; ++it) {
-            const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
-            if (u >= full && u < d.units) process_element_unit<DT>(P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
-          }
-        }
+        partial_tail_unit<DT>(P, T, d, in, out, ub, full);
         continue;
       }
     }
@@ -363,11 +378,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
       }
       const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
       U4 rw;  // Rademacher: this lane's Philox call, shared through the warp (one call covers 16 units)
-      if (P.dist == DIST_RADEMACHER && need_z0) {
-        const unsigned lane = threadIdx.x & 31u, jj = lane % (3u * ITERS);
-        const uint64_t o_first = o_base + (uint64_t)((jj / 3u) * THREADS + (threadIdx.x & ~31u));
-        rw = philox_words(P.seed0, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
-      }
+      if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(P, T, o_base);
 #pragma unroll
       for (int it = 0; it < ITERS; ++it) {
         const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
@@ -381,12 +392,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
           if (u >= full) continue;
         } else {
           if (u >= full) continue;
-          if (need_z0) {
-            if (P.dist == DIST_GAUSSIAN_FAST)
-              gaussian_fast_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN_FAST), z0);
-            else
-              gaussian_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
-          }
+          if (need_z0) gaussian_z0(P, T, o, z0);
         }
         float x[8];
         fast_unpack<DT>(raw[it], x);
@@ -400,12 +406,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         }
         fast_store<DT>(out + u * UNIT, res);
       }
-      if (ub + UNITS_PER_BLOCK > full) {  // the tensor's last, partial unit (n % 8 != 0)
-        for (int it = 0; it < ITERS; ++it) {
-          const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
-          if (u >= full && u < d.units) process_element_unit<DT>(P, T, in, out, d.mask8, d.cols, d.k, d.n, u);
-        }
-      }
+      partial_tail_unit<DT>(P, T, d, in, out, ub, full);
       continue;
     }
     for (int it = 0; it < ITERS; ++it) {
