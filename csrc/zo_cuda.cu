@@ -88,7 +88,7 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
 
   std::vector<Desc> descs(T);
   int64_t total_blocks = 0;
-  bool any_bits_mask = false;  // a threshold or packed-bit mask tensor in the call
+  bool any_masked_fast = false;  // a threshold, packed-bit or row-index (element units) mask tensor in the call
   for (int t = 0; t < T; ++t) {
     const at::Tensor& theta = params[t];
     const at::Tensor& outt = outs.empty() ? theta : outs[t];
@@ -115,10 +115,11 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
       d.mask8 = mask.data_ptr<uint8_t>();
     }
     // fast: 16-byte aligned element units; the dense kernels take it for unmasked tensors, the masked kernels for
-    // threshold and packed-bit masks too (the kernel tests the kind)
-    const bool bits_mask = mask.numel() > 0 && !is_rowidx_mask(mask);
-    any_bits_mask = any_bits_mask || bits_mask;
-    d.fast = (d.work == WORK_ELEMENTS && (mask.numel() == 0 || bits_mask) &&
+    // threshold, packed-bit and row-index masks too (the kernel tests the kind; row-index tables that run as
+    // entries keep the generic path)
+    const bool masked = mask.numel() > 0 && d.work == WORK_ELEMENTS;
+    any_masked_fast = any_masked_fast || masked;
+    d.fast = (d.work == WORK_ELEMENTS &&
               (reinterpret_cast<uintptr_t>(d.in) & 15u) == 0 &&
               (reinterpret_cast<uintptr_t>(d.out) & 15u) == 0)
                  ? 1
@@ -193,7 +194,8 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // Gaussian noise (on an H200 6-11% faster there, 6% slower for Rademacher perturb_: bench/results/h200_2026-12-01/
   // minblocks); MAZO_CUDA_MINBLOCKS=2|3 forces one (bf16 only).
   bool all_fast = true;
-  for (const Desc& d : descs) all_fast = all_fast && ((d.fast && d.mask8 == nullptr) || d.units == 0);
+  for (const Desc& d : descs)
+    all_fast = all_fast && ((d.fast && d.mask8 == nullptr && d.cols == nullptr) || d.units == 0);
   int minb = (all_fast && (op == OP_UPDATE || dist == DIST_GAUSSIAN)) ? 3 : 2;
   const char* minb_env = std::getenv("MAZO_CUDA_MINBLOCKS");
   if (minb_env) minb = std::atoi(minb_env);
@@ -215,11 +217,11 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
                                    : kdt == DT_BF16_HW ? mazo_cuda::kernels_bf16_hw
                                                        : mazo_cuda::kernels_bf16;
   const void* kfn = nullptr;
-  // Calls with a threshold or packed-bit mask: the masked specialisation (default storage kernels; fp32 without
-  // the exchange), whose fast path handles masked units; MAZO_CUDA_MASKED_FAST=0 (read per call) keeps the dense
-  // kernel, where masked tensors run element units (same bits).
+  // Calls with a threshold, packed-bit or row-index mask: the masked specialisation (default storage kernels; fp32
+  // without the exchange), whose fast path handles masked units; MAZO_CUDA_MASKED_FAST=0 (read per call) keeps the
+  // dense kernel, where masked tensors run element units (same bits).
   const char* mfast_env = std::getenv("MAZO_CUDA_MASKED_FAST");
-  if (spec >= 0 && any_bits_mask && !(mfast_env && std::atoi(mfast_env) == 0))  // nullptr where a family has none
+  if (spec >= 0 && any_masked_fast && !(mfast_env && std::atoi(mfast_env) == 0))  // nullptr where a family has none
     kfn = (f32_xor ? mazo_cuda::kernels_f32 : family)(spec | MASKED_SPEC, 0);
   if (kfn == nullptr && spec >= 0) kfn = family(spec, 0);
   if (kfn == nullptr) kfn = family(-1, minb3 ? 3 : 2);  // no specialisation for this call: the generic kernel

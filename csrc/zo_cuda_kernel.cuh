@@ -181,6 +181,65 @@ __device__ __forceinline__ unsigned fast_unit_sel(const OpParams& P, const Tenso
   return sel;
 }
 
+// ------------------------------------------------------------------ row-index masks in the masked kernel
+// A row-index mask (int32 [rows, k]: sorted, distinct columns per row, masks.RowIndexMask) read as a selection of the
+// block's units: its entries for the block's elements are one contiguous slice of the table (row-major (row, column)
+// order), found by two searches per block; the block's threads stream the slice once, coalesced, and set one bit per
+// entry in shared memory (a bitmap of the block's 8192 elements, never in device memory); each unit then reads its
+// byte. Before, every unit ran its own binary search over its row (rowidx_unit_sel: ~13 dependent loads per unit).
+
+// Table entries before element e of the tensor (rows of row_len elements, k entries each): row r's first entry plus
+// the number of its columns < c. One warp, 32 probes per round (3 rounds for k up to 32768), the same answer in
+// every lane.
+__device__ __forceinline__ int64_t rowidx_flat_lower_bound(const int32_t* cols, int64_t k, int64_t rows,
+                                                           int64_t row_len, int64_t e) {
+  const int64_t r = e / row_len;
+  if (r >= rows) return rows * k;
+  const int64_t c = e - r * row_len;
+  const int32_t* row = cols + r * k;
+  const int64_t lane = (int64_t)(threadIdx.x & 31u);
+  int64_t lo = 0, hi = k;  // the answer lies in [lo, hi]
+  while (hi - lo > 32) {   // warp-uniform
+    const int64_t step = (hi - lo + 31) / 32;
+    const int64_t p = lo + (lane + 1) * step - 1;
+    const int below = __popc(__ballot_sync(0xFFFFFFFFu, p < hi && __ldg(row + p) < c));
+    const int64_t nhi = lo + (int64_t)(below + 1) * step - 1;
+    lo += (int64_t)below * step;
+    hi = nhi < hi ? nhi : hi;
+  }
+  const int64_t p = lo + lane;
+  return r * k + lo + __popc(__ballot_sync(0xFFFFFFFFu, p < hi && __ldg(row + p) < c));
+}
+
+// The block's full units [ub, ub + nunits) as bits (bit 8 * (u - ub) + l for element l of unit u) in sel_bits;
+// bounds: 3 int64 of shared scratch. Every thread of the block calls it (barriers).
+__device__ __forceinline__ void rowidx_block_bits(const Desc& d, const TensorParams& T, int64_t ub, int64_t full,
+                                                  uint32_t* sel_bits, int64_t* bounds) {
+  const int64_t nunits = full - ub < UNITS_PER_BLOCK ? full - ub : UNITS_PER_BLOCK;
+  __syncthreads();  // the previous block of this loop has read its bits
+  for (int w = threadIdx.x; w < UNITS_PER_BLOCK / 4; w += THREADS) sel_bits[w] = 0u;
+  const bool any = nunits > 0 && d.k > 0 && T.row_len > 0 && d.cols != nullptr;  // block-uniform
+  const int64_t e0 = ub * UNIT, span = nunits * UNIT;
+  if (any && threadIdx.x < 64) {  // warps 0 and 1: the slice's two ends
+    const int64_t rows = d.n / T.row_len;
+    const int64_t v = rowidx_flat_lower_bound(d.cols, d.k, rows, T.row_len, threadIdx.x < 32 ? e0 : e0 + span);
+    if ((threadIdx.x & 31u) == 0) bounds[threadIdx.x >> 5] = v;
+    if (threadIdx.x == 0) bounds[2] = e0 / T.row_len;
+  }
+  __syncthreads();
+  if (!any) return;
+  const int64_t first = bounds[0], last = bounds[1];
+  int64_t r = bounds[2];  // the row of this thread's entry: only grows
+#pragma unroll 4
+  for (int64_t e = first + threadIdx.x; e < last; e += THREADS) {
+    while (e >= (r + 1) * d.k) ++r;
+    const int32_t c = __ldg(d.cols + e);
+    const int64_t pos = r * T.row_len + c - e0;
+    if (c >= 0 && c < T.row_len && pos >= 0 && pos < span) atomicOr(&sel_bits[pos >> 5], 1u << (pos & 31));
+  }
+  __syncthreads();
+}
+
 // Store a full unit: whole when every element is selected (or for perturbed_copy, whose unselected elements are the
 // input's, or with P.whole_unit_store), else only the selected elements (unselected ones are never written).
 template <int DT>
@@ -276,7 +335,8 @@ constexpr int spec_of(int op, bool prior_nonzero, int dist) { return op * 8 + (p
 
 // MIN_BLOCKS: blocks per SM the register budget must allow (2: 128 registers; 3: 80; 4: 64). Same bits either way;
 // which one a call gets: see the launch below.
-// MASKED: the kernel for calls with threshold or packed-bit masks (specialisations only, see masked_kernel_of):
+// MASKED: the kernel for calls with threshold, packed-bit or row-index masks (specialisations only, see
+// masked_kernel_of):
 // every 16-byte aligned tensor, masked or not, takes a fast path one unit at a time with the unit's selection;
 // a separate instantiation, so the dense kernels keep their registers.
 template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false, bool MASKED = false>
@@ -333,6 +393,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         const int64_t full = d.n >> 3;
         const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;
         const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
+        __shared__ uint32_t rowidx_bits[UNITS_PER_BLOCK / 4];
+        __shared__ int64_t rowidx_bounds[3];
+        const bool rowidx = T.kind == MASK_ROWIDX;  // block-uniform
+        if (rowidx) rowidx_block_bits(d, T, ub, full, rowidx_bits, rowidx_bounds);
         U4 rw;
         if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(P, T, o_base);
 #pragma unroll
@@ -346,7 +410,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
           if (u >= full) continue;
           float x[8];
           fast_unpack<DT>(raw, x);
-          const unsigned sel = fast_unit_sel(P, T, d.mask8, u, x);
+          const int lu = it * THREADS + (int)threadIdx.x;  // the unit's place in the block
+          const unsigned sel = rowidx ? (rowidx_bits[lu >> 2] >> ((lu & 3) * 8)) & 0xFFu
+                                      : fast_unit_sel(P, T, d.mask8, u, x);
           if (sel == 0 && P.op != OP_COPY) continue;  // nothing selected: nothing written
           if (P.dist != DIST_RADEMACHER && need_z0) gaussian_z0(P, T, o, z0);
           bits_t res[8];

@@ -213,3 +213,75 @@ def test_cuda_specialised_and_generic_kernels_match_reference(dtype, variant, di
         copies[b] = mk.perturbed_copy(plan, seed, 0.3, out=outs, dist=dist, backend=b)
     bad = [i for i, (a, c) in enumerate(zip(copies["cuda"], copies["reference"])) if not torch.equal(_bits(a), _bits(c))]
     assert not bad, f"perturbed_copy: tensors {bad} differ from the reference"
+
+
+# Row-index shapes for the masked kernels' block bitmaps: a block (8192 elements) over two rows of 4096; rows of 11008
+# (a block ends inside a row); rows of 53 (many rows per block, a partial tail unit); k * 8 == row_len (the last
+# element-unit case); k * 8 < row_len (entry units, the generic path); an empty mask (k = 0). (rows, cols, k)
+ROWIDX_SHAPES = [(5, 4096, 2048), (3, 11008, 5504), (301, 53, 27), (40, 1000, 125), (33, 640, 40), (7, 96, 0)]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
+@pytest.mark.parametrize("variant", ["", "MAZO_CUDA_MASKED_FAST=0"])
+def test_rowindex_masks_in_a_mixed_plan_match_reference(backend, dtype, dist, variant, monkeypatch):
+    """Every op over a plan of row-index masked weights of several shapes (one with a global offset that is not a
+    multiple of 8, which leaves the fast path), beside an unmasked and a packed-bit masked tensor: bit for bit
+    against the reference. On CUDA the row-index tensors run the masked kernels' block bitmaps (default) or element
+    units (MAZO_CUDA_MASKED_FAST=0)."""
+    if variant and backend != "cuda":
+        pytest.skip("a CUDA knob")
+    if variant:
+        monkeypatch.setenv(*variant.split("="))
+    gen = torch.Generator().manual_seed(hash((backend, str(dtype), dist, variant)) % 2 ** 31)
+    ws, masks = [], []
+    for rows, cols, k in ROWIDX_SHAPES:
+        ws.append((torch.randn(rows, cols, generator=gen) * 0.02).to(dtype))
+        idx = torch.stack([torch.randperm(cols, generator=gen)[:k].sort().values for _ in range(rows)])
+        masks.append(mk.RowIndexMask(idx.reshape(rows, k).to(torch.int32).contiguous()))
+    ws.append((torch.randn(4100, generator=gen) * 0.02).to(dtype))
+    masks.append(None)
+    ws.append((torch.randn(9000, generator=gen) * 0.02).to(dtype))
+    masks.append(mk.BitMask.from_bool(torch.rand(9000, generator=gen) < 0.5))
+    kw = {1: dict(global_offset=8 * 77, full_numel=10 ** 6), 2: dict(global_offset=3, full_numel=10 ** 6),
+          3: dict(scale_mult=0.5, lr_mult=2.0, weight_decay=0.1)}
+
+    def plan(device):
+        entries = []
+        for i, (w, m) in enumerate(zip(ws, masks)):
+            if isinstance(m, mk.RowIndexMask):
+                m = mk.RowIndexMask(m.cols.to(device))
+            elif isinstance(m, mk.BitMask):
+                m = mk.BitMask(m.bits.to(device))
+            entries.append(mk.PlanEntry(f"w{i}", w.to(device).clone(), 100 + i, mask=m, **kw.get(i, {})))
+        return mk.ZOPlan(entries)
+
+    pg, pc = plan("cuda"), plan("cpu")
+
+    def same(what):
+        bad = [i for i, (a, c) in enumerate(zip(pg.entries, pc.entries)) if not torch.equal(_bits(a.tensor),
+                                                                                              _bits(c.tensor))]
+        assert not bad, f"{what}: tensors {bad} differ from the reference ({backend} {variant})"
+
+    seed, eps = 2 ** 64 - 99, 1e-3
+    for p, b in ((pg, backend), (pc, "reference")):
+        mk.perturb_(p, seed, eps, dist=dist, backend=b)
+    same("perturb_, prior 0")
+    for p, b in ((pg, backend), (pc, "reference")):
+        mk.perturb_(p, seed, -2 * eps, prior=eps, dist=dist, backend=b)
+    same("perturb_ with a prior")
+    for p, b in ((pg, backend), (pc, "reference")):
+        mk.update_(p, [seed, 5], [0.4, -0.8], lr=1e-2, restore_seed=seed, prior=-eps, sr_seed=7, dist=dist,
+                   backend=b)
+    same("update_ with restore")
+    for p, b in ((pg, backend), (pc, "reference")):
+        mk.update_(p, [13], [0.9], lr=1e-2, sr_seed=3, dist=dist, backend=b)
+    same("update_ with prior 0")
+    copies = {}
+    for p, b in ((pg, backend), (pc, "reference")):
+        outs = [torch.full_like(e.tensor, float("nan")) for e in p.entries]
+        copies[b] = mk.perturbed_copy(p, seed, 0.3, out=outs, dist=dist, backend=b)
+    bad = [i for i, (a, c) in enumerate(zip(copies[backend], copies["reference"])) if not torch.equal(_bits(a),
+                                                                                                    _bits(c))]
+    assert not bad, f"perturbed_copy: tensors {bad} differ from the reference"
