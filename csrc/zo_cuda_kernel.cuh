@@ -182,60 +182,56 @@ __device__ __forceinline__ unsigned fast_unit_sel(const OpParams& P, const Tenso
 }
 
 // ------------------------------------------------------------------ row-index masks in the masked kernel
-// A row-index mask (int32 [rows, k]: sorted, distinct columns per row, masks.RowIndexMask) read as a selection of the
-// block's units: its entries for the block's elements are one contiguous slice of the table (row-major (row, column)
-// order), found by two searches per block; the block's threads stream the slice once, coalesced, and set one bit per
-// entry in shared memory (a bitmap of the block's 8192 elements, never in device memory); each unit then reads its
-// byte. Before, every unit ran its own binary search over its row (rowidx_unit_sel: ~13 dependent loads per unit).
+// A row-index mask (int32 [rows, k]: sorted, distinct columns in [0, row_len) per row, as masks.RowIndexMask
+// validates) read as a selection of the block's units: the block's threads stream the table entries that can fall in
+// the block's elements once, coalesced, and set one bit per entry that does in a shared-memory bitmap of the block's
+// 8192 elements (never in device memory); each unit then reads its byte. Before, every unit ran its own binary search
+// over its row (rowidx_unit_sel: ~13 dependent loads per unit).
+// Which entries can fall in the block needs no search: in a row of sorted distinct columns, at most row_len - c
+// columns are >= c, so the first entry >= c is at index >= c - (row_len - k), and the first entry >= c' at index
+// <= min(c', k). The block's entries lie in [ra * k + max(0, ca - (row_len - k)), rb * k + min(cb, k)) for its first
+// element (row ra, column ca) and its end (row rb, column cb in (0, row_len]): exactly its entries where the block
+// starts and ends at row boundaries, a superset elsewhere (each entry is tested against the block's range anyway).
 
-// Table entries before element e of the tensor (rows of row_len elements, k entries each): row r's first entry plus
-// the number of its columns < c. One warp, 32 probes per round (3 rounds for k up to 32768), the same answer in
-// every lane.
-__device__ __forceinline__ int64_t rowidx_flat_lower_bound(const int32_t* cols, int64_t k, int64_t rows,
-                                                           int64_t row_len, int64_t e) {
-  const int64_t r = e / row_len;
-  if (r >= rows) return rows * k;
-  const int64_t c = e - r * row_len;
-  const int32_t* row = cols + r * k;
-  const int64_t lane = (int64_t)(threadIdx.x & 31u);
-  int64_t lo = 0, hi = k;  // the answer lies in [lo, hi]
-  while (hi - lo > 32) {   // warp-uniform
-    const int64_t step = (hi - lo + 31) / 32;
-    const int64_t p = lo + (lane + 1) * step - 1;
-    const int below = __popc(__ballot_sync(0xFFFFFFFFu, p < hi && __ldg(row + p) < c));
-    const int64_t nhi = lo + (int64_t)(below + 1) * step - 1;
-    lo += (int64_t)below * step;
-    hi = nhi < hi ? nhi : hi;
-  }
-  const int64_t p = lo + lane;
-  return r * k + lo + __popc(__ballot_sync(0xFFFFFFFFu, p < hi && __ldg(row + p) < c));
-}
+constexpr int ROWIDX_BATCH = 8;  // table entries per thread loaded before any is used (loads in flight)
 
 // The block's full units [ub, ub + nunits) as bits (bit 8 * (u - ub) + l for element l of unit u) in sel_bits;
 // bounds: 3 int64 of shared scratch. Every thread of the block calls it (barriers).
 __device__ __forceinline__ void rowidx_block_bits(const Desc& d, const TensorParams& T, int64_t ub, int64_t full,
                                                   uint32_t* sel_bits, int64_t* bounds) {
   const int64_t nunits = full - ub < UNITS_PER_BLOCK ? full - ub : UNITS_PER_BLOCK;
+  const int64_t e0 = ub * UNIT, span = nunits * UNIT;
+  const int64_t k = d.k, row_len = T.row_len;
+  const bool any = nunits > 0 && k > 0 && row_len > 0 && d.cols != nullptr;  // block-uniform
   __syncthreads();  // the previous block of this loop has read its bits
   for (int w = threadIdx.x; w < UNITS_PER_BLOCK / 4; w += THREADS) sel_bits[w] = 0u;
-  const bool any = nunits > 0 && d.k > 0 && T.row_len > 0 && d.cols != nullptr;  // block-uniform
-  const int64_t e0 = ub * UNIT, span = nunits * UNIT;
-  if (any && threadIdx.x < 64) {  // warps 0 and 1: the slice's two ends
-    const int64_t rows = d.n / T.row_len;
-    const int64_t v = rowidx_flat_lower_bound(d.cols, d.k, rows, T.row_len, threadIdx.x < 32 ? e0 : e0 + span);
-    if ((threadIdx.x & 31u) == 0) bounds[threadIdx.x >> 5] = v;
-    if (threadIdx.x == 0) bounds[2] = e0 / T.row_len;
+  if (any && threadIdx.x == 0) {
+    const int64_t ra = e0 / row_len, ca = e0 - ra * row_len;
+    const int64_t rb = (e0 + span - 1) / row_len, cb = e0 + span - rb * row_len;
+    const int64_t skip = ca - (row_len - k);
+    bounds[0] = ra * k + (skip > 0 ? skip : 0);
+    bounds[1] = rb * k + (cb < k ? cb : k);
+    bounds[2] = ra;
   }
   __syncthreads();
   if (!any) return;
   const int64_t first = bounds[0], last = bounds[1];
   int64_t r = bounds[2];  // the row of this thread's entry: only grows
-#pragma unroll 4
-  for (int64_t e = first + threadIdx.x; e < last; e += THREADS) {
-    while (e >= (r + 1) * d.k) ++r;
-    const int32_t c = __ldg(d.cols + e);
-    const int64_t pos = r * T.row_len + c - e0;
-    if (c >= 0 && c < T.row_len && pos >= 0 && pos < span) atomicOr(&sel_bits[pos >> 5], 1u << (pos & 31));
+  for (int64_t e_batch = first + threadIdx.x; e_batch < last; e_batch += (int64_t)THREADS * ROWIDX_BATCH) {
+    int32_t c[ROWIDX_BATCH];
+#pragma unroll
+    for (int j = 0; j < ROWIDX_BATCH; ++j) {
+      const int64_t e = e_batch + (int64_t)j * THREADS;
+      c[j] = e < last ? __ldg(d.cols + e) : -1;
+    }
+#pragma unroll
+    for (int j = 0; j < ROWIDX_BATCH; ++j) {
+      const int64_t e = e_batch + (int64_t)j * THREADS;
+      if (e >= last) break;
+      while (e >= (r + 1) * k) ++r;
+      const int64_t pos = r * row_len + c[j] - e0;
+      if (c[j] >= 0 && c[j] < row_len && pos >= 0 && pos < span) atomicOr(&sel_bits[pos >> 5], 1u << (pos & 31));
+    }
   }
   __syncthreads();
 }

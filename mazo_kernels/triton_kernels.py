@@ -5,8 +5,8 @@ order (launched with enable_fp_fusion=False, sqrt via tl.sqrt_rn, no division), 
 the float32 bits, Philox words kept as tl.uint32.
 
 Layout: a per-tensor table (addresses of data/out/mask, sizes) and a per-program table (tensor, first unit) live on
-the tensors' device. A program owns BLOCK consecutive local elements (or, for row-index masks outside COPY, BLOCK
-consecutive mask entries). When the shard's global offset is aligned to the generator's call size, Philox runs once
+the tensors' device. A program owns BLOCK consecutive local elements (or, for sparse row-index masks run as entry
+units, BLOCK consecutive mask entries; _rowidx_elements). When the shard's global offset is aligned to the generator's call size, Philox runs once
 per call (8 Gaussians / 128 signs / 8 rounding-bit pairs) and the results are spread with join + reshape; otherwise
 (and for row-index entries) every element computes its own call.
 """
@@ -36,7 +36,8 @@ MASKED_NUM_WARPS = 8
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
-MASKED_FAST = True   # threshold and packed-bit masks take the fast path too (False: only unmasked tensors do)
+MASKED_FAST = True   # threshold, packed-bit and row-index (element units) masks take the fast path too (False: only
+                     # unmasked tensors do)
 CHUNK = 1            # FBLOCK blocks per fast program (SPLIT)
 GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SPLIT)
 # bf16 nearest-even by the hardware conversion (cvt.rn.bf16x2.f32, IEEE nearest-even; its NaN replaced by the spec's
@@ -46,7 +47,7 @@ GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SP
 # a constexpr, so it is fixed per process.
 HW_BF16 = tl.constexpr(os.environ.get("MAZO_TRITON_HW_BF16", "1") != "0"
                        and os.environ.get("TRITON_INTERPRET", "0") != "1")
-_NTAB = 7             # int64 columns of the per-tensor table
+_NTAB = 8             # int64 columns of the per-tensor table
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 256   # a 30B LLaMA's transient mode uses ~65 block tables per forward
 _TABLE_OUTS: dict = {}    # key -> the output addresses the cached table holds (out-of-place calls)
@@ -379,6 +380,36 @@ def _f32_arg(bits_ptr, i):
 
 
 
+# ------------------------------------------------------------------------------------------------ row-index units
+@triton.jit
+def _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, numel, NU: tl.constexpr):
+    """Selection bytes (int32 [NU]) of the units of 8 local elements starting at lstart (a multiple of 8) under a
+    row-index mask (int32 [rows, kcols]: sorted, distinct columns per row) whose rows are a multiple of 8 long, so
+    that a unit lies in one row. Per unit: a binary search of its first column in its row's columns (nsteps rounds:
+    the bit length of kcols), then the up to 8 listed columns from there that fall inside the unit. Units at or past
+    numel select nothing. Every unit of the block searches at once, so the rounds are vector loads from one or two
+    rows' columns (cached), not the dependent scalar loads of a search per element."""
+    i0 = lstart + tl.arange(0, NU).to(tl.int64) * 8
+    ok = i0 < numel
+    r = i0 // row_len
+    c = (i0 - r * row_len).to(tl.int32)
+    row = cols_ptr + tl.where(ok, r, 0) * kcols
+    lo = tl.zeros([NU], tl.int32)   # kcols < 2^31 (an int32 table's row)
+    hi = tl.where(ok, lo + kcols.to(tl.int32), lo)
+    for _ in range(nsteps):
+        act = lo < hi
+        mid = (lo + hi) >> 1
+        v = tl.load(row + mid, mask=act, other=0)
+        less = act & (v < c)
+        lo = tl.where(less, mid + 1, lo)
+        hi = tl.where(act & (~less), mid, hi)
+    j = lo[:, None] + tl.arange(0, 8)[None, :]
+    v = tl.load(row[:, None] + j, mask=ok[:, None] & (j < kcols), other=-1)
+    d = v - c[:, None]
+    hit = (d >= 0) & (d < 8)
+    return tl.sum(tl.where(hit, 1 << tl.where(hit, d, 0), 0), axis=1)
+
+
 # ------------------------------------------------------------------------------------------------ fast path
 # Dense blocks (no mask, not row-index entries, full BLOCK inside the tensor, global offset aligned to the
 # generator's call size) take the plain kernel's structure: Philox once per call on a [R] vector, the words joined
@@ -431,14 +462,16 @@ def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr, RO
 
 @triton.jit
 def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds,
-                mask_ptr, kind, tau,
+                mask_ptr, kind, tau, cols_ptr, kcols, row_len, nsteps, lstart,
                 OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, DT: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
-                TMODE: tl.constexpr, MASKED: tl.constexpr):
+                TMODE: tl.constexpr, MASKED: tl.constexpr, ROWIDX: tl.constexpr):
     """One aligned block of BLOCK elements, all inside the tensor. in_ptr/out_ptr point at the block's start.
-    MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold or packed bits
-    (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes); the selection as in _general_block, the
-    threshold latch written in TMODE 1, and only selected elements stored (perturbed_copy stores them all)."""
+    MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold, packed bits
+    (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes) or row-index as element units (cols_ptr,
+    kcols, row_len, nsteps; lstart the block's first local element); the selection as in _general_block, the
+    threshold latch written in TMODE 1, and only selected elements stored (perturbed_copy stores them all). ROWIDX
+    (constexpr): the call has row-index element units (compiled in only then: the search's registers)."""
     ROWS: tl.constexpr = DIST != 1 or MASKED
     if ROWS:
         offs = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
@@ -453,7 +486,13 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             rd = kind != 0
         else:
             rd = kind == 2
-        byte = tl.load(mask_ptr + tl.arange(0, BLOCK // 8), mask=rd, other=255).to(tl.int32)   # one per row
+        if ROWIDX:
+            if kind == 3:
+                byte = _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, lstart + BLOCK, BLOCK // 8)
+            else:
+                byte = tl.load(mask_ptr + tl.arange(0, BLOCK // 8), mask=rd, other=255).to(tl.int32)
+        else:
+            byte = tl.load(mask_ptr + tl.arange(0, BLOCK // 8), mask=rd, other=255).to(tl.int32)   # one per row
         sel = ((byte[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0
         if TMODE != 2:   # the threshold rule on the stored values (kind 1)
             sel = sel & ((kind != 1) | (tl.abs(x) < tau))
@@ -520,10 +559,11 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
 
 @triton.jit
 def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entries, tid, off, kind, row_len,
-                   scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr, n_seeds,
+                   nsteps, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr, n_seeds,
                    OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, TMODE: tl.constexpr, DT: tl.constexpr,
-                   HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, BLOCK: tl.constexpr):
-    """Units [start, start + BLOCK) of one tensor, any mask, any alignment (start is a multiple of BLOCK)."""
+                   HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, BLOCK: tl.constexpr, ROWIDX: tl.constexpr):
+    """Units [start, start + BLOCK) of one tensor, any mask, any alignment (start is a multiple of BLOCK). ROWIDX
+    (constexpr): the call has row-index masks run as element units (_table_row)."""
     mask_u8 = mask_addr.to(tl.pointer_type(tl.uint8))
     mask_i32 = mask_addr.to(tl.pointer_type(tl.int32))
 
@@ -545,7 +585,16 @@ def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entr
     thr = tl.abs(x) < tau
     byte = tl.load(mask_u8 + (local >> 3), mask=valid & use_bits, other=0)
     bit = ((byte.to(tl.int32) >> (local & 7).to(tl.int32)) & 1) != 0
-    sel = valid & tl.where(use_thr, thr, tl.where(use_bits, bit, True))
+    if ROWIDX:
+        use_rows = (kind == 3) & (~entries)   # a row-index mask run as element units (_table_row)
+        if use_rows:
+            rbyte = _rowidx_bytes(mask_i32, kcols, row_len, nsteps, start, numel, BLOCK // 8)
+            rbit = tl.reshape(((rbyte[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0, [BLOCK])
+        else:
+            rbit = valid
+        sel = valid & tl.where(use_thr, thr, tl.where(use_bits, bit, tl.where(use_rows, rbit, True)))
+    else:
+        sel = valid & tl.where(use_thr, thr, tl.where(use_bits, bit, True))
     if TMODE == 1:
         # threshold latch: this program owns bytes [start/8, start/8 + BLOCK/8); every byte is rewritten
         bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
@@ -601,7 +650,8 @@ def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entr
 def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, TMODE: tl.constexpr, DT: tl.constexpr,
                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, MODE: tl.constexpr,
-               FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr, MASKED: tl.constexpr = False):
+               FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr, MASKED: tl.constexpr = False,
+               ROWIDX: tl.constexpr = False):
     pid = tl.program_id(0).to(tl.int64)
     if MODE >= 3:   # [t, start, number of FBLOCK blocks]
         t = tl.load(prog_ptr + 3 * pid)
@@ -618,6 +668,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
     nunits = tl.load(tb + 4)
     kcols = tl.load(tb + 5)
     entries = tl.load(tb + 6) != 0          # row-index mask entries (not elements) are the units
+    nsteps = tl.load(tb + 7).to(tl.int32)    # row-index element units: binary-search rounds (bit length of kcols)
     tid = tl.load(meta_ptr + 4 * t).to(tl.uint32)
     off = tl.load(meta_ptr + 4 * t + 1)
     kind = tl.load(meta_ptr + 4 * t + 2)
@@ -654,37 +705,40 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
         aligned = (gstart0 & 127) == 0
     # MASKED (constexpr, the host's choice per call): threshold and packed-bit masks take the fast path too.
     if MASKED:
-        fast_kind = (kind == 0) | (kind == 1) | (kind == 2)
+        fast_kind = (kind == 0) | (kind == 1) | (kind == 2) | (kind == 3)   # kind 3: element units only
     else:
         fast_kind = kind == 0
     dense = fast_kind & (~entries) & aligned & (((in_addr | out_addr) & 15) == 0)   # 16-byte vector access
     mask_u8p = mask_addr.to(tl.pointer_type(tl.uint8))
+    cols_i32p = mask_addr.to(tl.pointer_type(tl.int32))
     if MODE == 3:
         if dense:
             for j in range(nblk):
                 st = start + j * FBLOCK
                 _fast_block(tl.multiple_of(in_ptr + st, 16), tl.multiple_of(out_ptr + st, 16), off + st, tid,
                             scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (st >> 3), kind,
-                            tau, OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED)
+                            tau, cols_i32p, kcols, row_len, nsteps, st,
+                            OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX)
     elif MODE == 4:
         nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
         for q in range(nsub):
             _general_block(in_ptr, out_ptr, mask_addr, start + q * BLOCK, numel, nunits, kcols, entries,
-                           tid, off, kind, row_len, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr,
-                           n_seeds, OP, DIST, SR, TMODE, DT, HAS_PRIOR, REUSE0, BLOCK)
+                           tid, off, kind, row_len, nsteps, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr,
+                           n_seeds, OP, DIST, SR, TMODE, DT, HAS_PRIOR, REUSE0, BLOCK, ROWIDX)
     elif MODE == 2:
         if dense & (start + BLOCK <= numel):
             _fast_block(tl.multiple_of(in_ptr + start, 16), tl.multiple_of(out_ptr + start, 16), gstart0, tid,
                         scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (start >> 3), kind,
-                        tau, OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED)
+                        tau, cols_i32p, kcols, row_len, nsteps, start,
+                        OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX)
     else:
         run = start >= 0
         if MODE == 1:   # FBLOCK is a multiple of BLOCK; the fast kernel's block holding `start` is full
             run = ~(dense & ((start - (start & (FBLOCK - 1))) + FBLOCK <= numel))
         if run:
             _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entries, tid, off, kind,
-                           row_len, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr, n_seeds, OP, DIST, SR,
-                           TMODE, DT, HAS_PRIOR, REUSE0, BLOCK)
+                           row_len, nsteps, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr, n_seeds, OP, DIST, SR,
+                           TMODE, DT, HAS_PRIOR, REUSE0, BLOCK, ROWIDX)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -707,13 +761,25 @@ def _refuse_upload_in_capture(device):
                            "step)")
 
 
+def _rowidx_elements(theta, mask) -> bool:
+    """Does a row-index mask run as element units (every element visited in order, the selection found per unit of
+    8 by _rowidx_bytes) rather than entry units (only the listed elements, gathered)? From 1/8 of a row on (a 32-byte
+    bf16 sector then holds two listed elements on average, as csrc/zo_apply_common.h's rowidx_as_elements), for rows
+    a multiple of 8 long (a unit lies in one row)."""
+    k, row_len = int(mask.shape[1]), int(theta.shape[1]) if theta.dim() == 2 else 0
+    return k > 0 and row_len % 8 == 0 and k * 8 >= row_len
+
+
 def _table_row(theta, out, mask):
-    """One tensor's row of the per-tensor table (_NTAB columns). Row-index masks run as entry units (only the listed
-    elements) in every op; perturbed_copy's output is first a copy of theta (zo_apply_)."""
+    """One tensor's row of the per-tensor table (_NTAB columns): addresses, numel, units, k, entries?, search
+    rounds. Row-index masks run as element units where _rowidx_elements says so, else as entry units (only the
+    listed elements); perturbed_copy's output is then first a copy of theta (zo_apply_)."""
     n = theta.numel()
     ri = _is_rowidx(mask)
-    return (theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, mask.numel() if ri else n,
-            int(mask.shape[1]) if ri else 0, int(ri))
+    ent = ri and not _rowidx_elements(theta, mask)
+    k = int(mask.shape[1]) if ri else 0
+    return (theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, mask.numel() if ent else n, k, int(ent),
+            k.bit_length())
 
 
 def _upload(t: torch.Tensor, device) -> torch.Tensor:
@@ -786,7 +852,8 @@ _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guard: int, device):
     """Program lists of the SPLIT launches: fast programs [t, start, nblk] over the full FBLOCK blocks of tensors with
-    16-byte aligned data and no mask tensor (or, with MASKED_FAST, no row-index mask; chunk blocks per program); general programs [t, start, 0] over
+    16-byte aligned data and no mask tensor (or, with MASKED_FAST, no mask run as entry units; chunk blocks per program);
+    general programs [t, start, 0] over
     everything else at BLOCK granularity, and guards [t, start, nblk] (guard fast blocks each) that run the fast
     blocks the device finds not dense. Returns (tab, fast_prog, n_fast, gen_prog, n_gen)."""
     # The cache key holds everything the tables are built from (addresses, sizes, mask shapes and dtypes, the
@@ -804,7 +871,8 @@ def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guar
     rows, cand = [], []
     for theta, out, mask in zip(params, outs, masks):
         rows.append(_table_row(theta, out, mask))
-        cand.append(not _is_rowidx(mask) and (mask.numel() == 0 or bool(MASKED_FAST))
+        cand.append((not _is_rowidx(mask) or (bool(MASKED_FAST) and _rowidx_elements(theta, mask)))
+                    and (mask.numel() == 0 or bool(MASKED_FAST))
                     and (theta.data_ptr() | out.data_ptr()) % 16 == 0)
     _refuse_upload_in_capture(device)
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, _NTAB)
@@ -916,7 +984,7 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
         # elements come from this copy. A binary search per element instead ran 7B bf16 at 493 ms against ~52 ms
         # for the in-place entry walk (bench/results/h200_2026-12-02/s9_full_matrix).
         for theta, out, mask in zip(params, outs, masks):
-            if _is_rowidx(mask) and theta.numel():
+            if _is_rowidx(mask) and theta.numel() and not _rowidx_elements(theta, mask):
                 out.copy_(theta)
     meta_d = meta.to(device=device, dtype=torch.int64).contiguous()
     fv_d = fvals.to(device=device, dtype=torch.float32).contiguous()
@@ -932,9 +1000,11 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     reuse0 = int(op == ref.OP_UPDATE and prior != 0.0 and len(seeds) > 1 and (seeds[1] & m64) == (seeds[0] & m64))
     # MASKED compiles the fast path's mask handling only into calls that have a threshold or packed-bit mask
     # (filter walks the masks at C speed: a dense call's masks are all empty and none reaches Python)
-    masked = bool(FAST and MASKED_FAST) and any(not _is_rowidx(m_) for m_ in filter(_NUMEL, masks))
+    # ROWIDX compiles the row-index element units' search in only where the call has such a tensor
+    rowidx_el = any(_rowidx_elements(t_, m_) for t_, m_ in zip(params, masks) if m_.numel() and _is_rowidx(m_))
+    masked = bool(FAST and MASKED_FAST) and (rowidx_el or any(not _is_rowidx(m_) for m_ in filter(_NUMEL, masks)))
     consts = dict(OP=int(op), DIST=int(dist), SR=int(rounding == ref.ROUND_STOCHASTIC), TMODE=int(threshold_mode),
-                  MASKED=masked,
+                  MASKED=masked, ROWIDX=rowidx_el,
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
                   NSTAT=(len(seeds) if op == ref.OP_UPDATE and len(seeds) <= 4 else 0), NTAB=_NTAB,
                   enable_fp_fusion=False)

@@ -425,3 +425,52 @@ def test_masked_fast_path_matches_general_and_reference(dist, split, monkeypatch
         results[on] = [e.tensor.clone() for e in pt[0].entries] + [m.clone() for m in pt[0].groups[0].masks]
     for a, b in zip(results[True], results[False]):
         assert_same(a, b, "masked fast path vs general path")
+
+
+@pytest.mark.parametrize("dist", ["gaussian_fast", "rademacher"])
+def test_rowindex_element_units_fast_and_general(dist, monkeypatch, _big_block):
+    """Row-index masks with k * 8 >= row_len (rows a multiple of 8 long) run as element units: full blocks in the
+    fast kernel (MASKED_FAST), tails and unaligned offsets in the general kernel, both finding each unit's selection
+    by a binary search of its row's columns (_rowidx_bytes). Sparser masks and rows not a multiple of 8 keep entry
+    units. A whole step and a copy against the reference, with the fast path on and off."""
+    tk = _big_block
+    monkeypatch.setattr(tk, "BLOCK", 128)
+    monkeypatch.setattr(tk, "FAST_BLOCK", 256)
+    g = gen(41 + (dist == "rademacher"))
+    specs = [dict(name="r64", tensor=weights((8, 64), torch.bfloat16, g), tid=51, mask=("rows", rowidx(8, 64, 32, g)),
+                  offset=1024, full=4096),
+             dict(name="r48", tensor=weights((6, 48), torch.bfloat16, g), tid=52, mask=("rows", rowidx(6, 48, 6, g)),
+                  sm=0.5, lm=2.0, wd=0.1),
+             dict(name="r40_sparse", tensor=weights((5, 40), torch.bfloat16, g), tid=53,
+                  mask=("rows", rowidx(5, 40, 3, g))),
+             dict(name="r36", tensor=weights((9, 36), torch.bfloat16, g), tid=54, mask=("rows", rowidx(9, 36, 20, g))),
+             dict(name="r64_odd", tensor=weights((4, 64), torch.bfloat16, g), tid=55,
+                  mask=("rows", rowidx(4, 64, 40, g)), offset=5, full=300),
+             dict(name="dense", tensor=weights((256,), torch.bfloat16, g), tid=56)]
+    _, pt = plans(specs)
+    grp = pt[0].groups[0]
+    modes = [bool(tk._table_row(t, t, m)[6]) for t, m in zip(grp.tensors, grp.masks)]
+    assert modes == [False, False, True, True, False, False], modes   # entry units only where sparse or rows % 8
+    monkeypatch.setattr(tk, "MASKED_FAST", True)
+    nf = tk._split_tables(grp.tensors, grp.tensors, grp.masks, 128, 256, 1, 16, grp.tensors[0].device)[2]
+    assert nf == 2 + 1 + 1 + 1, nf   # r64, r48, r64_odd (found unaligned on the device), dense
+    eps, seed = 1e-3, 0x0123456789ABCDEF
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(tk, "MASKED_FAST", on)
+        pr, pt = plans(specs)
+        steps = [("perturb +eps", lambda ps, b: mk.perturb_(ps[0], seed, eps, dist=dist, backend=b)),
+                 ("perturb -eps", lambda ps, b: mk.perturb_(ps[0], seed, -eps, prior=eps, dist=dist, backend=b)),
+                 ("update", lambda ps, b: mk.update_(ps[0], [seed, 78], torch.tensor([-3e2, 5.0],
+                                                     device=ps[0].device), lr=1e-2, restore_seed=seed,
+                                                     prior=-eps, sr_seed=98, dist=dist, backend=b)),
+                 ("update, prior 0", lambda ps, b: mk.update_(ps[0], [6], torch.tensor([40.0], device=ps[0].device),
+                                                              lr=1e-2, dist=dist, backend=b))]
+        for what, fn in steps:
+            for backend, ps in (("reference", pr), ("triton", pt)):
+                fn(ps, backend)
+            compare_plans(pr, pt, f"{what} (MASKED_FAST={on})")
+        compare_copies(pr, pt, seed, dist, f"copy (MASKED_FAST={on})")
+        results[on] = [e.tensor.clone() for e in pt[0].entries]
+    for a, b in zip(results[True], results[False]):
+        assert_same(a, b, "row-index fast path vs general path")
