@@ -38,6 +38,10 @@ SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked 
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
 MASKED_FAST = True   # threshold, packed-bit and row-index (element units) masks take the fast path too (False: only
                      # unmasked tensors do)
+# Row-index masks as element units (every element visited, each unit's selection by a binary search of its row;
+# _rowidx_elements) rather than entry units (only the listed elements, each computing its own Philox call): "auto"
+# where that was measured faster (_rowidx_element_policy), True always, False never.
+ROWIDX_ELEMENTS = "auto"
 CHUNK = 1            # FBLOCK blocks per fast program (SPLIT)
 GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SPLIT)
 # bf16 nearest-even by the hardware conversion (cvt.rn.bf16x2.f32, IEEE nearest-even; its NaN replaced by the spec's
@@ -761,22 +765,37 @@ def _refuse_upload_in_capture(device):
                            "step)")
 
 
-def _rowidx_elements(theta, mask) -> bool:
+def _rowidx_element_policy(op: int, dist: int, dtype: torch.dtype, prior: float) -> bool:
+    """ROWIDX_ELEMENTS "auto": may this call run row-index masks as element units? On an H200 over LLaMA-7B's list
+    (masks of half of each row; bench/results/h200_2026-12-02/s13/call6 against the entry units of s12's full
+    matrix) element units were faster for perturbed_copy and update_ with prior 0 in every dtype (1.0-1.75x), and in
+    bf16/fp16 for every pass (1.06-1.70x; perturb_ with a prior 0.97-1.09x) except perturb_ with prior 0 and
+    Rademacher noise (0.73-0.76x); in fp32 the other passes were slower (0.52-0.97x)."""
+    if ROWIDX_ELEMENTS != "auto":
+        return bool(ROWIDX_ELEMENTS)
+    if op == ref.OP_COPY or (op == ref.OP_UPDATE and prior == 0.0):
+        return True
+    if dtype == torch.float32:
+        return False
+    return not (op == ref.OP_PERTURB and prior == 0.0 and dist == ref.DIST_RADEMACHER)
+
+
+def _rowidx_elements(theta, mask, ok: bool = True) -> bool:
     """Does a row-index mask run as element units (every element visited in order, the selection found per unit of
     8 by _rowidx_bytes) rather than entry units (only the listed elements, gathered)? From 1/8 of a row on (a 32-byte
     bf16 sector then holds two listed elements on average, as csrc/zo_apply_common.h's rowidx_as_elements), for rows
     a multiple of 8 long (a unit lies in one row)."""
     k, row_len = int(mask.shape[1]), int(theta.shape[1]) if theta.dim() == 2 else 0
-    return k > 0 and row_len % 8 == 0 and k * 8 >= row_len
+    return ok and k > 0 and row_len % 8 == 0 and k * 8 >= row_len
 
 
-def _table_row(theta, out, mask):
+def _table_row(theta, out, mask, rowidx_el_ok: bool = True):
     """One tensor's row of the per-tensor table (_NTAB columns): addresses, numel, units, k, entries?, search
     rounds. Row-index masks run as element units where _rowidx_elements says so, else as entry units (only the
     listed elements); perturbed_copy's output is then first a copy of theta (zo_apply_)."""
     n = theta.numel()
     ri = _is_rowidx(mask)
-    ent = ri and not _rowidx_elements(theta, mask)
+    ent = ri and not _rowidx_elements(theta, mask, rowidx_el_ok)
     k = int(mask.shape[1]) if ri else 0
     return (theta.data_ptr(), out.data_ptr(), mask.data_ptr(), n, mask.numel() if ent else n, k, int(ent),
             k.bit_length())
@@ -821,8 +840,8 @@ def _out_key(optr, device):
     return stream, tuple(p % 16 == 0 for p in optr)
 
 
-def _tables(params, outs, masks, block: int, device):
-    rows = [_table_row(theta, out, mask) for theta, out, mask in zip(params, outs, masks)]
+def _tables(params, outs, masks, block: int, device, rowidx_el_ok: bool = True):
+    rows = [_table_row(theta, out, mask, rowidx_el_ok) for theta, out, mask in zip(params, outs, masks)]
     optr = _out_ptrs(params, outs)
     key = (str(device), block, tuple(r[:1] + r[2:] for r in rows), _out_key(optr, device))
     hit = _TABLE_CACHE.get(key)
@@ -850,7 +869,8 @@ _DEVICE = operator.attrgetter("device")
 _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 
 
-def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guard: int, device):
+def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guard: int, device,
+                  rowidx_el_ok: bool = True):
     """Program lists of the SPLIT launches: fast programs [t, start, nblk] over the full FBLOCK blocks of tensors with
     16-byte aligned data and no mask tensor (or, with MASKED_FAST, no mask run as entry units; chunk blocks per program);
     general programs [t, start, 0] over
@@ -860,7 +880,7 @@ def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guar
     # knobs), gathered with C-level maps: for a ~200-tensor plan this is the host's main cost per call (~0.5 ms
     # with a per-tensor Python loop, ~0.2 ms this way, on a 2-core CPU).
     optr = _out_ptrs(params, outs)
-    key = ("split", str(device), block, fblock, chunk, guard, bool(MASKED_FAST),
+    key = ("split", str(device), block, fblock, chunk, guard, bool(MASKED_FAST), bool(rowidx_el_ok),
            tuple(map(_DATA_PTR, params)), _out_key(optr, device),
            tuple(map(_DATA_PTR, masks)), tuple(map(_NUMEL, params)), tuple(map(_SIZE, masks)),
            tuple(map(_DTYPE, masks)))
@@ -870,8 +890,8 @@ def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guar
         return (_with_outs(key, hit[0], optr, device),) + hit[1:]
     rows, cand = [], []
     for theta, out, mask in zip(params, outs, masks):
-        rows.append(_table_row(theta, out, mask))
-        cand.append((not _is_rowidx(mask) or (bool(MASKED_FAST) and _rowidx_elements(theta, mask)))
+        rows.append(_table_row(theta, out, mask, rowidx_el_ok))
+        cand.append((not _is_rowidx(mask) or (bool(MASKED_FAST) and _rowidx_elements(theta, mask, rowidx_el_ok)))
                     and (mask.numel() == 0 or bool(MASKED_FAST))
                     and (theta.data_ptr() | out.data_ptr()) % 16 == 0)
     _refuse_upload_in_capture(device)
@@ -970,13 +990,14 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                 raise ValueError(f"tensor {t}: mask kind {kind} does not match its mask tensor")
     fblock = max(block, int(FAST_BLOCK))
     split = bool(FAST and SPLIT)
+    el_ok = _rowidx_element_policy(op, dist, dtype, prior)   # row-index masks as element units in this call?
     if split:
         tab, fprog, nf, gprog, ng = _split_tables(params, outs, masks, block, fblock, max(1, int(CHUNK)),
-                                                      max(1, int(GUARD)), device)
+                                                      max(1, int(GUARD)), device, el_ok)
         if nf + ng == 0:
             return
     else:
-        tab, prog, nprog = _tables(params, outs, masks, block, device)
+        tab, prog, nprog = _tables(params, outs, masks, block, device, el_ok)
         if nprog == 0:
             return
     if op == ref.OP_COPY and outs is not params:
@@ -984,7 +1005,7 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
         # elements come from this copy. A binary search per element instead ran 7B bf16 at 493 ms against ~52 ms
         # for the in-place entry walk (bench/results/h200_2026-12-02/s9_full_matrix).
         for theta, out, mask in zip(params, outs, masks):
-            if _is_rowidx(mask) and theta.numel() and not _rowidx_elements(theta, mask):
+            if _is_rowidx(mask) and theta.numel() and not _rowidx_elements(theta, mask, el_ok):
                 out.copy_(theta)
     meta_d = meta.to(device=device, dtype=torch.int64).contiguous()
     fv_d = fvals.to(device=device, dtype=torch.float32).contiguous()
@@ -1001,7 +1022,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     # MASKED compiles the fast path's mask handling only into calls that have a threshold or packed-bit mask
     # (filter walks the masks at C speed: a dense call's masks are all empty and none reaches Python)
     # ROWIDX compiles the row-index element units' search in only where the call has such a tensor
-    rowidx_el = any(_rowidx_elements(t_, m_) for t_, m_ in zip(params, masks) if m_.numel() and _is_rowidx(m_))
+    rowidx_el = el_ok and any(_rowidx_elements(t_, m_) for t_, m_ in zip(params, masks)
+                              if m_.numel() and _is_rowidx(m_))
     masked = bool(FAST and MASKED_FAST) and (rowidx_el or any(not _is_rowidx(m_) for m_ in filter(_NUMEL, masks)))
     consts = dict(OP=int(op), DIST=int(dist), SR=int(rounding == ref.ROUND_STOCHASTIC), TMODE=int(threshold_mode),
                   MASKED=masked, ROWIDX=rowidx_el,
@@ -1021,7 +1043,7 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     mode = 0
     if FAST and any(p_.numel() >= fblock for p_ in params):
         # dense aligned blocks first, in their own kernel; the general kernel then skips them (disjoint elements)
-        ftab, fprog, fnprog = _tables(params, outs, masks, fblock, device)
+        ftab, fprog, fnprog = _tables(params, outs, masks, fblock, device, el_ok)
         _zo_kernel[(fnprog,)](ftab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=2, FBLOCK=fblock,
                               BLOCK=fblock, num_warps=fast_warps, **consts)
         mode = 1

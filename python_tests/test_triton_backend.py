@@ -436,6 +436,7 @@ def test_rowindex_element_units_fast_and_general(dist, monkeypatch, _big_block):
     tk = _big_block
     monkeypatch.setattr(tk, "BLOCK", 128)
     monkeypatch.setattr(tk, "FAST_BLOCK", 256)
+    monkeypatch.setattr(tk, "ROWIDX_ELEMENTS", True)   # every op (the default "auto" picks per op, dtype, noise)
     g = gen(41 + (dist == "rademacher"))
     specs = [dict(name="r64", tensor=weights((8, 64), torch.bfloat16, g), tid=51, mask=("rows", rowidx(8, 64, 32, g)),
                   offset=1024, full=4096),
@@ -474,3 +475,27 @@ def test_rowindex_element_units_fast_and_general(dist, monkeypatch, _big_block):
         results[on] = [e.tensor.clone() for e in pt[0].entries]
     for a, b in zip(results[True], results[False]):
         assert_same(a, b, "row-index fast path vs general path")
+
+
+def test_rowindex_element_policy(_big_block):
+    """ROWIDX_ELEMENTS "auto": row-index element units for the transient mode's passes in every dtype, for the other
+    16-bit passes except perturb_ with prior 0 and Rademacher noise, and for no other fp32 pass (the measured
+    outcome, see _rowidx_element_policy); True / False force either."""
+    tk = _big_block
+    pol = tk._rowidx_element_policy
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        assert pol(ref.OP_COPY, ref.DIST_RADEMACHER, dt, 0.0)
+        assert pol(ref.OP_UPDATE, ref.DIST_GAUSSIAN_FAST, dt, 0.0)
+        assert not pol(ref.OP_PERTURB, ref.DIST_RADEMACHER, dt, 0.0)
+        assert pol(ref.OP_PERTURB, ref.DIST_GAUSSIAN_FAST, dt, 0.0) == (dt != torch.float32)
+        assert pol(ref.OP_UPDATE, ref.DIST_RADEMACHER, dt, 1e-3) == (dt != torch.float32)
+        assert pol(ref.OP_PERTURB, ref.DIST_RADEMACHER, dt, 1e-3) == (dt != torch.float32)
+    w = torch.zeros(4, 64, dtype=torch.bfloat16)
+    m = torch.arange(32, dtype=torch.int32).repeat(4, 1)
+    assert tk._table_row(w, w, m, True)[6] == 0 and tk._table_row(w, w, m, False)[6] == 1
+    try:
+        for forced in (True, False):
+            tk.ROWIDX_ELEMENTS = forced
+            assert pol(ref.OP_PERTURB, ref.DIST_RADEMACHER, torch.float32, 0.0) is forced
+    finally:
+        tk.ROWIDX_ELEMENTS = "auto"
