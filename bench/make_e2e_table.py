@@ -75,10 +75,12 @@ def provenance(docs):
 
 
 def main_table(docs):
+    """One row per method and shape of every file; `run` numbers the file in the Source list (files from several
+    processes and commits can hold the same method)."""
     lines = ["| model | batch x seq | method | step ms | 2 fwd ms | passes ms | rest ms | 1 pass ms | ovh/pass | "
-             "x MeZO | x in-place | host ms | peak GiB (weights) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for d in docs:
+             "x MeZO | x in-place | host ms | peak GiB (weights) | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for run, d in enumerate(docs, 1):
         h = d["header"]
         for cfg in d["configs"]:
             ok = {r["method"]: r for r in cfg["results"] if r.get("status") == "ok"}
@@ -87,7 +89,7 @@ def main_table(docs):
                 bs = f"{cfg['batch']}x{cfg['seq']}"
                 if r.get("status") != "ok":
                     why = r.get("status", "?")
-                    lines.append(f"| {shape} | {bs} | `{r['method']}` | {why} | | | | | | | | | |")
+                    lines.append(f"| {shape} | {bs} | `{r['method']}` | {why} | | | | | | | | | | {run} |")
                     continue
                 base = ok.get(BASELINE.get(r["method"], ""))
                 inpl = ok.get("mezo-inplace") if r["method"] in ("zosgd", "zosgd-transient") else None
@@ -98,7 +100,7 @@ def main_table(docs):
                     f"| {shape} | {bs} | `{r['method']}`{_backend_tag(r)}{_dist_tag(r, h)} | {_f(r['step_ms'], 1)} | {_f(b['forwards'], 1)} | "
                     f"{_f(b['passes'], 1)} | {_f(b['rest'], 1)} | {_f(r['one_pass_ms'], 1)} | "
                     f"{_f(r['overhead_over_one_pass'])} | {x_base} | {x_inpl} | {_f(r.get('host_ms'), 1)} | "
-                    f"{_gib(r.get('mem_peak_step_bytes'))} ({_gib(h.get('weights_bytes'))}) |")
+                    f"{_gib(r.get('mem_peak_step_bytes'))} ({_gib(h.get('weights_bytes'))}) | {run} |")
     return lines
 
 
@@ -189,7 +191,7 @@ def graph_lines(docs):
 
 
 def render(docs):
-    srcs = ", ".join(f"`{_rel(d['_path'])}`" for d in docs)
+    srcs = ", ".join(f"({i}) `{_rel(d['_path'])}`" for i, d in enumerate(docs, 1))
     how = "CUDA events" if all(d["header"].get("cuda") for d in docs) else "CUDA events on a GPU, perf_counter on a CPU"
     lines = [f"Measured on {provenance(docs)}. Random-init LLaMA-shaped `LlamaForCausalLM`, causal-LM loss on fixed "
              f"random token ids; median of the timed repetitions ({how}). Source: " + srcs +

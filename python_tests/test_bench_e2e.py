@@ -123,6 +123,8 @@ def test_table_and_readme(run, tmp_path):
     for m in METHODS:
         assert f"`{m}`" in text
     assert "| model | batch x seq | method |" in text and "tiny fp32 | 2x8" in text
+    rows = [ln for ln in text.splitlines() if ln.startswith("| tiny")]
+    assert rows and all(ln.endswith("| 1 |") for ln in rows) and f"(1) `" in text   # the run column: source (1)
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- e2e-table -->\nold\n<!-- /e2e-table -->\nrest\n")
     assert make_e2e_table.main([path, "--readme", str(readme)]) == 0
