@@ -138,7 +138,7 @@ def cuda_kernels(cuda_home: str) -> list:
             dts = {0: "fp32", 1: "fp16", 2: "bf16", 3: "bf16_hw", 4: "fp16_hw"}  # 3, 4: device-only storage types
             flags = re.findall(r"Lb([01])E", cur[t.end():t.end() + 16]) if t else []
             xor = flags[:1] == ["1"]          # the fp32 exchange (MAZO_CUDA_F32_XOR)
-            masked = flags[1:2] == ["1"]      # the masked kernels (threshold / packed-bit masks)
+            masked = flags[1:2] == ["1"]      # the masked kernels (threshold, packed-bit, row-index masks)
             recs.append({"kernel": what + (" masked" if masked else ""),
                          "dtype": (dts.get(dt) or "?") + ("_xor" if xor else ""), "min_blocks": minb,
                          "registers": int(m.group(1)), "spill_store_bytes": spill[0], "spill_load_bytes": spill[1]})
