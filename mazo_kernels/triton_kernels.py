@@ -1001,9 +1001,10 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
         if nprog == 0:
             return
     if op == ref.OP_COPY and outs is not params:
-        # Row-index masks run as entry units (only the listed elements) in every op; perturbed_copy's unlisted
-        # elements come from this copy. A binary search per element instead ran 7B bf16 at 493 ms against ~52 ms
-        # for the in-place entry walk (bench/results/h200_2026-12-02/s9_full_matrix).
+        # Row-index masks run as entry units (sparse ones, or where _rowidx_element_policy keeps them) write only
+        # the listed elements; perturbed_copy's unlisted elements come from this copy. (Element units copy their
+        # unselected elements themselves. A binary search per element, not per unit of 8, had run 7B bf16 at
+        # 493 ms: bench/results/h200_2026-12-02/s9_full_matrix.)
         for theta, out, mask in zip(params, outs, masks):
             if _is_rowidx(mask) and theta.numel() and not _rowidx_elements(theta, mask, el_ok):
                 out.copy_(theta)
