@@ -9,8 +9,8 @@ weights alone; rest = step - 2 fwd - passes; 1 pass = the step's first pass (the
 (step - 2 fwd) / 1 pass (the issue's target for ZOSGD in place: <= 3.3); x MeZO = the baseline's step time over this
 method's (dense methods against `mezo`, MeZO as written; masked methods against their MeZO-style equivalent);
 x in-place = against `mezo-inplace`; host = host time to issue one step (when it
-approaches the step time, Python and launches bound the step); peak = peak allocated GiB during the steps (weights' own GiB in brackets);
-run = the number of the row's source file in the Source list (one process each).
+approaches the step time, Python and launches bound the step); peak = peak allocated GiB during the steps (weights'
+own GiB in brackets); run = the number of the row's source file in the Source list (one process each).
 """
 from __future__ import annotations
 

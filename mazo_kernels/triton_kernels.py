@@ -6,9 +6,9 @@ the float32 bits, Philox words kept as tl.uint32.
 
 Layout: a per-tensor table (addresses of data/out/mask, sizes) and a per-program table (tensor, first unit) live on
 the tensors' device. A program owns BLOCK consecutive local elements (or, for sparse row-index masks run as entry
-units, BLOCK consecutive mask entries; _rowidx_elements). When the shard's global offset is aligned to the generator's call size, Philox runs once
-per call (8 Gaussians / 128 signs / 8 rounding-bit pairs) and the results are spread with join + reshape; otherwise
-(and for row-index entries) every element computes its own call.
+units, BLOCK consecutive mask entries; _rowidx_elements). When the shard's global offset is aligned to the
+generator's call size, Philox runs once per call (8 Gaussians / 128 signs / 8 rounding-bit pairs) and the results
+are spread with join + reshape; otherwise (and for row-index entries) every element computes its own call.
 """
 from __future__ import annotations
 
@@ -727,8 +727,8 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
         nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
         for q in range(nsub):
             _general_block(in_ptr, out_ptr, mask_addr, start + q * BLOCK, numel, nunits, kcols, entries,
-                           tid, off, kind, row_len, nsteps, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr,
-                           n_seeds, OP, DIST, SR, TMODE, DT, HAS_PRIOR, REUSE0, BLOCK, ROWIDX)
+                           tid, off, kind, row_len, nsteps, scale_mult, lr_mult, wd, g_mult, tau, call_ptr,
+                           gs_ptr, n_seeds, OP, DIST, SR, TMODE, DT, HAS_PRIOR, REUSE0, BLOCK, ROWIDX)
     elif MODE == 2:
         if dense & (start + BLOCK <= numel):
             _fast_block(tl.multiple_of(in_ptr + start, 16), tl.multiple_of(out_ptr + start, 16), gstart0, tid,
@@ -741,8 +741,8 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
             run = ~(dense & ((start - (start & (FBLOCK - 1))) + FBLOCK <= numel))
         if run:
             _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entries, tid, off, kind,
-                           row_len, nsteps, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr, n_seeds, OP, DIST, SR,
-                           TMODE, DT, HAS_PRIOR, REUSE0, BLOCK, ROWIDX)
+                           row_len, nsteps, scale_mult, lr_mult, wd, g_mult, tau, call_ptr, gs_ptr, n_seeds, OP,
+                           DIST, SR, TMODE, DT, HAS_PRIOR, REUSE0, BLOCK, ROWIDX)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -767,7 +767,7 @@ def _refuse_upload_in_capture(device):
 
 def _rowidx_element_policy(op: int, dist: int, dtype: torch.dtype, prior: float) -> bool:
     """ROWIDX_ELEMENTS "auto": may this call run row-index masks as element units? On an H200 over LLaMA-7B's list
-    (masks of half of each row; bench/results/h200_2026-12-02/s13/call6 against the entry units of s12's full
+    (masks of half of each row; bench/results/h200_2026-12-02/s13/call7 against the entry units of s12's full
     matrix) element units were faster for perturbed_copy and update_ with prior 0 in every dtype (1.0-1.75x), and in
     bf16/fp16 for every pass (1.06-1.70x; perturb_ with a prior 0.97-1.09x) except perturb_ with prior 0 and
     Rademacher noise (0.73-0.76x); in fp32 the other passes were slower (0.52-0.97x)."""
@@ -872,10 +872,10 @@ _IS_CONTIGUOUS = torch.Tensor.is_contiguous
 def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guard: int, device,
                   rowidx_el_ok: bool = True):
     """Program lists of the SPLIT launches: fast programs [t, start, nblk] over the full FBLOCK blocks of tensors with
-    16-byte aligned data and no mask tensor (or, with MASKED_FAST, no mask run as entry units; chunk blocks per program);
-    general programs [t, start, 0] over
-    everything else at BLOCK granularity, and guards [t, start, nblk] (guard fast blocks each) that run the fast
-    blocks the device finds not dense. Returns (tab, fast_prog, n_fast, gen_prog, n_gen)."""
+    16-byte aligned data and no mask tensor (or, with MASKED_FAST, no mask run as entry units; chunk blocks per
+    program); general programs [t, start, 0] over everything else at BLOCK granularity, and guards [t, start, nblk]
+    (guard fast blocks each) that run the fast blocks the device finds not dense. Returns (tab, fast_prog, n_fast,
+    gen_prog, n_gen)."""
     # The cache key holds everything the tables are built from (addresses, sizes, mask shapes and dtypes, the
     # knobs), gathered with C-level maps: for a ~200-tensor plan this is the host's main cost per call (~0.5 ms
     # with a per-tensor Python loop, ~0.2 ms this way, on a 2-core CPU).
@@ -891,7 +891,8 @@ def _split_tables(params, outs, masks, block: int, fblock: int, chunk: int, guar
     rows, cand = [], []
     for theta, out, mask in zip(params, outs, masks):
         rows.append(_table_row(theta, out, mask, rowidx_el_ok))
-        cand.append((not _is_rowidx(mask) or (bool(MASKED_FAST) and _rowidx_elements(theta, mask, rowidx_el_ok)))
+        fast_mask = not _is_rowidx(mask) or (bool(MASKED_FAST) and _rowidx_elements(theta, mask, rowidx_el_ok))
+        cand.append(fast_mask
                     and (mask.numel() == 0 or bool(MASKED_FAST))
                     and (theta.data_ptr() | out.data_ptr()) % 16 == 0)
     _refuse_upload_in_capture(device)

@@ -377,6 +377,31 @@ def test_fast_path_off_matches(monkeypatch, _big_block):
         assert_same(a, b, "fast vs general")
 
 
+def step_fast_on_and_off(tk, monkeypatch, specs, dist, seed, eps, upd_seed, sr_seed, seed0, rounding0):
+    """A ZO step (perturb +eps; perturb -eps with the prior; restore + update with SR; update with prior 0 and
+    rounding0) and a copy, reference against triton, with MASKED_FAST on and off. Returns {on: (tensors, masks)}
+    after the step, for comparing the fast path with the general path."""
+    results = {}
+    for on in (True, False):
+        monkeypatch.setattr(tk, "MASKED_FAST", on)
+        pr, pt = plans(specs)
+        steps = [("perturb +eps", lambda ps, b: mk.perturb_(ps[0], seed, eps, dist=dist, backend=b)),
+                 ("perturb -eps", lambda ps, b: mk.perturb_(ps[0], seed, -eps, prior=eps, dist=dist, backend=b)),
+                 ("update", lambda ps, b: mk.update_(ps[0], [seed, upd_seed], torch.tensor([-3e2, 5.0],
+                                                     device=ps[0].device), lr=1e-2, restore_seed=seed,
+                                                     prior=-eps, sr_seed=sr_seed, dist=dist, backend=b)),
+                 ("update, prior 0", lambda ps, b: mk.update_(ps[0], [seed0], torch.tensor([40.0],
+                                                              device=ps[0].device), lr=1e-2, dist=dist,
+                                                              rounding=rounding0, backend=b))]
+        for what, fn in steps:
+            for backend, ps in (("reference", pr), ("triton", pt)):
+                fn(ps, backend)
+            compare_plans(pr, pt, f"{what} (MASKED_FAST={on})")
+        compare_copies(pr, pt, seed, dist, f"copy (MASKED_FAST={on})")
+        results[on] = ([e.tensor.clone() for e in pt[0].entries], [m.clone() for m in pt[0].groups[0].masks])
+    return results
+
+
 @pytest.mark.parametrize("dist,split", [("gaussian", True), ("rademacher", True), ("gaussian", False),
                                         ("gaussian_fast", True)])
 def test_masked_fast_path_matches_general_and_reference(dist, split, monkeypatch, _big_block):
@@ -404,26 +429,9 @@ def test_masked_fast_path_matches_general_and_reference(dist, split, monkeypatch
         nf = tk._split_tables(grp.tensors, grp.tensors, grp.masks, 128, 256, 1, 16,
                               grp.tensors[0].device)[2]
         assert nf == want, (on, nf)
-    eps, seed = 1e-3, 0xFEDCBA9876543210
-    results = {}
-    for on in (True, False):
-        monkeypatch.setattr(tk, "MASKED_FAST", on)
-        pr, pt = plans(specs)
-        steps = [("perturb +eps", lambda ps, b: mk.perturb_(ps[0], seed, eps, dist=dist, backend=b)),
-                 ("perturb -eps", lambda ps, b: mk.perturb_(ps[0], seed, -eps, prior=eps, dist=dist, backend=b)),
-                 ("update", lambda ps, b: mk.update_(ps[0], [seed, 77], torch.tensor([-3e2, 5.0],
-                                                     device=ps[0].device), lr=1e-2, restore_seed=seed,
-                                                     prior=-eps, sr_seed=99, dist=dist, backend=b)),
-                 ("update, prior 0", lambda ps, b: mk.update_(ps[0], [5], torch.tensor([40.0],
-                                                              device=ps[0].device), lr=1e-2, dist=dist,
-                                                              rounding="nearest", backend=b))]
-        for what, fn in steps:
-            for backend, ps in (("reference", pr), ("triton", pt)):
-                fn(ps, backend)
-            compare_plans(pr, pt, f"{what} (MASKED_FAST={on})")
-        compare_copies(pr, pt, seed, dist, f"copy (MASKED_FAST={on})")
-        results[on] = [e.tensor.clone() for e in pt[0].entries] + [m.clone() for m in pt[0].groups[0].masks]
-    for a, b in zip(results[True], results[False]):
+    res = step_fast_on_and_off(tk, monkeypatch, specs, dist, 0xFEDCBA9876543210, 1e-3, upd_seed=77, sr_seed=99,
+                               seed0=5, rounding0="nearest")
+    for a, b in zip(res[True][0] + res[True][1], res[False][0] + res[False][1]):
         assert_same(a, b, "masked fast path vs general path")
 
 
@@ -455,25 +463,9 @@ def test_rowindex_element_units_fast_and_general(dist, monkeypatch, _big_block):
     monkeypatch.setattr(tk, "MASKED_FAST", True)
     nf = tk._split_tables(grp.tensors, grp.tensors, grp.masks, 128, 256, 1, 16, grp.tensors[0].device)[2]
     assert nf == 2 + 1 + 1 + 1, nf   # r64, r48, r64_odd (found unaligned on the device), dense
-    eps, seed = 1e-3, 0x0123456789ABCDEF
-    results = {}
-    for on in (True, False):
-        monkeypatch.setattr(tk, "MASKED_FAST", on)
-        pr, pt = plans(specs)
-        steps = [("perturb +eps", lambda ps, b: mk.perturb_(ps[0], seed, eps, dist=dist, backend=b)),
-                 ("perturb -eps", lambda ps, b: mk.perturb_(ps[0], seed, -eps, prior=eps, dist=dist, backend=b)),
-                 ("update", lambda ps, b: mk.update_(ps[0], [seed, 78], torch.tensor([-3e2, 5.0],
-                                                     device=ps[0].device), lr=1e-2, restore_seed=seed,
-                                                     prior=-eps, sr_seed=98, dist=dist, backend=b)),
-                 ("update, prior 0", lambda ps, b: mk.update_(ps[0], [6], torch.tensor([40.0], device=ps[0].device),
-                                                              lr=1e-2, dist=dist, backend=b))]
-        for what, fn in steps:
-            for backend, ps in (("reference", pr), ("triton", pt)):
-                fn(ps, backend)
-            compare_plans(pr, pt, f"{what} (MASKED_FAST={on})")
-        compare_copies(pr, pt, seed, dist, f"copy (MASKED_FAST={on})")
-        results[on] = [e.tensor.clone() for e in pt[0].entries]
-    for a, b in zip(results[True], results[False]):
+    res = step_fast_on_and_off(tk, monkeypatch, specs, dist, 0x0123456789ABCDEF, 1e-3, upd_seed=78, sr_seed=98,
+                               seed0=6, rounding0="stochastic")
+    for a, b in zip(res[True][0], res[False][0]):
         assert_same(a, b, "row-index fast path vs general path")
 
 
