@@ -84,10 +84,11 @@ void run_cpu(at::TensorList params, at::TensorList outs, at::TensorList masks, c
 void zo_apply_cpu(at::TensorList params, at::TensorList outs, at::TensorList masks, const at::Tensor& meta,
                   const at::Tensor& fvals, at::IntArrayRef seeds, const at::Tensor& gs, int64_t op, int64_t dist,
                   int64_t rounding, int64_t sr_seed, int64_t threshold_mode, double scale, double prior, double lr,
-                  const c10::optional<at::Tensor>& seed_dev) {
+                  const c10::optional<at::Tensor>& seed_dev, bool dense_aligned) {
   if (params.empty()) return;
   const int dt = check_args(params, outs, masks, meta, fvals, seeds, gs, op, dist, rounding, threshold_mode);
   check_seed_dev(seed_dev, seeds);
+  if (dense_aligned) check_dense_aligned(meta);
   for (const auto& p : params) TORCH_CHECK(p.device().is_cpu(), "zo_apply_ (CPU): params must be CPU tensors");
   std::vector<int64_t> seed_vals(seeds.begin(), seeds.end());
   if (seed_dev.has_value() && seed_dev->defined()) {  // the values come from the tensor; seeds gives the count
@@ -119,7 +120,7 @@ TORCH_LIBRARY(mazo_C, m) {
   m.def(
       "zo_apply_(Tensor(a!)[] params, Tensor(b!)[] outs, Tensor(c!)[] masks, Tensor meta, Tensor fvals, "
       "int[] seeds, Tensor gs, int op, int dist, int rounding, int sr_seed, int threshold_mode, float scale, "
-      "float prior, float lr, Tensor? seed_dev=None) -> ()");
+      "float prior, float lr, Tensor? seed_dev=None, bool dense_aligned=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(mazo_C, CPU, m) { m.impl("zo_apply_", &zo_apply_cpu); }

@@ -64,7 +64,7 @@ at::Tensor descriptor_table(const std::vector<Desc>& descs, const at::Device& de
 void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList masks, const at::Tensor& meta,
                    const at::Tensor& fvals, at::IntArrayRef seeds, const at::Tensor& gs, int64_t op, int64_t dist,
                    int64_t rounding, int64_t sr_seed, int64_t threshold_mode, double scale, double prior, double lr,
-                   const c10::optional<at::Tensor>& seed_dev) {
+                   const c10::optional<at::Tensor>& seed_dev, bool dense_aligned) {
   if (params.empty()) return;
   const int dt = check_args(params, outs, masks, meta, fvals, seeds, gs, op, dist, rounding, threshold_mode);
   check_seed_dev(seed_dev, seeds);
@@ -223,6 +223,17 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   const char* mfast_env = std::getenv("MAZO_CUDA_MASKED_FAST");
   if (spec >= 0 && any_masked_fast && !(mfast_env && std::atoi(mfast_env) == 0))  // nullptr where a family has none
     kfn = (f32_xor ? mazo_cuda::kernels_f32 : family)(spec | MASKED_SPEC, 0);
+  // Calls the caller promised dense_aligned (every tensor unmasked at an 8-aligned global offset; the kernel traps if
+  // a block finds otherwise) whose tensors are also 16-byte aligned and a multiple of 8 long: the dense-only
+  // specialisation (16-bit default storage kernels), without the masked, tail and unaligned paths and their
+  // registers. MAZO_CUDA_DENSE=0 (read per call) keeps the kernels that carry them (same bits).
+  const char* dense_env = std::getenv("MAZO_CUDA_DENSE");
+  if (kfn == nullptr && spec >= 0 && dense_aligned && !any_masked_fast && !(dense_env && std::atoi(dense_env) == 0)) {
+    bool dense_ok = true;
+    for (const Desc& d : descs)
+      dense_ok = dense_ok && (d.units == 0 || (d.fast && d.mask8 == nullptr && d.cols == nullptr && d.n % UNIT == 0));
+    if (dense_ok) kfn = family(spec | DENSE_SPEC, 0);  // nullptr where the family has none
+  }
   if (kfn == nullptr && spec >= 0) kfn = family(spec, 0);
   if (kfn == nullptr) kfn = family(-1, minb3 ? 3 : 2);  // no specialisation for this call: the generic kernel
   TORCH_CHECK(kfn != nullptr, "zo_apply_ (CUDA): no kernel for this storage type");

@@ -24,8 +24,6 @@ namespace {
 
 using namespace mazo;
 
-using namespace mazo;
-
 constexpr int THREADS = 256;
 constexpr int ITERS = 4;                            // units per thread per block
 constexpr int64_t UNITS_PER_BLOCK = (int64_t)THREADS * ITERS;  // 8192 elements
@@ -335,7 +333,11 @@ constexpr int spec_of(int op, bool prior_nonzero, int dist) { return op * 8 + (p
 // masked_kernel_of):
 // every 16-byte aligned tensor, masked or not, takes a fast path one unit at a time with the unit's selection;
 // a separate instantiation, so the dense kernels keep their registers.
-template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false, bool MASKED = false>
+// DENSE: the kernel for calls whose caller promised (dense_aligned) that every tensor is unmasked at an 8-aligned
+// global offset, and whose tensors the host found 16-byte aligned and a multiple of 8 long: only the fast path is
+// compiled in (no masks, tails or unaligned units), so the light passes fit 40 registers (6 blocks per SM) where the
+// kernels that carry those paths need 64. A block that finds the promise broken stops the kernel (__trap).
+template <int DT, int MIN_BLOCKS = 2, int SPEC = -1, bool F32_XOR = false, bool MASKED = false, bool DENSE = false>
 __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) {
   using bits_t = typename Storage<DT>::bits_t;
   OpParams P = a.P;
@@ -376,6 +378,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
     T.wd = fp[2];
     T.g_mult = fp[3];
     T.tau = fp[4];
+    if constexpr (DENSE) {
+      if (T.kind != MASK_NONE || (T.offset & 7) != 0) __trap();  // dense_aligned promised, and broken
+    }
     if (d.work == WORK_ELEMENTS) {
       if ((T.kind == MASK_THRESHOLD && P.threshold_mode != THRESH_EVAL) || T.kind == MASK_BITMASK) {
         if (d.mask8 == nullptr) continue;  // malformed call: nothing safe to do
@@ -419,7 +424,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         continue;
       }
     }
-    if (!MASKED && d.fast && T.kind == MASK_NONE && (T.offset & 7) == 0) {  // block-uniform
+    if (DENSE || (!MASKED && d.fast && T.kind == MASK_NONE && (T.offset & 7) == 0)) {  // block-uniform
       const int64_t full = d.n >> 3;  // units holding 8 elements
       const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;  // global oct of the block's first unit
       uint32_t raw[ITERS][RW];
@@ -468,9 +473,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         }
         fast_store<DT>(out + u * UNIT, res);
       }
-      partial_tail_unit<DT>(P, T, d, in, out, ub, full);
+      if constexpr (!DENSE) partial_tail_unit<DT>(P, T, d, in, out, ub, full);
       continue;
     }
+    if constexpr (DENSE) continue;  // unreachable: the dense path above takes every block
     for (int it = 0; it < ITERS; ++it) {
       const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
       if (u >= d.units) break;
@@ -543,9 +549,54 @@ const void* masked_kernel_dist(int spec) {
   return nullptr;
 }
 
+// spec | DENSE_SPEC: the dense-only kernel of that specialisation (16-bit default storage kernels only).
+constexpr int DENSE_SPEC = 64;
+
+// Blocks per SM of the dense-only kernels: the most whose register budget ptxas (-v, sm_90) meets without spills
+// (or 4 bytes: bf16 Rademacher perturbed_copy), once the generic paths are gone. bf16: the light passes (perturb_
+// with prior 0, perturbed_copy) at 40 registers (6 blocks), perturb_ with a prior and update_ with prior 0 at 64 (4),
+// the restoring update_ at 80 (3; at 64 it spills 12-88 B). fp16 the same, but v1 Gaussian's light passes (6 blocks
+// spill 136 B, 5 blocks 20 B) and its update_ with prior 0 (4 blocks: 8 B) keep the kernels' budgets.
+constexpr int dense_minblocks(int dt, int spec) {
+  const int op = spec / 8, dist = spec & 3;
+  const bool prior = (spec & 4) != 0, v1_f16 = dt == DT_F16_HW && dist == DIST_GAUSSIAN;
+  if (op == OP_UPDATE && prior) return 3;
+  if (op != OP_UPDATE && !prior) return v1_f16 ? 4 : 6;
+  return v1_f16 && op == OP_UPDATE ? 3 : 4;
+}
+
+constexpr bool has_dense_spec(int dt, bool xor_) { return !xor_ && (dt == DT_BF16_HW || dt == DT_F16_HW); }
+
+template <int DT, int DIST>
+const void* dense_kernel_dist(int spec) {
+#define MAZO_DENSE_CASE(OP, PRIOR) \
+  case spec_of(OP, PRIOR, DIST):   \
+    return (const void*)zo_apply_kernel<DT, dense_minblocks(DT, spec_of(OP, PRIOR, DIST)), spec_of(OP, PRIOR, DIST), \
+                                        false, false, true>;
+  switch (spec) {
+    MAZO_DENSE_CASE(OP_PERTURB, false)
+    MAZO_DENSE_CASE(OP_PERTURB, true)
+    MAZO_DENSE_CASE(OP_UPDATE, true)
+    MAZO_DENSE_CASE(OP_COPY, false)
+    MAZO_DENSE_CASE(OP_UPDATE, false)
+  }
+#undef MAZO_DENSE_CASE
+  return nullptr;
+}
+
 // One storage kernel family: the generic kernel (spec -1) or a specialisation (nullptr where there is none).
 template <int DT, bool XOR>
 const void* kernel_table(int spec, int minb) {
+  if (spec >= 0 && (spec & DENSE_SPEC)) {
+    if constexpr (has_dense_spec(DT, XOR)) {
+      switch (spec & 3) {
+        case DIST_GAUSSIAN: return dense_kernel_dist<DT, DIST_GAUSSIAN>(spec & ~DENSE_SPEC);
+        case DIST_RADEMACHER: return dense_kernel_dist<DT, DIST_RADEMACHER>(spec & ~DENSE_SPEC);
+        case DIST_GAUSSIAN_FAST: return dense_kernel_dist<DT, DIST_GAUSSIAN_FAST>(spec & ~DENSE_SPEC);
+      }
+    }
+    return nullptr;
+  }
   if (spec >= 0 && (spec & MASKED_SPEC)) {
     if constexpr (has_transient_spec(DT, XOR)) {
       switch (spec & 3) {

@@ -112,4 +112,18 @@ inline void check_seed_dev(const c10::optional<at::Tensor>& seed_dev, at::IntArr
 
 inline bool is_rowidx_mask(const at::Tensor& m) { return m.scalar_type() == at::kInt && m.dim() == 2; }
 
+// dense_aligned is the caller's promise that every tensor is unmasked (mask kind none) at a global offset that is a
+// multiple of 8 (the CUDA backend then runs kernels without the masked and unaligned paths). Where the table is on
+// the host (CPU backend) a broken promise is an error before any weight is written.
+inline void check_dense_aligned(const at::Tensor& meta) {
+  const at::Tensor m = meta.to(at::kCPU, at::kLong).contiguous();
+  const int64_t* mp = m.data_ptr<int64_t>();
+  for (int64_t t = 0; t < m.size(0); ++t) {
+    TORCH_CHECK(mp[4 * t + 2] == MASK_NONE, cat("zo_apply_: dense_aligned=True but tensor ", t, " has mask kind ",
+                mp[4 * t + 2], " (the promise is: every tensor unmasked, at a global offset that is a multiple of 8)"));
+    TORCH_CHECK(mp[4 * t + 1] % 8 == 0, cat("zo_apply_: dense_aligned=True but tensor ", t, " has global offset ",
+                mp[4 * t + 1], ", not a multiple of 8"));
+  }
+}
+
 }  // namespace mazo

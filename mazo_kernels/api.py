@@ -54,7 +54,7 @@ def perturb_(plan: ZOPlan, seed: int, scale: float, *, prior: float = 0.0, dist:
     for g in plan.groups:
         gs = torch.zeros(0, dtype=torch.float32, device=plan.device)
         zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, [seed], gs, ref.OP_PERTURB, d, ref.ROUND_NEAREST, 0,
-                  mode, scale, prior, 0.0, b)
+                  mode, scale, prior, 0.0, b, dense_aligned=g.dense_aligned)
 
 
 def update_(plan: ZOPlan, seeds: Sequence[int], grads, *, lr: float, restore_seed: int | None = None,
@@ -94,7 +94,7 @@ def update_(plan: ZOPlan, seeds: Sequence[int], grads, *, lr: float, restore_see
     mode = ref.THRESH_LATCH_READ if prior != 0.0 else ref.THRESH_EVAL
     for g in plan.groups:
         zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, [rs] + seeds, gs, ref.OP_UPDATE, d, _ROUNDINGS[rounding],
-                  srs, mode, 0.0, prior, lr, b)
+                  srs, mode, 0.0, prior, lr, b, dense_aligned=g.dense_aligned)
 
 
 def perturbed_copy(entry: PlanEntry | ZOPlan, seed: int, scale: float, *, out=None, dist: str = "gaussian",
@@ -122,7 +122,7 @@ def perturbed_copy(entry: PlanEntry | ZOPlan, seed: int, scale: float, *, out=No
         gouts = [out[index[id(e)]] for e in g.entries]
         gs = torch.zeros(0, dtype=torch.float32, device=plan.device)
         zo_apply_(g.tensors, gouts, g.masks, g.meta, g.fvals, [seed], gs, ref.OP_COPY, d, ref.ROUND_NEAREST, 0,
-                  ref.THRESH_EVAL, scale, 0.0, 0.0, b)
+                  ref.THRESH_EVAL, scale, 0.0, 0.0, b, dense_aligned=g.dense_aligned)
     return out[0] if isinstance(entry, PlanEntry) else out
 
 

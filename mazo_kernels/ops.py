@@ -12,11 +12,17 @@ from . import _backends
 def zo_apply_(params: list[torch.Tensor], outs: list[torch.Tensor], masks: list[torch.Tensor],
               meta: torch.Tensor, fvals: torch.Tensor, seeds: list[int], gs: torch.Tensor, op: int, dist: int,
               rounding: int, sr_seed: int, threshold_mode: int, scale: float, prior: float, lr: float,
-              backend: str, seed_dev: Optional[torch.Tensor] = None) -> None:
+              backend: str, seed_dev: Optional[torch.Tensor] = None, dense_aligned: bool = False) -> None:
     """seed_dev: None, or an int64 tensor of len(seeds) + 1 values (the seeds, then sr_seed; uint64 bits) on the
     params' device that the kernels read in place of `seeds` and `sr_seed`, so that a captured CUDA graph replays
     with the seeds written there before each replay. `seeds` then gives the count, and must have the same equality
-    pattern as the values (a backend may specialise on seeds[1] == seeds[0])."""
+    pattern as the values (a backend may specialise on seeds[1] == seeds[0]).
+
+    dense_aligned: the caller's promise that every tensor is unmasked (mask kind none in `meta`) at a global offset
+    that is a multiple of 8 (plans compute it: PlanGroup.dense_aligned). The CUDA backend then runs kernels without
+    the masked and unaligned paths (fewer registers, same bits) where the tensors are also 16-byte aligned and a
+    multiple of 8 long. A broken promise is an error: the CPU backend raises before writing, a CUDA kernel stops with
+    a device-side trap; Triton and the reference ignore the flag."""
     if seed_dev is not None:
         if seed_dev.dtype != torch.int64 or seed_dev.dim() != 1 or seed_dev.numel() < len(seeds) + 1:
             raise ValueError(f"seed_dev must be a 1-D int64 tensor of at least len(seeds) + 1 = {len(seeds) + 1} "
@@ -36,10 +42,10 @@ def zo_apply_(params: list[torch.Tensor], outs: list[torch.Tensor], masks: list[
            scale, prior, lr, seed_dev=seed_dev)
     else:
         fn(params, list(outs), masks, meta, fvals, seeds, gs, op, dist, rounding, sr_seed, threshold_mode,
-           scale, prior, lr, seed_dev)
+           scale, prior, lr, seed_dev, dense_aligned)
 
 
 @zo_apply_.register_fake
 def _(params, outs, masks, meta, fvals, seeds, gs, op, dist, rounding, sr_seed, threshold_mode, scale, prior, lr,
-      backend, seed_dev=None):
+      backend, seed_dev=None, dense_aligned=False):
     return None

@@ -75,6 +75,7 @@ class _Table:
 
     def __init__(self, group, group_of: dict, device):
         self.entries, self.tensors, self.masks, self.meta = group.entries, group.tensors, group.masks, group.meta
+        self.dense_aligned = group.dense_aligned
         self.fvals = group.fvals.clone()
         self.dtype = group.dtype
         rows = defaultdict(list)
@@ -137,7 +138,7 @@ def run_pass(tables, item, dist: int, backend: str, empty: torch.Tensor, seed_de
     _, seed, scale, prior, tmode = item
     for t in tables:
         zo_apply_(t.tensors, [], t.masks, t.meta, t.fvals, [_seed_bits(seed)], empty, ref.OP_PERTURB, dist,
-                  ref.ROUND_NEAREST, 0, tmode, scale, prior, 0.0, backend, seed_dev)
+                  ref.ROUND_NEAREST, 0, tmode, scale, prior, 0.0, backend, seed_dev, t.dense_aligned)
 
 
 def run_update(tables, seeds, final, gs, finite, dist: int, rounding: int, sr_seed: int, backend: str, lr_col,
@@ -150,7 +151,7 @@ def run_update(tables, seeds, final, gs, finite, dist: int, rounding: int, sr_se
     for t in tables:
         fv = t.fvals.masked_fill(lr_col & ~finite, 0.0)
         zo_apply_(t.tensors, [], t.masks, t.meta, fv, sbits, gs, ref.OP_UPDATE, dist, rounding,
-                  _seed_bits(sr_seed), tmode, 0.0, prior, 1.0, backend, seed_dev)
+                  _seed_bits(sr_seed), tmode, 0.0, prior, 1.0, backend, seed_dev, t.dense_aligned)
 
 
 class _Part:

@@ -58,6 +58,8 @@ class PlanGroup:
     masks: list
     meta: torch.Tensor    # int64 [T, 4]: tensor_id, global_offset, mask_kind, row_len
     fvals: torch.Tensor   # float32 [T, 5]: scale_mult, lr_mult, weight_decay, g_mult, tau
+    # every tensor unmasked at a global offset that is a multiple of 8: the promise zo_apply_'s dense_aligned makes
+    dense_aligned: bool = False
 
     @property
     def dtype(self):
@@ -162,9 +164,10 @@ class ZOPlan:
                 meta.append([e.tensor_id, e.global_offset, kind, row_len])
                 fvals.append([e.scale_mult, e.lr_mult, e.weight_decay, e.g_mult, tau])
                 masks.append(m)
+            dense_aligned = all(row[2] == ref.MASK_NONE and row[1] % 8 == 0 for row in meta)
             groups.append(PlanGroup(es, [e.tensor for e in es], masks,
                                     torch.tensor(meta, dtype=torch.int64, device=device),
-                                    torch.tensor(fvals, dtype=torch.float32, device=device)))
+                                    torch.tensor(fvals, dtype=torch.float32, device=device), dense_aligned))
         return groups
 
     @property

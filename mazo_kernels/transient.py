@@ -128,7 +128,8 @@ class TransientPerturber:
         for t in tables:
             outs = [torch.empty_like(x) for x in t.tensors]
             zo_apply_(t.tensors, outs, t.masks, t.meta, t.fvals, [seed_bits], empty, ref.OP_COPY, dist,
-                      ref.ROUND_NEAREST, 0, ref.THRESH_EVAL, scale, 0.0, 0.0, backend)
+                      ref.ROUND_NEAREST, 0, ref.THRESH_EVAL, scale, 0.0, 0.0, backend,
+                      dense_aligned=t.dense_aligned)
             for e, o in zip(t.entries, outs):
                 copies[id(e)] = o
         for p, e in own:

@@ -344,3 +344,42 @@ def test_direct_op_out_of_place():
     for a, b in zip(results[:2], results[2:]):
         assert _same(a, b)
     assert torch.equal(results[2].cpu()[~sel], torch.full((int((~sel).sum()),), 7.0, dtype=torch.float16))
+
+
+def test_dense_aligned_promise():
+    """PlanGroup.dense_aligned holds where every tensor is unmasked at an 8-aligned global offset; the op computes
+    the same bits with the promise, and a broken promise is an error before any weight is written (the CPU backend
+    reads the table on the host; the CUDA kernel traps: test_gpu_backends.py)."""
+    gen = torch.Generator().manual_seed(21)
+    ws = [_weights(gen, n, torch.bfloat16).to(DEV) for n in (64, 1000, 24)]
+    dense = mk.ZOPlan([mk.PlanEntry("a", ws[0].clone(), 1), mk.PlanEntry("b", ws[1].clone(), 2, global_offset=16,
+                                                                          full_numel=2000)])
+    assert dense.groups[0].dense_aligned
+    assert not mk.ZOPlan([mk.PlanEntry("a", ws[0].clone(), 1, global_offset=4, full_numel=100)]).groups[0].dense_aligned
+    masked = mk.ZOPlan([mk.PlanEntry("a", ws[0].clone(), 1), mk.PlanEntry("c", ws[2].clone(), 3,
+                                                                           mask=mk.ThresholdMask(TAU))])
+    assert not masked.groups[0].dense_aligned
+    # the same bits with and without the promise
+    g = dense.groups[0]
+    outs = {}
+    for flag in (False, True):
+        o = [torch.full_like(t, float("nan")) for t in g.tensors]
+        mk.ops.zo_apply_(g.tensors, o, g.masks, g.meta, g.fvals, [77], torch.zeros(0, device=DEV), ref.OP_COPY,
+                         ref.DIST_GAUSSIAN, ref.ROUND_NEAREST, 0, ref.THRESH_EVAL, 0.5, 0.0, 0.0, BK,
+                         dense_aligned=flag)
+        outs[flag] = o
+    assert all(_same(a, b) for a, b in zip(outs[False], outs[True]))
+    assert not _same(outs[True][0], g.tensors[0])
+    if BK != "cpu":
+        return
+    # broken promises: a masked tensor (the second, after an unmasked one), an unaligned offset
+    for plan, what in ((masked, "mask kind 1"), (mk.ZOPlan([mk.PlanEntry("a", ws[0].clone(), 1),
+                                                            mk.PlanEntry("b", ws[1].clone(), 2, global_offset=12,
+                                                                         full_numel=2000)]), "global offset 12")):
+        g = plan.groups[0]
+        before = [t.clone() for t in g.tensors]
+        with pytest.raises(RuntimeError, match=what):
+            mk.ops.zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, [77], torch.zeros(0), ref.OP_PERTURB,
+                             ref.DIST_GAUSSIAN, ref.ROUND_NEAREST, 0, ref.THRESH_LATCH_WRITE, 1e-2, 0.0, 0.0, "cpu",
+                             dense_aligned=True)
+        assert all(_same(a, b) for a, b in zip(before, g.tensors)), "weights written before the error"

@@ -1,5 +1,7 @@
 """GPU execution: cuda and compiled triton against the reference, bit for bit. Runs only where CUDA is available
 (bench/gpu_check.sh runs it on the GPU machine and commits the summary under bench/results/)."""
+import re
+
 import pytest
 import torch
 
@@ -285,3 +287,97 @@ def test_rowindex_masks_in_a_mixed_plan_match_reference(backend, dtype, dist, va
     bad = [i for i, (a, c) in enumerate(zip(copies[backend], copies["reference"])) if not torch.equal(_bits(a),
                                                                                                     _bits(c))]
     assert not bad, f"perturbed_copy: tensors {bad} differ from the reference"
+
+
+def _cuda_kernel_names(fn):
+    """Names of the CUDA kernels fn launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if "zo_apply_kernel" in e.name]
+
+
+def _is_dense_kernel(name):
+    """zo_apply_kernel<DT, MIN_BLOCKS, SPEC, F32_XOR, MASKED, DENSE> with DENSE true (csrc/zo_cuda_kernel.cuh)."""
+    f, t = r"(?:false|0|\(bool\)0)", r"(?:true|1|\(bool\)1)"
+    return re.search(rf"zo_apply_kernel<\s*\d+,\s*\d+,\s*-?\d+,\s*{f},\s*{f},\s*{t}\s*>", name) is not None
+
+
+@pytest.mark.skipif(not mk.has_cuda(), reason="needs the CUDA extension")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
+@pytest.mark.parametrize("variant", ["", "MAZO_CUDA_DENSE=0", "tail"])
+def test_cuda_dense_kernels_match_reference(dtype, dist, variant, monkeypatch):
+    """Plans whose tensors are all unmasked at 8-aligned offsets (PlanGroup.dense_aligned) run the dense-only CUDA
+    kernels (16-bit), every op bit for bit against the reference: tensors spanning several blocks, one ending in a
+    part block, one at a global offset, one with its own multipliers. MAZO_CUDA_DENSE=0 keeps the kernels with the
+    masked and tail paths; "tail" adds a tensor whose length is not a multiple of 8, so the call falls back. The
+    profiler's kernel names say which ran."""
+    if variant == "MAZO_CUDA_DENSE=0":
+        monkeypatch.setenv("MAZO_CUDA_DENSE", "0")
+    gen = torch.Generator().manual_seed(hash((str(dtype), dist, variant)) % 2 ** 31)
+    sizes = [70000, 3 * 8192, 65544, 8200, 8 * 1001] + ([9003] if variant == "tail" else [])
+    w_gpu = _weights(gen, sizes, dtype, "cuda")
+    w_cpu = [t.cpu().clone() for t in w_gpu]
+    kw = {1: dict(scale_mult=0.5, lr_mult=2.0, weight_decay=0.1), 3: dict(global_offset=8 * 1001, full_numel=10 ** 6)}
+    p_gpu, p_cpu = _plan(w_gpu, None, kw), _plan(w_cpu, None, kw)
+    assert p_gpu.groups[0].dense_aligned
+    expect_dense = variant == "" and dtype != torch.float32
+    seed, eps = 2 ** 63 + 4321, 1e-3
+
+    def same(what):
+        bad = [i for i, (a, c) in enumerate(zip(w_gpu, w_cpu)) if not torch.equal(_bits(a), _bits(c))]
+        assert not bad, f"{what}: tensors {bad} differ from the reference ({variant or 'default'})"
+
+    def both(fn, what):
+        names = _cuda_kernel_names(lambda: fn(p_gpu, "cuda"))
+        fn(p_cpu, "reference")
+        same(what)
+        assert names, what
+        assert all(_is_dense_kernel(n) == expect_dense for n in names), (what, names)
+
+    both(lambda p, b: mk.perturb_(p, seed, eps, dist=dist, backend=b), "perturb_, prior 0")
+    both(lambda p, b: mk.perturb_(p, seed, -2 * eps, prior=eps, dist=dist, backend=b), "perturb_ with a prior")
+    for rounding in ("stochastic", "nearest"):
+        both(lambda p, b: mk.update_(p, [seed, 7], torch.tensor([0.7, -1.3], device="cuda") if b == "cuda"
+                                     else [0.7, -1.3], lr=1e-2, restore_seed=seed, prior=-eps, rounding=rounding,
+                                     sr_seed=9, dist=dist, backend=b), f"update_ with restore, {rounding}")
+        both(lambda p, b: mk.update_(p, [11], [0.2], lr=1e-2, rounding=rounding, sr_seed=5, dist=dist, backend=b),
+             f"update_ with prior 0, {rounding}")
+    copies = {}
+    for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):
+        outs = [torch.full_like(e.tensor, float("nan")) for e in plan.entries]
+        copies[b] = mk.perturbed_copy(plan, seed, 0.3, out=outs, dist=dist, backend=b)
+    bad = [i for i, (a, c) in enumerate(zip(copies["cuda"], copies["reference"])) if not torch.equal(_bits(a), _bits(c))]
+    assert not bad, f"perturbed_copy: tensors {bad} differ from the reference"
+
+
+_BROKEN_PROMISE = """
+import torch, mazo_kernels as mk
+from mazo_kernels import reference as ref
+w = (torch.randn(4096) * 0.02).to(torch.bfloat16).cuda()
+plan = mk.ZOPlan([mk.PlanEntry("w", w, 1)])
+g = plan.groups[0]
+meta = g.meta.clone()
+mk.ops.zo_apply_(g.tensors, [], g.masks, meta, g.fvals, [5], torch.zeros(0, device="cuda"), ref.OP_PERTURB,
+                 ref.DIST_GAUSSIAN, ref.ROUND_NEAREST, 0, ref.THRESH_EVAL, 1e-3, 0.0, 0.0, "cuda", dense_aligned=True)
+torch.cuda.synchronize()
+print("promise kept: ok", flush=True)
+meta[0, 2] = ref.MASK_THRESHOLD   # a threshold evaluated in the kernel, no latch: only the device table says so
+mk.ops.zo_apply_(g.tensors, [], g.masks, meta, g.fvals, [5], torch.zeros(0, device="cuda"), ref.OP_PERTURB,
+                 ref.DIST_GAUSSIAN, ref.ROUND_NEAREST, 0, ref.THRESH_EVAL, 1e-3, 0.0, 0.0, "cuda", dense_aligned=True)
+torch.cuda.synchronize()
+print("promise broken: not caught", flush=True)
+"""
+
+
+@pytest.mark.skipif(not mk.has_cuda(), reason="needs the CUDA extension")
+def test_cuda_dense_kernel_traps_a_broken_promise():
+    """dense_aligned=True over a table whose mask kind (on the device only) is not none: the dense-only kernel stops
+    with a device-side trap instead of writing the tensor unmasked. A trap ends the CUDA context: a subprocess."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-c", _BROKEN_PROMISE], capture_output=True, text=True, timeout=300)
+    assert "promise kept: ok" in r.stdout, r.stderr[-2000:]
+    assert "not caught" not in r.stdout
+    assert r.returncode != 0 and "CUDA" in r.stderr, r.stderr[-2000:]
