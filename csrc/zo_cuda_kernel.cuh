@@ -268,6 +268,44 @@ __device__ __forceinline__ void partial_tail_unit(const OpParams& P, const Tenso
   }
 }
 
+// Eight float32 values rounded to the storage type (S::rne of each). 16-bit types through the hardware conversions
+// (DT_BF16_HW, DT_F16_HW): two values per conversion (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32, the same nearest-even
+// rounding as the scalar conversions the spec's checks compared: bench/check_bf16_cvt.cu, check_f16_cvt.cu), and one
+// NaN test per unit instead of a select per element. A NaN converts to 0x7FFF where the spec has 0x7FC0 (bf16) or
+// sign | 0x7E00 (fp16), so a unit that holds one (never, for finite weights) takes the scalar roundings. A half h of
+// a packed word is a NaN iff (h & 0x7FFF) + NAN_ADD carries into bit 15 (0x7F for bf16, whose NaNs are above
+// 0x7F80; 0x3FF for fp16, above 0x7C00); no carry crosses the halves.
+template <int DT>
+__device__ __forceinline__ void rne8(const float v[8], typename Storage<DT>::bits_t res[8]) {
+  using S = Storage<DT>;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (DT == DT_BF16_HW || DT == DT_F16_HW) {
+    constexpr uint32_t NAN_ADD = DT == DT_BF16_HW ? 0x007F007Fu : 0x03FF03FFu;
+    uint32_t w[4], nan = 0;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      if constexpr (DT == DT_BF16_HW)
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[j]) : "f"(v[2 * j + 1]), "f"(v[2 * j]));
+      else
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w[j]) : "f"(v[2 * j + 1]), "f"(v[2 * j]));
+      nan |= (w[j] & 0x7FFF7FFFu) + NAN_ADD;
+    }
+    if ((nan & 0x80008000u) != 0u) {  // both paths give packed words: one merge, no repacking after it
+#pragma unroll
+      for (int j = 0; j < 4; ++j) w[j] = (uint32_t)S::rne(v[2 * j]) | ((uint32_t)S::rne(v[2 * j + 1]) << 16);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      res[2 * j] = (typename S::bits_t)(w[j] & 0xFFFFu);
+      res[2 * j + 1] = (typename S::bits_t)(w[j] >> 16);
+    }
+    return;
+  }
+#endif
+#pragma unroll
+  for (int l = 0; l < 8; ++l) res[l] = S::rne(v[l]);
+}
+
 // compute_oct with all eight lanes selected and z0 given (valid whenever op != UPDATE or prior != 0).
 template <int DT>
 __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const float x[8],
@@ -275,8 +313,10 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
   using S = Storage<DT>;
   if (P.op == OP_COPY) {
     const float s = fmul(P.scale, T.scale_mult);
+    float v[8];
 #pragma unroll
-    for (int l = 0; l < 8; ++l) res[l] = S::rne(fadd(x[l], fmul(s, z0[l])));
+    for (int l = 0; l < 8; ++l) v[l] = fadd(x[l], fmul(s, z0[l]));
+    rne8<DT>(v, res);
     return;
   }
   float base[8];
@@ -290,8 +330,10 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
   }
   if (P.op == OP_PERTURB) {
     const float s = fmul(P.scale, T.scale_mult);
+    float v[8];
 #pragma unroll
-    for (int l = 0; l < 8; ++l) res[l] = S::rne(fadd(base[l], fmul(s, z0[l])));
+    for (int l = 0; l < 8; ++l) v[l] = fadd(base[l], fmul(s, z0[l]));
+    rne8<DT>(v, res);
     return;
   }
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -317,7 +359,7 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
     for (int l = 0; l < 8; ++l) res[l] = S::sr(nw[l], rounding_bits_of(rb, l));
   } else {
 #pragma unroll
-    for (int l = 0; l < 8; ++l) res[l] = S::rne(nw[l]);
+    rne8<DT>(nw, res);
   }
 }
 
@@ -441,7 +483,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
             continue;
           }
         }
-        if (u < full) fast_load<DT>(in + u * UNIT, raw[it]);
+        // DENSE: the block's units past the tensor's end (its last block only) load and compute its last unit and
+        // store nothing, so that the four units are straight-line code (no branch between them: the Philox key
+        // schedule is computed once for all four, not once per unit)
+        if (DENSE) fast_load<DT>(in + (u < full ? u : full - 1) * UNIT, raw[it]);
+        else if (u < full) fast_load<DT>(in + u * UNIT, raw[it]);
       }
       const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
       U4 rw;  // Rademacher: this lane's Philox call, shared through the warp (one call covers 16 units)
@@ -456,9 +502,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         float z0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         if (P.dist == DIST_RADEMACHER) {
           if (need_z0) rademacher_from_warp(rw, it, o, o_base, z0);
-          if (u >= full) continue;
+          if (!DENSE && u >= full) continue;
         } else {
-          if (u >= full) continue;
+          if (!DENSE && u >= full) continue;
           if (need_z0) gaussian_z0(P, T, o, z0);
         }
         float x[8];
@@ -471,7 +517,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
             continue;
           }
         }
-        fast_store<DT>(out + u * UNIT, res);
+        if (!DENSE || u < full) fast_store<DT>(out + u * UNIT, res);
       }
       if constexpr (!DENSE) partial_tail_unit<DT>(P, T, d, in, out, ub, full);
       continue;

@@ -476,15 +476,16 @@ MAZO_HD float invert_rounding_f16_hw(float w, float d) {
   const float y = nan ? 0.f : y0;  // selects, not a branch: a NaN y takes the spec's value at the end
   const uint32_t b0 = S::rne_not_nan(y);
   const float c0 = f16_to_f32_finite(b0);
-  float r = c0;
-  if ((f2u(c0) & 0x7F800000u) != 0x7F800000u && y != c0) {
-    const uint32_t b1 = f2u(y) > f2u(c0) ? b0 + 1u : b0 - 1u;
-    const float c1 = f16_to_f32_finite(b1);
-    const uint32_t wb = S::rne_not_nan(w);  // w finite here (an infinite or NaN w gives a non-finite c0 or NaN y)
-    const bool ok0 = S::rne_not_nan(fadd(c0, d)) == wb;
-    const bool ok1 = S::rne_not_nan(fadd(c1, d)) == wb;
-    if (ok1 && (!ok0 || (b1 & 1u) == 0u)) r = c1;
-  }
+  // Selects, not a branch (the condition holds for most elements, and a branch per element cost the unit's
+  // straight-line schedule): where c0 is not finite or y == c0 the values below are computed and discarded (b1 may
+  // then be a NaN or wrapped pattern; its conversion is harmless).
+  const uint32_t b1 = (f2u(y) > f2u(c0) ? b0 + 1u : b0 - 1u) & 0xFFFFu;
+  const float c1 = f16_to_f32_finite(b1);
+  const uint32_t wb = S::rne_not_nan(w);  // w finite where it matters (an infinite or NaN w gives a non-finite c0 or NaN y)
+  const bool ok0 = S::rne_not_nan(fadd(c0, d)) == wb;
+  const bool ok1 = S::rne_not_nan(fadd(c1, d)) == wb;
+  const bool take1 = (f2u(c0) & 0x7F800000u) != 0x7F800000u && y != c0 && ok1 && (!ok0 || (b1 & 1u) == 0u);
+  const float r = take1 ? c1 : c0;
   return nan ? u2f((f2u(y0) & 0x80000000u) | 0x7FC00000u) : r;
 }
 
