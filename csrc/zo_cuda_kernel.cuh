@@ -127,18 +127,19 @@ __device__ __forceinline__ void gaussian_from_words(const U4& w, float z[8]) {
 
 // This lane's share of the warp's Rademacher Philox calls (one call covers 16 units; lanes hold them in the order
 // rademacher_from_warp reads them) for a block whose first unit is global oct o_base.
-__device__ __forceinline__ U4 rademacher_warp_words(const OpParams& P, const TensorParams& T, uint64_t o_base) {
+__device__ __forceinline__ U4 rademacher_warp_words(uint64_t seed, const TensorParams& T, uint64_t o_base) {
   const unsigned lane = threadIdx.x & 31u, jj = lane % (3u * ITERS);
   const uint64_t o_first = o_base + (uint64_t)((jj / 3u) * THREADS + (threadIdx.x & ~31u));
-  return philox_words(P.seed0, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
+  return philox_words(seed, T.tid, (o_first >> 4) + (jj % 3u), STREAM_RADEMACHER);
 }
 
 // Gaussian z0 of oct o from this lane's own Philox call (v1 or gaussian_fast).
-__device__ __forceinline__ void gaussian_z0(const OpParams& P, const TensorParams& T, uint64_t o, float z0[8]) {
+__device__ __forceinline__ void gaussian_z0(const OpParams& P, uint64_t seed, const TensorParams& T, uint64_t o,
+                                            float z0[8]) {
   if (P.dist == DIST_GAUSSIAN_FAST)
-    gaussian_fast_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN_FAST), z0);
+    gaussian_fast_from_words(philox_words(seed, T.tid, o, STREAM_GAUSSIAN_FAST), z0);
   else
-    gaussian_from_words(philox_words(P.seed0, T.tid, o, STREAM_GAUSSIAN), z0);
+    gaussian_from_words(philox_words(seed, T.tid, o, STREAM_GAUSSIAN), z0);
 }
 
 // Rademacher z0 of unit o in iteration it: the warp's lanes hold the Philox calls of its units (rw, one call per 16
@@ -306,7 +307,8 @@ __device__ __forceinline__ void rne8(const float v[8], typename Storage<DT>::bit
   for (int l = 0; l < 8; ++l) res[l] = S::rne(v[l]);
 }
 
-// compute_oct with all eight lanes selected and z0 given (valid whenever op != UPDATE or prior != 0).
+// compute_oct with all eight lanes selected and z0 given: the noise of the pass's seed, or for update_ with prior 0
+// the noise of its first update seed.
 template <int DT>
 __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const float x[8],
                                          const float z0[8], typename Storage<DT>::bits_t res[8]) {
@@ -340,7 +342,8 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
   for (int k = 0; k < P.nupd; ++k) {
     const float gk = fmul(P.gs[k], T.g_mult);
     float z[8];
-    if (P.prior_nonzero && P.useeds[k] == P.seed0) {
+    // z0 is this seed's noise: the restored noise's seed (prior != 0), or the first update seed (prior 0)
+    if (P.prior_nonzero ? P.useeds[k] == P.seed0 : k == 0) {
 #pragma unroll
       for (int l = 0; l < 8; ++l) z[l] = z0[l];
     } else {
@@ -394,6 +397,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
     P.useeds = reinterpret_cast<const uint64_t*>(a.seed_dev + 1);
   }
   constexpr int RW = DT == DT_F32 ? 8 : 4;  // 32-bit words per unit
+  // z0, the noise the fast paths compute once per unit (Rademacher: once per 16 units, shared through the warp): the
+  // pass's seed, or for update_ with prior 0 its first update seed (fast_oct reuses it for k = 0)
+  const bool z0_first_update = P.op == OP_UPDATE && !P.prior_nonzero;
+  const bool need_z0 = !z0_first_update || P.nupd > 0;
+  const uint64_t z0_seed = z0_first_update ? (P.nupd > 0 ? P.useeds[0] : 0) : P.seed0;
   int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
   for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
     // last tensor whose block_start <= b (empty tensors own no block); usually still lo_prev (one load)
@@ -435,13 +443,12 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
       if (d.fast && (T.offset & 7) == 0) {  // block-uniform
         const int64_t full = d.n >> 3;
         const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;
-        const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
         __shared__ uint32_t rowidx_bits[UNITS_PER_BLOCK / 4];
         __shared__ int64_t rowidx_bounds[3];
         const bool rowidx = T.kind == MASK_ROWIDX;  // block-uniform
         if (rowidx) rowidx_block_bits(d, T, ub, full, rowidx_bits, rowidx_bounds);
         U4 rw;
-        if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(P, T, o_base);
+        if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(z0_seed, T, o_base);
 #pragma unroll
         for (int it = 0; it < ITERS; ++it) {
           const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
@@ -457,7 +464,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
           const unsigned sel = rowidx ? (rowidx_bits[lu >> 2] >> ((lu & 3) * 8)) & 0xFFu
                                       : fast_unit_sel(P, T, d.mask8, u, x);
           if (sel == 0 && P.op != OP_COPY) continue;  // nothing selected: nothing written
-          if (P.dist != DIST_RADEMACHER && need_z0) gaussian_z0(P, T, o, z0);
+          if (P.dist != DIST_RADEMACHER && need_z0) gaussian_z0(P, z0_seed, T, o, z0);
           bits_t res[8];
           fast_oct<DT>(P, T, o, x, z0, res);
           fast_store_masked<DT>(P, out + u * UNIT, sel, raw, res);
@@ -489,9 +496,8 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         if (DENSE) fast_load<DT>(in + (u < full ? u : full - 1) * UNIT, raw[it]);
         else if (u < full) fast_load<DT>(in + u * UNIT, raw[it]);
       }
-      const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero;
       U4 rw;  // Rademacher: this lane's Philox call, shared through the warp (one call covers 16 units)
-      if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(P, T, o_base);
+      if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(z0_seed, T, o_base);
 #pragma unroll
       for (int it = 0; it < ITERS; ++it) {
         const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
@@ -505,7 +511,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
           if (!DENSE && u >= full) continue;
         } else {
           if (!DENSE && u >= full) continue;
-          if (need_z0) gaussian_z0(P, T, o, z0);
+          if (need_z0) gaussian_z0(P, z0_seed, T, o, z0);
         }
         float x[8];
         fast_unpack<DT>(raw[it], x);
@@ -599,20 +605,21 @@ const void* masked_kernel_dist(int spec) {
 constexpr int DENSE_SPEC = 64;
 
 // Blocks per SM of the dense-only kernels: the most whose register budget ptxas (-v, sm_90) meets without spills
-// (or 4 bytes: bf16 Rademacher perturbed_copy), once the generic paths are gone. bf16: the light passes (perturb_
-// with prior 0, perturbed_copy) at 40 registers (6 blocks), perturb_ with a prior and update_ with prior 0 at 64 (4),
-// the restoring update_ at 80 (3; at 64 it spills 12-88 B). fp16 the same, but v1 Gaussian's light passes (6 blocks
-// spill 136 B, 5 blocks 20 B) and its update_ with prior 0 (4 blocks: 8 B) keep the kernels' budgets.
+// (or 4-8 bytes: bf16 v1 Gaussian and Rademacher light passes), once the generic paths are gone: the light passes
+// (perturb_ with prior 0, perturbed_copy) 40 registers (6 blocks); perturb_ with a prior 64 (4). fp16 v1 Gaussian's
+// light passes keep 64 (6 blocks spill 136 B, 5 blocks 20 B).
 constexpr int dense_minblocks(int dt, int spec) {
-  const int op = spec / 8, dist = spec & 3;
-  const bool prior = (spec & 4) != 0, v1_f16 = dt == DT_F16_HW && dist == DIST_GAUSSIAN;
-  if (op == OP_UPDATE && prior) return 3;
-  if (op != OP_UPDATE && !prior) return v1_f16 ? 4 : 6;
-  return v1_f16 && op == OP_UPDATE ? 3 : 4;
+  const bool light = (spec & 4) == 0;
+  return light ? (dt == DT_F16_HW && (spec & 3) == DIST_GAUSSIAN ? 4 : 6) : 4;
 }
 
 constexpr bool has_dense_spec(int dt, bool xor_) { return !xor_ && (dt == DT_BF16_HW || dt == DT_F16_HW); }
 
+// The dense-only kernels kept: those an H200 ran faster than the kernels with the generic paths, in one process
+// over LLaMA-7B's list (MAZO_CUDA_DENSE=0 against the default; bench/results/h200_2026-12-02/s14/call2): perturb_
+// and perturbed_copy with gaussian_fast and Rademacher noise (1.02-1.13x), perturb_ with a prior (1.01-1.08x). Not
+// kept: v1 Gaussian perturb_ with prior 0 and perturbed_copy (0.97-0.98x), update_ with and without a prior
+// (0.96-1.03x); those calls run the specialisations.
 template <int DT, int DIST>
 const void* dense_kernel_dist(int spec) {
 #define MAZO_DENSE_CASE(OP, PRIOR) \
@@ -620,11 +627,13 @@ const void* dense_kernel_dist(int spec) {
     return (const void*)zo_apply_kernel<DT, dense_minblocks(DT, spec_of(OP, PRIOR, DIST)), spec_of(OP, PRIOR, DIST), \
                                         false, false, true>;
   switch (spec) {
-    MAZO_DENSE_CASE(OP_PERTURB, false)
     MAZO_DENSE_CASE(OP_PERTURB, true)
-    MAZO_DENSE_CASE(OP_UPDATE, true)
-    MAZO_DENSE_CASE(OP_COPY, false)
-    MAZO_DENSE_CASE(OP_UPDATE, false)
+  }
+  if constexpr (DIST != DIST_GAUSSIAN) {
+    switch (spec) {
+      MAZO_DENSE_CASE(OP_PERTURB, false)
+      MAZO_DENSE_CASE(OP_COPY, false)
+    }
   }
 #undef MAZO_DENSE_CASE
   return nullptr;

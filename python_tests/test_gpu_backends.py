@@ -309,7 +309,8 @@ def _is_dense_kernel(name):
 @pytest.mark.parametrize("variant", ["", "MAZO_CUDA_DENSE=0", "tail"])
 def test_cuda_dense_kernels_match_reference(dtype, dist, variant, monkeypatch):
     """Plans whose tensors are all unmasked at 8-aligned offsets (PlanGroup.dense_aligned) run the dense-only CUDA
-    kernels (16-bit), every op bit for bit against the reference: tensors spanning several blocks, one ending in a
+    kernels where they are kept (16-bit; perturb_ with a prior, and perturb_ / perturbed_copy with gaussian_fast or
+    Rademacher noise), every op bit for bit against the reference: tensors spanning several blocks, one ending in a
     part block, one at a global offset, one with its own multipliers. MAZO_CUDA_DENSE=0 keeps the kernels with the
     masked and tail paths; "tail" adds a tensor whose length is not a multiple of 8, so the call falls back. The
     profiler's kernel names say which ran."""
@@ -322,31 +323,36 @@ def test_cuda_dense_kernels_match_reference(dtype, dist, variant, monkeypatch):
     kw = {1: dict(scale_mult=0.5, lr_mult=2.0, weight_decay=0.1), 3: dict(global_offset=8 * 1001, full_numel=10 ** 6)}
     p_gpu, p_cpu = _plan(w_gpu, None, kw), _plan(w_cpu, None, kw)
     assert p_gpu.groups[0].dense_aligned
-    expect_dense = variant == "" and dtype != torch.float32
+    dense_on = variant == "" and dtype != torch.float32
     seed, eps = 2 ** 63 + 4321, 1e-3
 
     def same(what):
         bad = [i for i, (a, c) in enumerate(zip(w_gpu, w_cpu)) if not torch.equal(_bits(a), _bits(c))]
         assert not bad, f"{what}: tensors {bad} differ from the reference ({variant or 'default'})"
 
-    def both(fn, what):
+    def both(fn, what, dense_kernel):
         names = _cuda_kernel_names(lambda: fn(p_gpu, "cuda"))
         fn(p_cpu, "reference")
         same(what)
         assert names, what
-        assert all(_is_dense_kernel(n) == expect_dense for n in names), (what, names)
+        assert all(_is_dense_kernel(n) == (dense_on and dense_kernel) for n in names), (what, names)
 
-    both(lambda p, b: mk.perturb_(p, seed, eps, dist=dist, backend=b), "perturb_, prior 0")
-    both(lambda p, b: mk.perturb_(p, seed, -2 * eps, prior=eps, dist=dist, backend=b), "perturb_ with a prior")
+    light = dist != "gaussian"
+    both(lambda p, b: mk.perturb_(p, seed, eps, dist=dist, backend=b), "perturb_, prior 0", light)
+    both(lambda p, b: mk.perturb_(p, seed, -2 * eps, prior=eps, dist=dist, backend=b), "perturb_ with a prior", True)
     for rounding in ("stochastic", "nearest"):
         both(lambda p, b: mk.update_(p, [seed, 7], torch.tensor([0.7, -1.3], device="cuda") if b == "cuda"
                                      else [0.7, -1.3], lr=1e-2, restore_seed=seed, prior=-eps, rounding=rounding,
-                                     sr_seed=9, dist=dist, backend=b), f"update_ with restore, {rounding}")
-        both(lambda p, b: mk.update_(p, [11], [0.2], lr=1e-2, rounding=rounding, sr_seed=5, dist=dist, backend=b),
-             f"update_ with prior 0, {rounding}")
+                                     sr_seed=9, dist=dist, backend=b), f"update_ with restore, {rounding}", False)
+        both(lambda p, b: mk.update_(p, [11, 12], [0.2, -0.4], lr=1e-2, rounding=rounding, sr_seed=5, dist=dist,
+                                     backend=b), f"update_ with prior 0, {rounding}", False)
     copies = {}
     for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):
         outs = [torch.full_like(e.tensor, float("nan")) for e in plan.entries]
+        if b == "cuda":
+            names = _cuda_kernel_names(lambda: mk.perturbed_copy(plan, seed, 0.3, out=outs, dist=dist, backend=b))
+            assert names and all(_is_dense_kernel(n) == (dense_on and light) for n in names), names
+            outs = [o.fill_(float("nan")) for o in outs]
         copies[b] = mk.perturbed_copy(plan, seed, 0.3, out=outs, dist=dist, backend=b)
     bad = [i for i, (a, c) in enumerate(zip(copies["cuda"], copies["reference"])) if not torch.equal(_bits(a), _bits(c))]
     assert not bad, f"perturbed_copy: tensors {bad} differ from the reference"
