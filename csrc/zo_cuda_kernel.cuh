@@ -308,7 +308,7 @@ __device__ __forceinline__ void rne8(const float v[8], typename Storage<DT>::bit
 }
 
 // compute_oct with all eight lanes selected and z0 given: the noise of the pass's seed, or for update_ with prior 0
-// the noise of its first update seed.
+// and Rademacher noise the noise of its first update seed (unused for Gaussian update_ with prior 0).
 template <int DT>
 __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const float x[8],
                                          const float z0[8], typename Storage<DT>::bits_t res[8]) {
@@ -342,8 +342,8 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
   for (int k = 0; k < P.nupd; ++k) {
     const float gk = fmul(P.gs[k], T.g_mult);
     float z[8];
-    // z0 is this seed's noise: the restored noise's seed (prior != 0), or the first update seed (prior 0)
-    if (P.prior_nonzero ? P.useeds[k] == P.seed0 : k == 0) {
+    // z0 is this seed's noise: the restored noise's seed (prior != 0), or the first update seed (prior 0, Rademacher)
+    if (P.prior_nonzero ? P.useeds[k] == P.seed0 : (k == 0 && P.dist == DIST_RADEMACHER)) {
 #pragma unroll
       for (int l = 0; l < 8; ++l) z[l] = z0[l];
     } else {
@@ -398,9 +398,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
   }
   constexpr int RW = DT == DT_F32 ? 8 : 4;  // 32-bit words per unit
   // z0, the noise the fast paths compute once per unit (Rademacher: once per 16 units, shared through the warp): the
-  // pass's seed, or for update_ with prior 0 its first update seed (fast_oct reuses it for k = 0)
-  const bool z0_first_update = P.op == OP_UPDATE && !P.prior_nonzero;
-  const bool need_z0 = !z0_first_update || P.nupd > 0;
+  // pass's seed, or for update_ with prior 0 and Rademacher noise its first update seed (fast_oct reuses it for
+  // k = 0: one Philox call per 16 units instead of one per unit). Gaussian update_ with prior 0 computes its noise in
+  // the update loop: computed ahead, on an H200 it ran 0.95x (bench/results/h200_2026-12-02/s14/call3).
+  const bool z0_first_update = P.op == OP_UPDATE && !P.prior_nonzero && P.dist == DIST_RADEMACHER;
+  const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero || (z0_first_update && P.nupd > 0);
   const uint64_t z0_seed = z0_first_update ? (P.nupd > 0 ? P.useeds[0] : 0) : P.seed0;
   int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
   for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {

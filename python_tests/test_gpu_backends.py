@@ -366,12 +366,14 @@ plan = mk.ZOPlan([mk.PlanEntry("w", w, 1)])
 g = plan.groups[0]
 meta = g.meta.clone()
 mk.ops.zo_apply_(g.tensors, [], g.masks, meta, g.fvals, [5], torch.zeros(0, device="cuda"), ref.OP_PERTURB,
-                 ref.DIST_GAUSSIAN, ref.ROUND_NEAREST, 0, ref.THRESH_EVAL, 1e-3, 0.0, 0.0, "cuda", dense_aligned=True)
+                 ref.DIST_GAUSSIAN_FAST, ref.ROUND_NEAREST, 0, ref.THRESH_EVAL, 1e-3, 0.0, 0.0, "cuda",
+                 dense_aligned=True)
 torch.cuda.synchronize()
 print("promise kept: ok", flush=True)
 meta[0, 2] = ref.MASK_THRESHOLD   # a threshold evaluated in the kernel, no latch: only the device table says so
 mk.ops.zo_apply_(g.tensors, [], g.masks, meta, g.fvals, [5], torch.zeros(0, device="cuda"), ref.OP_PERTURB,
-                 ref.DIST_GAUSSIAN, ref.ROUND_NEAREST, 0, ref.THRESH_EVAL, 1e-3, 0.0, 0.0, "cuda", dense_aligned=True)
+                 ref.DIST_GAUSSIAN_FAST, ref.ROUND_NEAREST, 0, ref.THRESH_EVAL, 1e-3, 0.0, 0.0, "cuda",
+                 dense_aligned=True)
 torch.cuda.synchronize()
 print("promise broken: not caught", flush=True)
 """
