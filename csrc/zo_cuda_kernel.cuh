@@ -621,7 +621,7 @@ constexpr bool has_dense_spec(int dt, bool xor_) { return !xor_ && (dt == DT_BF1
 // over LLaMA-7B's list (MAZO_CUDA_DENSE=0 against the default; bench/results/h200_2026-12-02/s14/call2): perturb_
 // and perturbed_copy with gaussian_fast and Rademacher noise (1.02-1.13x), perturb_ with a prior (1.01-1.08x). Not
 // kept: v1 Gaussian perturb_ with prior 0 and perturbed_copy (0.97-0.98x), update_ with and without a prior
-// (0.96-1.03x); those calls run the specialisations.
+// (0.95-1.03x); those calls run the specialisations.
 template <int DT, int DIST>
 const void* dense_kernel_dist(int spec) {
 #define MAZO_DENSE_CASE(OP, PRIOR) \
