@@ -139,7 +139,8 @@ def cuda_kernels(cuda_home: str) -> list:
             flags = re.findall(r"Lb([01])E", cur[t.end():t.end() + 16]) if t else []
             xor = flags[:1] == ["1"]          # the fp32 exchange (MAZO_CUDA_F32_XOR)
             masked = flags[1:2] == ["1"]      # the masked kernels (threshold, packed-bit, row-index masks)
-            recs.append({"kernel": what + (" masked" if masked else ""),
+            dense = flags[2:3] == ["1"]       # the dense-only kernels (calls made with dense_aligned)
+            recs.append({"kernel": what + (" masked" if masked else "") + (" dense" if dense else ""),
                          "dtype": (dts.get(dt) or "?") + ("_xor" if xor else ""), "min_blocks": minb,
                          "registers": int(m.group(1)), "spill_store_bytes": spill[0], "spill_load_bytes": spill[1]})
             cur = None
