@@ -369,6 +369,25 @@ def test_masks_leave_unselected_elements_alone():
                          "lin.bias": None}
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_launches_carry_the_plan_groups_dense_aligned(masked, monkeypatch):
+    """Every pass of a step passes its plan group's dense_aligned to the op: True for unmasked tensors at offset 0
+    (the CUDA backend may then run its dense-only kernels), False where a tensor is masked."""
+    import mazo_kernels.optim as optim_mod
+    flags, op = [], optim_mod.zo_apply_
+
+    def spy(*args, **kw):
+        flags.append(args[17] if len(args) > 17 else kw.get("dense_aligned", False))
+        return op(*args, **kw)
+
+    monkeypatch.setattr(optim_mod, "zo_apply_", spy)
+    model = Quad()
+    masks = {"lin.weight": mk.ThresholdMask(0.5)} if masked else None
+    opt = mk.ZOSGD(model.named_parameters(), lr=1e-2, masks=masks, backend=BACKEND)
+    opt.step(model)
+    assert len(flags) == 3 and all(f is (not masked) for f in flags), flags
+
+
 def test_tied_weights_appear_once():
     model = _tiny_llama(torch.float32, tie=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
