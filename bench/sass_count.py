@@ -59,7 +59,7 @@ def cases(which: str):
 
 
 def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
-    c = dict(TMODE=0, MASKED=False, MODE=3, FBLOCK=fblock, BLOCK=block, NTAB=tk._NTAB)
+    c = dict(TMODE=0, MASKED=False, ROWIDX=False, MODE=3, FBLOCK=fblock, BLOCK=block, NTAB=tk._NTAB)
     c.update(consts)
     sig = dict(SIGNATURE)
     sig.update({k: "constexpr" for k in c})
