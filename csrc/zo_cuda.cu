@@ -193,9 +193,11 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // Generic bf16 kernel: calls whose tensors all take the fast path run the 3-blocks-per-SM kernel for update_ and
   // Gaussian noise (on an H200 6-11% faster there, 6% slower for Rademacher perturb_: bench/results/h200_2026-12-01/
   // minblocks); MAZO_CUDA_MINBLOCKS=2|3 forces one (bf16 only).
-  bool all_fast = true;
-  for (const Desc& d : descs)
+  bool all_fast = true, all_whole_units = true;  // all_whole_units: every tensor with work a multiple of 8 long
+  for (const Desc& d : descs) {
     all_fast = all_fast && ((d.fast && d.mask8 == nullptr && d.cols == nullptr) || d.units == 0);
+    all_whole_units = all_whole_units && (d.n % UNIT == 0 || d.units == 0);
+  }
   int minb = (all_fast && (op == OP_UPDATE || dist == DIST_GAUSSIAN)) ? 3 : 2;
   const char* minb_env = std::getenv("MAZO_CUDA_MINBLOCKS");
   if (minb_env) minb = std::atoi(minb_env);
@@ -228,12 +230,9 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // specialisation (16-bit default storage kernels), without the masked, tail and unaligned paths and their
   // registers. MAZO_CUDA_DENSE=0 (read per call) keeps the kernels that carry them (same bits).
   const char* dense_env = std::getenv("MAZO_CUDA_DENSE");
-  if (kfn == nullptr && spec >= 0 && dense_aligned && !any_masked_fast && !(dense_env && std::atoi(dense_env) == 0)) {
-    bool dense_ok = true;
-    for (const Desc& d : descs)
-      dense_ok = dense_ok && (d.units == 0 || (d.fast && d.mask8 == nullptr && d.cols == nullptr && d.n % UNIT == 0));
-    if (dense_ok) kfn = family(spec | DENSE_SPEC, 0);  // nullptr where the family has none
-  }
+  if (kfn == nullptr && spec >= 0 && dense_aligned && !any_masked_fast && all_fast && all_whole_units &&
+      !(dense_env && std::atoi(dense_env) == 0))
+    kfn = family(spec | DENSE_SPEC, 0);  // nullptr where the family has none
   if (kfn == nullptr && spec >= 0) kfn = family(spec, 0);
   if (kfn == nullptr) kfn = family(-1, minb3 ? 3 : 2);  // no specialisation for this call: the generic kernel
   TORCH_CHECK(kfn != nullptr, "zo_apply_ (CUDA): no kernel for this storage type");
