@@ -15,8 +15,9 @@
 #   SEEDLOG=1        bench/gpu_seedlog.py: ZOSGD runs whose seed logs python_tests/test_replay.py replays on the CPU
 #                    (-> $OUT/gpu_seedlog.tgz; unpack into bench/results/)
 #   ZOSTEP=1         bench/bench_zo_step.py: one ZO step in place / transient / MeZO-style (time, memory, drift)
-#   NCU=1            Nsight Compute on bench/profile_cases.py (one launch per op case and backend, 2^28 bf16
-#                    elements): SpeedOfLight, compute, occupancy, warp-state and instruction sections -> $OUT/ncu.csv
+#   NCU=1            Nsight Compute on bench/profile_cases.py (one launch per op case and backend, 2^28
+#                    elements): SpeedOfLight, compute, occupancy, warp-state and instruction sections, the stall
+#                    reasons and pipe loads -> $OUT/ncu.csv (bf16), $OUT/ncu_<dtype>.csv (NCU_DTYPES="bf16 fp16")
 #   E2E_PHASES="..." bench/e2e_gpu.sh with these phases (e.g. "graph 7b 7bt") into $OUT/e2e (M7, M7T, STEPS, ...
 #                    pass through; E2E_DEADLINE_S, default 400)
 set -uo pipefail
@@ -81,11 +82,15 @@ fi
 if [ "${ZOSTEP:-0}" = 1 ]; then
   python3 bench/bench_zo_step.py ${ZOSTEP_ARGS:-} --out "$OUT" 2>&1 | tee "$OUT/zo_step.log" | tail -12
 fi
-if [ "${NCU:-0}" = 1 ]; then
-  ncu --profile-from-start off --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis \
-      --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats \
-      --csv --page details python3 bench/profile_cases.py ${NCU_ARGS:-} > "$OUT/ncu.csv" 2> "$OUT/ncu.log"
-  echo "ncu rc $? ($(wc -l < "$OUT/ncu.csv") csv lines)"; tail -5 "$OUT/ncu.log"
+if [ "${NCU:-0}" = 1 ]; then  # one profile per dtype (NCU_DTYPES); the stall reasons and pipe loads as raw metrics
+  for dt in ${NCU_DTYPES:-bf16}; do
+    f="$OUT/ncu.csv"; [ "$dt" != bf16 ] && f="$OUT/ncu_$dt.csv"
+    ncu --profile-from-start off --clock-control none --section SpeedOfLight --section ComputeWorkloadAnalysis \
+        --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats \
+        --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio,regex:sm__inst_executed_pipe_.*\.avg\.pct_of_peak_sustained_active" \
+        --csv --page details python3 bench/profile_cases.py --dtype "$dt" ${NCU_ARGS:-} > "$f" 2> "$OUT/ncu_$dt.log"
+    echo "ncu $dt rc $? ($(wc -l < "$f") csv lines)"; tail -5 "$OUT/ncu_$dt.log"
+  done
 fi
 if [ -n "${E2E_PHASES:-}" ]; then
   OUT="$OUT/e2e" PHASES="$E2E_PHASES" DEADLINE_S=${E2E_DEADLINE_S:-400} SKIP_BUILD=1 bash bench/e2e_gpu.sh 2>&1 \

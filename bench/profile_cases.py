@@ -2,7 +2,7 @@
 
     ncu --profile-from-start off --clock-control none --section SpeedOfLight ... python3 bench/profile_cases.py
 
-One bf16 tensor of --numel elements (default 2^28, larger than L2) on the GPU, one dense plan; per backend (cuda,
+One tensor of --numel elements (default 2^28, larger than L2; --dtype bf16, fp16 or fp32) on the GPU, one dense plan; per backend (cuda,
 triton) and case: one warm-up call (compilation, tables), then the profiled call between cudaProfilerStart/Stop.
 Cases: perturb_ Gaussian and Rademacher (+eps, no restore), perturb_ Gaussian with restore (-eps, prior +eps), and
 update_ Gaussian with restore and stochastic rounding (the optimizer's third pass); --extra-dists adds the three
@@ -42,10 +42,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--numel", type=int, default=1 << 28)
     ap.add_argument("--backends", default="cuda,triton")
+    ap.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
     ap.add_argument("--extra-dists", default="", help="comma list (e.g. gaussian_fast): its perturb_, restoring "
                                                      "perturb_ and update_ cases after the default four")
     args = ap.parse_args()
-    w = (torch.randn(args.numel, device="cuda") * 0.02).to(torch.bfloat16)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    w = (torch.randn(args.numel, device="cuda") * 0.02).to(dtype)
     plan = mk.ZOPlan([("layers.0.mlp.weight", w)])
     order = []
     for backend in args.backends.split(","):
@@ -56,7 +58,7 @@ def main():
             fn()
             torch.cuda.synchronize()
             torch.cuda.profiler.stop()
-            order.append({"backend": backend, "case": name, "numel": args.numel})
+            order.append({"backend": backend, "case": name, "numel": args.numel, "dtype": args.dtype})
             print(json.dumps(order[-1]), flush=True)
 
 

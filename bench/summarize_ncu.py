@@ -38,6 +38,22 @@ def main():
         ipe = float(m["Executed Instructions"]) * 32 / args.numel
         print(f"| {i} | `{name}` | {us:.0f} | {m['DRAM Throughput']} | {m['Issue Slots Busy']} | {ipe:.1f} | "
               f"{m['Registers Per Thread']} | {m['Achieved Occupancy']} | {m['Warp Cycles Per Issued Instruction']} |")
+    stall = "smsp__average_warps_issue_stalled_"
+    if any(k.startswith(stall) for m in kernels.values() for k in m):
+        # where a warp waits, in warps per issued instruction (their sum is "cycles/issue" above), and the busiest
+        # pipes: the profile's raw metrics (gpu_check.sh NCU=1 asks for them)
+        print("\n| id | kernel | top stall reasons (warps per issue) | busiest pipes (% of peak) |")
+        print("|---|---|---|---|")
+        for (i, name), m in kernels.items():
+            if float(m.get("Duration", 0)) / 1000.0 < args.min_us:
+                continue
+            st = sorted(((k[len(stall):].replace("_per_issue_active.ratio", ""), float(v)) for k, v in m.items()
+                         if k.startswith(stall) and k.endswith("_per_issue_active.ratio")), key=lambda kv: -kv[1])
+            pipes = sorted(((k.replace("sm__inst_executed_pipe_", "").replace(".avg.pct_of_peak_sustained_active", ""),
+                             float(v)) for k, v in m.items() if k.startswith("sm__inst_executed_pipe_")),
+                           key=lambda kv: -kv[1])
+            print(f"| {i} | `{name[-70:]}` | " + ", ".join(f"{k} {v:.2f}" for k, v in st[:6] if v > 0) + " | "
+                  + ", ".join(f"{k} {v:.0f}" for k, v in pipes[:5]) + " |")
     if args.floor_ms:
         budget = args.sms * 4 * args.ghz * 1e9 * args.floor_ms * 1e-3 * 32 / args.numel
         print(f"\nIssue budget at the floor: {budget:.1f} lane-instructions per element "

@@ -77,24 +77,6 @@ __device__ __forceinline__ void fast_unpack(const uint32_t* raw, float x[8]) {
     for (int l = 0; l < 8; ++l) x[l] = u2f(raw[l]);
     return;
   }
-  if constexpr (DT == DT_F16_HW) {
-    // NaN patterns are the only fp16 values whose hardware conversion differs from the spec's: one packed test per
-    // word (HSET2), and the per-element NaN select of Storage<DT_F16_HW>::to_f32 only for a unit that holds one.
-    uint32_t nan = 0;
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const __half2 t = __hisnan2(*reinterpret_cast<const __half2*>(&raw[j]));
-      nan |= *reinterpret_cast<const uint32_t*>(&t);
-    }
-    if (nan == 0) {
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        x[2 * j] = __half2float(__ushort_as_half((unsigned short)(raw[j] & 0xFFFFu)));
-        x[2 * j + 1] = __half2float(__ushort_as_half((unsigned short)(raw[j] >> 16)));
-      }
-      return;
-    }
-  }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     x[2 * j] = S::to_f32((typename S::bits_t)(raw[j] & 0xFFFFu));
@@ -271,27 +253,27 @@ __device__ __forceinline__ void partial_tail_unit(const OpParams& P, const Tenso
 
 // Eight float32 values rounded to the storage type (S::rne of each). 16-bit types through the hardware conversions
 // (DT_BF16_HW, DT_F16_HW): two values per conversion (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32, the same nearest-even
-// rounding as the scalar conversions the spec's checks compared: bench/check_bf16_cvt.cu, check_f16_cvt.cu), and one
-// NaN test per unit instead of a select per element. A NaN converts to 0x7FFF where the spec has 0x7FC0 (bf16) or
-// sign | 0x7E00 (fp16), so a unit that holds one (never, for finite weights) takes the scalar roundings. A half h of
-// a packed word is a NaN iff (h & 0x7FFF) + NAN_ADD carries into bit 15 (0x7F for bf16, whose NaNs are above
-// 0x7F80; 0x3FF for fp16, above 0x7C00); no carry crosses the halves.
+// rounding as the scalar conversions the spec's checks compared: bench/check_bf16_cvt.cu, check_f16_cvt.cu). fp16
+// needs nothing more (a NaN stays the hardware's NaN: Storage<DT_F16_HW>). bf16 NaNs convert to 0x7FFF where the
+// spec has 0x7FC0, so a unit that holds one (never, for finite weights) takes the scalar roundings; one test per
+// unit: a half h of a packed word is a NaN iff (h & 0x7FFF) + 0x7F carries into bit 15 (bf16 NaNs lie above 0x7F80;
+// no carry crosses the halves).
 template <int DT>
 __device__ __forceinline__ void rne8(const float v[8], typename Storage<DT>::bits_t res[8]) {
   using S = Storage<DT>;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (DT == DT_BF16_HW || DT == DT_F16_HW) {
-    constexpr uint32_t NAN_ADD = DT == DT_BF16_HW ? 0x007F007Fu : 0x03FF03FFu;
     uint32_t w[4], nan = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      if constexpr (DT == DT_BF16_HW)
+      if constexpr (DT == DT_BF16_HW) {
         asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[j]) : "f"(v[2 * j + 1]), "f"(v[2 * j]));
-      else
+        nan |= (w[j] & 0x7FFF7FFFu) + 0x007F007Fu;
+      } else {
         asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w[j]) : "f"(v[2 * j + 1]), "f"(v[2 * j]));
-      nan |= (w[j] & 0x7FFF7FFFu) + NAN_ADD;
+      }
     }
-    if ((nan & 0x80008000u) != 0u) {  // both paths give packed words: one merge, no repacking after it
+    if (DT == DT_BF16_HW && (nan & 0x80008000u) != 0u) {  // both paths give packed words: one merge, no repacking
 #pragma unroll
       for (int j = 0; j < 4; ++j) w[j] = (uint32_t)S::rne(v[2 * j]) | ((uint32_t)S::rne(v[2 * j + 1]) << 16);
     }
@@ -307,11 +289,76 @@ __device__ __forceinline__ void rne8(const float v[8], typename Storage<DT>::bit
   for (int l = 0; l < 8; ++l) res[l] = S::rne(v[l]);
 }
 
+// invert_rounding<DT> of a loaded unit's eight values (x, shifted by d): the same operations in the same order, with
+// the 16-bit roundings two per conversion (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 round each half as the scalar
+// conversions do) and the stored value's bits taken from the loaded words (raw) instead of rounding x again.
+// ok0 / ok1 compare both halves of a packed rounding with the packed stored word at once.
+template <int DT>
+__device__ __forceinline__ void invert8(const uint32_t* raw, const float x[8], const float d[8], float base[8]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (DT == DT_BF16_HW || DT == DT_F16_HW) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float y[2], c0[2], c1[2];
+      uint32_t b0[2], b1[2];
+      y[0] = fsub(x[2 * j], d[2 * j]);
+      y[1] = fsub(x[2 * j + 1], d[2 * j + 1]);
+      uint32_t cy;
+      if constexpr (DT == DT_BF16_HW) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(cy) : "f"(y[1]), "f"(y[0]));
+        // invert_rounding_bf16_hw, in float32 bit patterns: c1 = 2t + 1 ulp - c0 (t: y truncated to bf16)
+        b0[0] = cy << 16;
+        b0[1] = cy & 0xFFFF0000u;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          b1[h] = 2u * (f2u(y[h]) & 0xFFFF0000u) + 0x10000u - b0[h];
+          c0[h] = u2f(b0[h]);
+          c1[h] = u2f(b1[h]);
+        }
+      } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(cy) : "f"(y[1]), "f"(y[0]));
+        // invert_rounding_f16_hw: storage bits, the neighbour of c0 on y's side
+        b0[0] = cy & 0xFFFFu;
+        b0[1] = cy >> 16;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          c0[h] = f16_to_f32_finite(b0[h]);
+          b1[h] = (f2u(y[h]) > f2u(c0[h]) ? b0[h] + 1u : b0[h] - 1u) & 0xFFFFu;
+          c1[h] = f16_to_f32_finite(b1[h]);
+        }
+      }
+      uint32_t r0, r1;  // rne(c0 + d) and rne(c1 + d) of both halves
+      if constexpr (DT == DT_BF16_HW) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r0) : "f"(fadd(c0[1], d[2 * j + 1])), "f"(fadd(c0[0], d[2 * j])));
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r1) : "f"(fadd(c1[1], d[2 * j + 1])), "f"(fadd(c1[0], d[2 * j])));
+      } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r0) : "f"(fadd(c0[1], d[2 * j + 1])), "f"(fadd(c0[0], d[2 * j])));
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r1) : "f"(fadd(c1[1], d[2 * j + 1])), "f"(fadd(c1[0], d[2 * j])));
+      }
+      const uint32_t e0 = r0 ^ raw[j], e1 = r1 ^ raw[j];  // zero halves: rounds to the stored value
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const bool ok0 = h == 0 ? (e0 & 0xFFFFu) == 0u : e0 < 0x10000u;
+        const bool ok1 = h == 0 ? (e1 & 0xFFFFu) == 0u : e1 < 0x10000u;
+        const bool finite = DT == DT_BF16_HW ? (~b0[h] & 0x7F800000u) != 0u
+                                             : (f2u(c0[h]) & 0x7F800000u) != 0x7F800000u;
+        const bool even1 = DT == DT_BF16_HW ? (b1[h] & 0x10000u) == 0u : (b1[h] & 1u) == 0u;
+        const bool take1 = finite && y[h] != c0[h] && ok1 && (!ok0 || even1);
+        base[2 * j + h] = take1 ? c1[h] : c0[h];
+      }
+    }
+    return;
+  }
+#endif
+#pragma unroll
+  for (int l = 0; l < 8; ++l) base[l] = invert_rounding<DT>(x[l], d[l]);
+}
+
 // compute_oct with all eight lanes selected and z0 given: the noise of the pass's seed, or for update_ with prior 0
 // and Rademacher noise the noise of its first update seed (unused for Gaussian update_ with prior 0).
 template <int DT>
-__device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const float x[8],
-                                         const float z0[8], typename Storage<DT>::bits_t res[8]) {
+__device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const uint32_t* raw,
+                                         const float x[8], const float z0[8], typename Storage<DT>::bits_t res[8]) {
   using S = Storage<DT>;
   if (P.op == OP_COPY) {
     const float s = fmul(P.scale, T.scale_mult);
@@ -324,8 +371,10 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
   float base[8];
   if (P.prior_nonzero) {
     const float p = fmul(P.prior, T.scale_mult);
+    float pz[8];
 #pragma unroll
-    for (int l = 0; l < 8; ++l) base[l] = invert_rounding<DT>(x[l], fmul(p, z0[l]));
+    for (int l = 0; l < 8; ++l) pz[l] = fmul(p, z0[l]);
+    invert8<DT>(raw, x, pz, base);
   } else {
 #pragma unroll
     for (int l = 0; l < 8; ++l) base[l] = x[l];
@@ -468,7 +517,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
           if (sel == 0 && P.op != OP_COPY) continue;  // nothing selected: nothing written
           if (P.dist != DIST_RADEMACHER && need_z0) gaussian_z0(P, z0_seed, T, o, z0);
           bits_t res[8];
-          fast_oct<DT>(P, T, o, x, z0, res);
+          fast_oct<DT>(P, T, o, raw, x, z0, res);
           fast_store_masked<DT>(P, out + u * UNIT, sel, raw, res);
         }
         partial_tail_unit<DT>(P, T, d, in, out, ub, full);
@@ -518,7 +567,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         float x[8];
         fast_unpack<DT>(raw[it], x);
         bits_t res[8];
-        fast_oct<DT>(P, T, o, x, z0, res);
+        fast_oct<DT>(P, T, o, raw[it], x, z0, res);
         if constexpr (XOR) {
           if (xor_block) {
             xor_store(reinterpret_cast<uint4*>(out) + 2 * (ub + (int64_t)it * THREADS + warp0), res);
@@ -609,10 +658,11 @@ constexpr int DENSE_SPEC = 64;
 // Blocks per SM of the dense-only kernels: the most whose register budget ptxas (-v, sm_90) meets without spills
 // (or 4-8 bytes: bf16 v1 Gaussian and Rademacher light passes), once the generic paths are gone: the light passes
 // (perturb_ with prior 0, perturbed_copy) 40 registers (6 blocks); perturb_ with a prior 64 (4). fp16 v1 Gaussian's
-// light passes keep 64 (6 blocks spill 136 B, 5 blocks 20 B).
+// light passes keep 64 (6 blocks spill 136 B, 5 blocks 20 B); the other fp16 light passes 48 (5 blocks): without
+// the NaN branches their units overlap, and at 40 registers they spilled 8-36 B.
 constexpr int dense_minblocks(int dt, int spec) {
   const bool light = (spec & 4) == 0;
-  return light ? (dt == DT_F16_HW && (spec & 3) == DIST_GAUSSIAN ? 4 : 6) : 4;
+  return light ? (dt == DT_F16_HW ? ((spec & 3) == DIST_GAUSSIAN ? 4 : 5) : 6) : 4;
 }
 
 constexpr bool has_dense_spec(int dt, bool xor_) { return !xor_ && (dt == DT_BF16_HW || dt == DT_F16_HW); }

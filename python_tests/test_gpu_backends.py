@@ -389,3 +389,66 @@ def test_cuda_dense_kernel_traps_a_broken_promise():
     assert "promise kept: ok" in r.stdout, r.stderr[-2000:]
     assert "not caught" not in r.stdout
     assert r.returncode != 0 and "CUDA" in r.stderr, r.stderr[-2000:]
+
+
+def _special_weights(gen, n, dtype):
+    """N(0, 0.02^2) weights with inf, NaN of either sign, signed zeros, subnormals and the largest finite values of the
+    dtype sprinkled in (every 37th element, from the second)."""
+    fin = torch.finfo(dtype)
+    vals = torch.tensor([float("inf"), -float("inf"), float("nan"), -float("nan"), 0.0, -0.0, fin.max, -fin.max,
+                         fin.smallest_normal / 4, -fin.smallest_normal, 1.0, fin.tiny * 2], dtype=torch.float32)
+    vals = vals.to(dtype)   # the extremes exactly representable in dtype (a NaN keeps its sign bit in the cast)
+    w = (torch.randn(n, generator=gen) * 0.02).to(dtype)
+    idx = torch.arange(1, n, 37)
+    w[idx] = vals[torch.randint(0, vals.numel(), (idx.numel(),), generator=gen)]
+    return w
+
+
+def _same_as_spec(a, c, what):
+    """The spec's contract for special values (docs/NOISE_SPEC.md section 4): every non-NaN result bit for bit, a NaN
+    where the reference has one, and for bf16 the NaN's bits too (0x7FC0); fp16 and fp32 NaN bits are the platform's."""
+    a, c = a.detach().cpu(), c.detach().cpu()
+    na, nc = torch.isnan(a.float()), torch.isnan(c.float())
+    assert torch.equal(na, nc), f"{what}: NaN positions differ ({int((na != nc).sum())} elements)"
+    assert torch.equal(_bits(a)[~na], _bits(c)[~nc]), f"{what}: non-NaN results differ"
+    if a.dtype == torch.bfloat16:
+        assert bool((_bits(a)[na] == 0x7FC0).all()), f"{what}: a bf16 NaN that is not 0x7FC0"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", ["gaussian_fast", "rademacher"])
+@pytest.mark.parametrize("sizes", [(8 * 4100, 8 * 37, 8192), (4099, 1000, 129)], ids=["aligned", "odd"])
+def test_special_values_match_reference(backend, dtype, dist, sizes):
+    """Weights holding inf, NaN of either sign, zeros, subnormals and the largest finite values through every op and
+    both roundings, against the reference: the aligned plan runs the dense / fast paths (CUDA's packed roundings and
+    restores), the odd one the tails. Weight decay turns the infinities into NaNs (inf - inf) in update_."""
+    gen = torch.Generator().manual_seed(hash((backend, str(dtype), dist, sizes)) % 2 ** 31)
+    w_gpu = [_special_weights(gen, n, dtype).cuda() for n in sizes]
+    w_cpu = [t.cpu().clone() for t in w_gpu]
+    kw = {1: dict(scale_mult=0.5, lr_mult=2.0, weight_decay=0.1)}
+    p_gpu, p_cpu = _plan(w_gpu, None, kw), _plan(w_cpu, None, kw)
+    seed, eps = 2 ** 61 + 77, 1e-3
+
+    def step(what, fn):
+        fn(p_gpu, backend)
+        fn(p_cpu, "reference")
+        for i, (a, c) in enumerate(zip(w_gpu, w_cpu)):
+            _same_as_spec(a, c, f"{what}, tensor {i}")
+
+    step("perturb_", lambda p, b: mk.perturb_(p, seed, eps, dist=dist, backend=b))
+    step("perturb_ with a prior", lambda p, b: mk.perturb_(p, seed, -2 * eps, prior=eps, dist=dist, backend=b))
+    for rounding in ("stochastic", "nearest"):
+        step(f"update_ with restore, {rounding}",
+             lambda p, b: mk.update_(p, [seed, 5], torch.tensor([0.7, -1.3], device="cuda") if b != "reference"
+                                     else [0.7, -1.3], lr=1e-2, restore_seed=seed, prior=-eps, rounding=rounding,
+                                     sr_seed=3, dist=dist, backend=b))
+        step(f"update_ with prior 0, {rounding}",
+             lambda p, b: mk.update_(p, [9], [0.3], lr=1e-2, rounding=rounding, sr_seed=4, dist=dist, backend=b))
+    outs = {}
+    for plan, b in ((p_gpu, backend), (p_cpu, "reference")):
+        o = [torch.full_like(e.tensor, 1.5) for e in plan.entries]     # poisoned with a value the copy never makes
+        outs[b] = mk.perturbed_copy(plan, seed, 0.3, out=o, dist=dist, backend=b)
+    for i, (a, c) in enumerate(zip(outs[backend], outs["reference"])):
+        _same_as_spec(a, c, f"perturbed_copy, tensor {i}")
+    assert any(torch.isnan(t.float()).any() for t in w_cpu), "the case holds no NaN: it tests nothing"
