@@ -535,7 +535,7 @@ def run_method(rec, model, ids, args, clock, mem, cache, snapshot):
 
     # 1. the two forwards alone, in the method's forward context
     rec["phase"] = "forwards"
-    ctx = torch.inference_mode if impl == "mezo" else torch.no_grad
+    ctx = torch.inference_mode if impl == "mezo" or opt.inference_mode else torch.no_grad
     rec["forward_context"] = ctx.__name__
 
     def fwd():

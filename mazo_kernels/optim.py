@@ -297,6 +297,9 @@ class ZOSGD(torch.optim.Optimizer):
     transient_group_bytes (mode="transient"): the perturbed copies are made per block of at most this many bytes
         (one launch per block and dtype; the extra memory is one block). None: 5% of the trainable bytes, at least
         64 MiB (one decoder layer of a 7B-30B LLaMA); 0: one launch per owning module (docs/OPTIMIZER.md).
+    inference_mode: run the closure under torch.inference_mode() (as MeZO's code runs its forwards; cheaper on the
+        host than no_grad, which is what a small-batch forward is bound by), else under torch.no_grad(). Tensors the
+        closure creates are then inference tensors. FSDP2 models always use no_grad.
     """
 
     def __init__(self, params, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0, *,
@@ -304,7 +307,7 @@ class ZOSGD(torch.optim.Optimizer):
                  sign: bool = False, rounding: str | None = None, masks: dict | None = None,
                  mode: str = "inplace", module: torch.nn.Module | None = None, forward_mode: str = "eval",
                  seed: int = 0, backend: str = "auto", loss_reduce=None,
-                 transient_group_bytes: int | None = None):
+                 transient_group_bytes: int | None = None, inference_mode: bool = True):
         _check_group_values("defaults", lr, eps, weight_decay)
         if transient_group_bytes is not None and (isinstance(transient_group_bytes, bool) or
                                                   not isinstance(transient_group_bytes, int) or
@@ -328,6 +331,8 @@ class ZOSGD(torch.optim.Optimizer):
             raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
         if forward_mode not in FORWARD_MODES:
             raise ValueError(f"forward_mode must be 'eval' or 'train', got {forward_mode!r}")
+        if not isinstance(inference_mode, bool):
+            raise TypeError(f"inference_mode must be True or False, got {inference_mode!r}")
         if loss_reduce is not None and not callable(loss_reduce):
             raise TypeError("loss_reduce must be callable (losses -> reduced losses), got "
                             f"{type(loss_reduce).__name__}")
@@ -340,6 +345,8 @@ class ZOSGD(torch.optim.Optimizer):
         self.dist, self.estimator, self.num_perturbations = dist, estimator, num_perturbations
         self.sign, self.mode, self.module, self.forward_mode = bool(sign), mode, module, forward_mode
         self.rounding = "stochastic" if rounding is None else rounding
+        # FSDP2's all-gathered parameters must stay normal tensors (they are resharded, in place, outside the forward)
+        self.inference_mode = inference_mode and not self._fsdp_modules
 
         masks = dict(masks or {})
         entries, group_of, by_param, shapes = [], {}, {}, {}
@@ -496,7 +503,10 @@ class ZOSGD(torch.optim.Optimizer):
             for m in self._fsdp_modules:   # the forward must all-gather the shards as the passes left them
                 m.reshard()
             try:
-                loss = closure()
+                # innermost, so that nothing the step keeps (transient copies, shards) is made an inference tensor;
+                # not inference_mode(False), which would turn grad mode back on inside no_grad
+                with torch.inference_mode() if self.inference_mode else contextlib.nullcontext():
+                    loss = closure()
             finally:
                 for m in self._fsdp_modules:   # FSDP2 keeps the root unsharded after a forward: free it
                     m.reshard()

@@ -115,7 +115,10 @@ class TransientPerturber:
 
     def _sentinel_tables(self, own, built):
         if not built:
-            tables = self._make_tables(ZOPlan([e for _, e in own]))
+            # built inside a forward, which may run under torch.inference_mode(): the tables are kept and written in
+            # later steps, so they must be normal tensors
+            with torch.inference_mode(False), torch.no_grad():
+                tables = self._make_tables(ZOPlan([e for _, e in own]))
             if self._mults is not None:
                 for t in tables:
                     t.sync(self._mults)

@@ -351,6 +351,38 @@ def test_forward_mode_eval_and_train():
     assert torch.equal(seen[1], first) and torch.equal(seen[5], second)      # masks follow the step seeds
 
 
+@pytest.mark.parametrize("mode", ["inplace", "transient"])
+def test_inference_mode_forwards_give_the_same_steps(mode):
+    """inference_mode=True (the default) runs the closure under torch.inference_mode(), False under no_grad; the
+    forwards compute the same losses, so the weights, losses and seed logs of three steps are equal bit for bit."""
+    runs = {}
+    for im in (True, False):
+        model = _tiny_llama(torch.bfloat16, seed=3)
+        ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(4))
+        seen = []
+
+        def closure():
+            seen.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled()))
+            return model(input_ids=ids, labels=ids).loss
+
+        opt = mk.ZOSGD(model.named_parameters(), lr=1e-3, eps=1e-3, mode=mode, module=model, dist="gaussian_fast",
+                       inference_mode=im, backend=BACKEND)
+        losses = [opt.step(closure) for _ in range(3)]
+        assert all(s == (im, False) for s in seen) and len(seen) == 6, seen
+        assert not any(x.is_inference() for x in losses)       # the step's own results are normal tensors
+        assert not any(p.is_inference() for p in model.parameters())
+        runs[im] = ([_bits_of(p) for p in model.parameters()], [float(x) for x in losses],
+                    [r["g_bits"] for r in opt.seed_log.steps])
+    assert all(torch.equal(a, b) for a, b in zip(runs[True][0], runs[False][0]))
+    assert runs[True][1:] == runs[False][1:]
+    with pytest.raises(TypeError, match="inference_mode"):
+        mk.ZOSGD(_tiny_llama(torch.float32).named_parameters(), inference_mode="yes")
+
+
+def _bits_of(t):
+    return t.detach().contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32).clone()
+
+
 def test_masks_leave_unselected_elements_alone():
     model = Quad()
     before = _named(model)
