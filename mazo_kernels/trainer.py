@@ -214,7 +214,7 @@ class ZOTrainer(Trainer):
 
     - The optimizer is ZOSGD over the trainable parameters (create_optimizer), with TrainingArguments'
       learning_rate / weight_decay and its LR scheduler; masks come from ``zo_args.method`` (or ``masks=``).
-    - training_step runs ZOSGD.step(closure), closure = compute_loss on the batch (ZOSGD runs it under no_grad,
+    - training_step runs ZOSGD.step(closure), closure = compute_loss on the batch (ZOSGD runs it under inference_mode,
       twice); no backward runs and no .grad is ever populated. Gradient accumulation and fp16 mixed precision
       (a GradScaler needs gradients) are refused.
     - Under a distributed launch (torchrun / accelerate launch, one process per device) the run is ZO data
