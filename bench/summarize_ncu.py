@@ -36,8 +36,9 @@ def main():
         if us < args.min_us:
             continue
         ipe = float(m["Executed Instructions"]) * 32 / args.numel
-        print(f"| {i} | `{name}` | {us:.0f} | {m['DRAM Throughput']} | {m['Issue Slots Busy']} | {ipe:.1f} | "
-              f"{m['Registers Per Thread']} | {m['Achieved Occupancy']} | {m['Warp Cycles Per Issued Instruction']} |")
+        g = lambda k: m.get(k, "-")   # noqa: E731 -- a section left out of the profile leaves its columns empty
+        print(f"| {i} | `{name}` | {us:.0f} | {g('DRAM Throughput')} | {g('Issue Slots Busy')} | {ipe:.1f} | "
+              f"{g('Registers Per Thread')} | {g('Achieved Occupancy')} | {g('Warp Cycles Per Issued Instruction')} |")
     stall = "smsp__average_warps_issue_stalled_"
     if any(k.startswith(stall) for m in kernels.values() for k in m):
         # where a warp waits, in warps per issued instruction (their sum is "cycles/issue" above), and the busiest

@@ -216,14 +216,29 @@ MAZO_HD float gaussian_fast_of_half(uint32_t h) {
 }
 
 // Element 8o + l: half l & 1 (low first) of word l >> 1 of call o of stream 3 (the stochastic-rounding layout).
+// On the device both halves' byte sums come from one add, and each float 2^23 + sum from one byte permutation
+// (the same exact value as gaussian_fast_of_half's; the integer work runs on the ALU pipe, which the restoring passes
+// saturate: bench/NOTES.md, session 15).
 MAZO_HD void gaussian_fast_from_words(const U4& w, float z[8]) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
-#endif
+  for (int pr = 0; pr < 4; ++pr) {
+    const uint32_t v = w.v[pr];
+    // (v & 0x00FF00FF) + ((v >> 8) & 0x00FF00FF): each half's two bytes summed (<= 510: no carry between halves)
+    const uint32_t sum = __byte_perm(v, 0u, 0x4240u) + __byte_perm(v, 0u, 0x4341u);
+    // 0x4B00 above a half's sum: the float 2^23 + sum
+    const float x0 = fsub(u2f(__byte_perm(sum, 0x4B00u, 0x5410u)), 8388863.0f);
+    const float x1 = fsub(u2f(__byte_perm(sum, 0x4B00u, 0x5432u)), 8388863.0f);
+    const float t0 = fmul(x0, x0), t1 = fmul(x1, x1);
+    z[2 * pr] = fmul(x0, fadd(fmul(fadd(fmul(MAZO_FAST_P2, t0), MAZO_FAST_P1), t0), MAZO_FAST_P0));
+    z[2 * pr + 1] = fmul(x1, fadd(fmul(fadd(fmul(MAZO_FAST_P2, t1), MAZO_FAST_P1), t1), MAZO_FAST_P0));
+  }
+#else
   for (int pr = 0; pr < 4; ++pr) {
     z[2 * pr] = gaussian_fast_of_half(w.v[pr] & 0xFFFFu);
     z[2 * pr + 1] = gaussian_fast_of_half(w.v[pr] >> 16);
   }
+#endif
 }
 
 // z[i] = 1 - 2 * bit: Philox call i // 128 of stream 1, word (i // 32) % 4, bit i % 32.
