@@ -351,6 +351,36 @@ def test_forward_mode_eval_and_train():
     assert torch.equal(seen[1], first) and torch.equal(seen[5], second)      # masks follow the step seeds
 
 
+def test_forward_mode_eval_honours_a_custom_train():
+    """A module class that overrides train() gets its train(False) during the forwards (the fast path writes the
+    flags directly only when no module does); every flag is back afterwards, and a model already in eval mode is
+    left alone."""
+    calls = []
+
+    class Custom(nn.Linear):
+        def train(self, mode=True):
+            calls.append(mode)
+            return super().train(mode)
+
+    model = nn.Sequential(Custom(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    x = torch.randn(3, 4)
+    seen = []
+
+    def closure():
+        seen.append([m.training for m in model.modules()])
+        return model(x).pow(2).mean()
+
+    opt = mk.ZOSGD(model.named_parameters(), lr=1e-3, module=model, backend=BACKEND)
+    opt.step(closure)
+    assert False in calls and all(not any(s) for s in seen)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    calls.clear()
+    seen.clear()
+    opt.step(closure)
+    assert calls == [] and all(not any(s) for s in seen) and not any(m.training for m in model.modules())
+
+
 @pytest.mark.parametrize("mode", ["inplace", "transient"])
 def test_inference_mode_forwards_give_the_same_steps(mode):
     """inference_mode=True (the default) runs the closure under torch.inference_mode(), False under no_grad; the
