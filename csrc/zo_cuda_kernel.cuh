@@ -289,6 +289,38 @@ __device__ __forceinline__ void rne8(const float v[8], typename Storage<DT>::bit
   for (int l = 0; l < 8; ++l) res[l] = S::rne(v[l]);
 }
 
+// Eight float32 values rounded stochastically to the storage type with the unit's rounding bits (S::sr of each).
+// bf16 (DT_BF16_HW): (bits + R) >> 16 of two values packed by one byte permute. A NaN must become 0x7FC0 (the add
+// would carry a NaN into another pattern), so a unit whose values hold a NaN (their float sum is NaN: a test on the
+// FMA pipe, once per unit, where the ALU pipe is the restoring passes' limit) takes the scalar roundings.
+template <int DT>
+__device__ __forceinline__ void sr8(const float v[8], const U4& rb, typename Storage<DT>::bits_t res[8]) {
+  using S = Storage<DT>;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (DT == DT_BF16_HW) {
+    float sum = fadd(fadd(fadd(v[0], v[1]), fadd(v[2], v[3])), fadd(fadd(v[4], v[5]), fadd(v[6], v[7])));
+    uint32_t w[4];
+    if (sum == sum) {  // no NaN among the eight (an infinite sum is fine: infinities round like any other value)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        w[j] = __byte_perm(f2u(v[2 * j]) + (rb.v[j] & 0xFFFFu), f2u(v[2 * j + 1]) + (rb.v[j] >> 16), 0x7632u);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        w[j] = (uint32_t)S::sr(v[2 * j], rb.v[j] & 0xFFFFu) | ((uint32_t)S::sr(v[2 * j + 1], rb.v[j] >> 16) << 16);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      res[2 * j] = (typename S::bits_t)(w[j] & 0xFFFFu);
+      res[2 * j + 1] = (typename S::bits_t)(w[j] >> 16);
+    }
+    return;
+  }
+#endif
+#pragma unroll
+  for (int l = 0; l < 8; ++l) res[l] = S::sr(v[l], rounding_bits_of(rb, l));
+}
+
 // invert_rounding<DT> of a loaded unit's eight values (x, shifted by d): the same operations in the same order, with
 // the 16-bit roundings two per conversion (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 round each half as the scalar
 // conversions do) and the stored value's bits taken from the loaded words (raw) instead of rounding x again.
@@ -406,9 +438,7 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
 #pragma unroll
   for (int l = 0; l < 8; ++l) nw[l] = fsub(base[l], fmul(lrm, fadd(acc[l], fmul(T.wd, base[l]))));
   if (DT != DT_F32 && P.rounding == ROUND_STOCHASTIC) {
-    const U4 rb = rounding_words(P.sr_seed, T.tid, o);
-#pragma unroll
-    for (int l = 0; l < 8; ++l) res[l] = S::sr(nw[l], rounding_bits_of(rb, l));
+    sr8<DT>(nw, rounding_words(P.sr_seed, T.tid, o), res);
   } else {
 #pragma unroll
     rne8<DT>(nw, res);
