@@ -88,9 +88,20 @@ def sass_stats(cubin: bytes) -> dict:
     for o in ops:
         k = o.split(".")[0]
         by_class[k] = by_class.get(k, 0) + 1
-    return {"instructions": len(ops), "registers": int(regs.group(1)) if regs else None,
+    alu = sum(n for k, n in by_class.items() if k in ALU_OPCODES)
+    return {"instructions": len(ops), "alu_instructions": alu,
+            "registers": int(regs.group(1)) if regs else None,
             "stack_bytes": int(stack.group(1)) if stack else None,
             "top_opcodes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])[:12])}
+
+
+# Opcodes that run on the ALU pipe of an sm_90 SM sub-partition (16 lanes: a warp instruction every other cycle).
+# Nsight Compute's pipe counters on the restoring passes (bench/NOTES.md, session 15) put this pipe at 65-76% of its
+# peak: with about half of the instructions on it, it fills about when issue does, and it is the limit where more
+# than half are (predicted_fraction_alu_bound; the issue model still predicts Triton's passes better).
+# IMAD, FFMA, FADD, FMUL go to the FMA pipes; MUFU and scalar F2F to XU; U* to the uniform datapath.
+ALU_OPCODES = frozenset({"LOP3", "ISETP", "FSETP", "SEL", "FSEL", "PRMT", "IADD3", "SHF", "LEA", "PLOP3", "IMNMX",
+                         "FMNMX", "VIADD", "F2FP", "I2FP", "P2R", "R2P", "VIMNMX"})
 
 
 def _ptxas_v(src: str, cuda_home: str, incs: list) -> str:
@@ -171,12 +182,17 @@ def main(argv=None):
         budget = 31.5 * (2 if consts["DT"] == 0 else 1)
         st.update(case=label, elements_per_thread=per_thread,
                   instructions_per_element=round(st["instructions"] / per_thread, 2),
+                  alu_instructions_per_element=round(st["alu_instructions"] / per_thread, 2),
+                  # the ALU pipe's bound at the floor: the issue budget in ALU instructions is half of all of them
+                  predicted_fraction_alu_bound=round(min(1.0, 0.5 * budget / (st["alu_instructions"] / per_thread)),
+                                                     3),
                   issue_budget_per_element_h200=budget,
                   predicted_fraction_of_h200_floor=round(min(1.0, 0.79 * budget / (st["instructions"] / per_thread)),
                                                          3),
                   compile_s=round(time.time() - t0, 1), constexprs=consts)
         recs.append(st)
-        print(f"{label:36s} {st['instructions_per_element']:7.2f} instr/elem  {st['registers']} regs  "
+        print(f"{label:36s} {st['instructions_per_element']:7.2f} instr/elem ({st['alu_instructions_per_element']:5.2f} "
+              f"ALU)  {st['registers']} regs  "
               f"stack {st['stack_bytes']} B  -> ~{100 * st['predicted_fraction_of_h200_floor']:.0f}% of H200 floor",
               flush=True)
     if args.out:

@@ -292,7 +292,7 @@ __device__ __forceinline__ void rne8(const float v[8], typename Storage<DT>::bit
 // Eight float32 values rounded stochastically to the storage type with the unit's rounding bits (S::sr of each).
 // bf16 (DT_BF16_HW): (bits + R) >> 16 of two values packed by one byte permute. A NaN must become 0x7FC0 (the add
 // would carry a NaN into another pattern), so a unit whose values hold a NaN (their float sum is NaN: a test on the
-// FMA pipe, once per unit, where the ALU pipe is the restoring passes' limit) takes the scalar roundings.
+// FMA pipe, once per unit: the ALU pipe is as loaded as issue in the restoring passes) takes the scalar roundings.
 template <int DT>
 __device__ __forceinline__ void sr8(const float v[8], const U4& rb, typename Storage<DT>::bits_t res[8]) {
   using S = Storage<DT>;

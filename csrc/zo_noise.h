@@ -217,8 +217,8 @@ MAZO_HD float gaussian_fast_of_half(uint32_t h) {
 
 // Element 8o + l: half l & 1 (low first) of word l >> 1 of call o of stream 3 (the stochastic-rounding layout).
 // On the device both halves' byte sums come from one add, and each float 2^23 + sum from one byte permutation
-// (the same exact value as gaussian_fast_of_half's; the integer work runs on the ALU pipe, which the restoring passes
-// saturate: bench/NOTES.md, session 15).
+// (the same exact value as gaussian_fast_of_half's). The integer work runs on the ALU pipe, which the restoring
+// passes load about as much as instruction issue (bench/NOTES.md, session 15).
 MAZO_HD void gaussian_fast_from_words(const U4& w, float z[8]) {
 #if defined(__CUDA_ARCH__)
 #pragma unroll
