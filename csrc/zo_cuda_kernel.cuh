@@ -251,10 +251,33 @@ __device__ __forceinline__ void partial_tail_unit(const OpParams& P, const Tenso
   }
 }
 
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+// Two float32 values rounded to a 16-bit storage type (DT_BF16_HW, DT_F16_HW) by one conversion, lo in the low half:
+// cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32, the same nearest-even rounding as the scalar conversions the spec's checks
+// compared (bench/check_bf16_cvt.cu, check_f16_cvt.cu); a NaN becomes the hardware's 0x7FFF.
+template <int DT>
+__device__ __forceinline__ uint32_t cvt_rn_x2(float lo, float hi) {
+  uint32_t w;
+  if constexpr (DT == DT_BF16_HW)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  return w;
+}
+
+// A unit's four packed 16-bit words as its eight storage values (low half first).
+template <int DT>
+__device__ __forceinline__ void split_words(const uint32_t w[4], typename Storage<DT>::bits_t res[8]) {
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    res[2 * j] = (typename Storage<DT>::bits_t)(w[j] & 0xFFFFu);
+    res[2 * j + 1] = (typename Storage<DT>::bits_t)(w[j] >> 16);
+  }
+}
+#endif
+
 // Eight float32 values rounded to the storage type (S::rne of each). 16-bit types through the hardware conversions
-// (DT_BF16_HW, DT_F16_HW): two values per conversion (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32, the same nearest-even
-// rounding as the scalar conversions the spec's checks compared: bench/check_bf16_cvt.cu, check_f16_cvt.cu). fp16
-// needs nothing more (a NaN stays the hardware's NaN: Storage<DT_F16_HW>). bf16 NaNs convert to 0x7FFF where the
+// (DT_BF16_HW, DT_F16_HW): two values per conversion (cvt_rn_x2). fp16 needs nothing more (a NaN stays the hardware's NaN: Storage<DT_F16_HW>). bf16 NaNs convert to 0x7FFF where the
 // spec has 0x7FC0, so a unit that holds one (never, for finite weights) takes the scalar roundings; one test per
 // unit: a half h of a packed word is a NaN iff (h & 0x7FFF) + 0x7F carries into bit 15 (bf16 NaNs lie above 0x7F80;
 // no carry crosses the halves).
@@ -266,22 +289,14 @@ __device__ __forceinline__ void rne8(const float v[8], typename Storage<DT>::bit
     uint32_t w[4], nan = 0;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      if constexpr (DT == DT_BF16_HW) {
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[j]) : "f"(v[2 * j + 1]), "f"(v[2 * j]));
-        nan |= (w[j] & 0x7FFF7FFFu) + 0x007F007Fu;
-      } else {
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w[j]) : "f"(v[2 * j + 1]), "f"(v[2 * j]));
-      }
+      w[j] = cvt_rn_x2<DT>(v[2 * j], v[2 * j + 1]);
+      if (DT == DT_BF16_HW) nan |= (w[j] & 0x7FFF7FFFu) + 0x007F007Fu;
     }
     if (DT == DT_BF16_HW && (nan & 0x80008000u) != 0u) {  // both paths give packed words: one merge, no repacking
 #pragma unroll
       for (int j = 0; j < 4; ++j) w[j] = (uint32_t)S::rne(v[2 * j]) | ((uint32_t)S::rne(v[2 * j + 1]) << 16);
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      res[2 * j] = (typename S::bits_t)(w[j] & 0xFFFFu);
-      res[2 * j + 1] = (typename S::bits_t)(w[j] >> 16);
-    }
+    split_words<DT>(w, res);
     return;
   }
 #endif
@@ -309,11 +324,7 @@ __device__ __forceinline__ void sr8(const float v[8], const U4& rb, typename Sto
       for (int j = 0; j < 4; ++j)
         w[j] = (uint32_t)S::sr(v[2 * j], rb.v[j] & 0xFFFFu) | ((uint32_t)S::sr(v[2 * j + 1], rb.v[j] >> 16) << 16);
     }
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      res[2 * j] = (typename S::bits_t)(w[j] & 0xFFFFu);
-      res[2 * j + 1] = (typename S::bits_t)(w[j] >> 16);
-    }
+    split_words<DT>(w, res);
     return;
   }
 #endif
@@ -335,9 +346,8 @@ __device__ __forceinline__ void invert8(const uint32_t* raw, const float x[8], c
       uint32_t b0[2], b1[2];
       y[0] = fsub(x[2 * j], d[2 * j]);
       y[1] = fsub(x[2 * j + 1], d[2 * j + 1]);
-      uint32_t cy;
+      const uint32_t cy = cvt_rn_x2<DT>(y[0], y[1]);
       if constexpr (DT == DT_BF16_HW) {
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(cy) : "f"(y[1]), "f"(y[0]));
         // invert_rounding_bf16_hw, in float32 bit patterns: c1 = 2t + 1 ulp - c0 (t: y truncated to bf16)
         b0[0] = cy << 16;
         b0[1] = cy & 0xFFFF0000u;
@@ -348,7 +358,6 @@ __device__ __forceinline__ void invert8(const uint32_t* raw, const float x[8], c
           c1[h] = u2f(b1[h]);
         }
       } else {
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(cy) : "f"(y[1]), "f"(y[0]));
         // invert_rounding_f16_hw: storage bits, the neighbour of c0 on y's side
         b0[0] = cy & 0xFFFFu;
         b0[1] = cy >> 16;
@@ -359,14 +368,9 @@ __device__ __forceinline__ void invert8(const uint32_t* raw, const float x[8], c
           c1[h] = f16_to_f32_finite(b1[h]);
         }
       }
-      uint32_t r0, r1;  // rne(c0 + d) and rne(c1 + d) of both halves
-      if constexpr (DT == DT_BF16_HW) {
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r0) : "f"(fadd(c0[1], d[2 * j + 1])), "f"(fadd(c0[0], d[2 * j])));
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r1) : "f"(fadd(c1[1], d[2 * j + 1])), "f"(fadd(c1[0], d[2 * j])));
-      } else {
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r0) : "f"(fadd(c0[1], d[2 * j + 1])), "f"(fadd(c0[0], d[2 * j])));
-        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r1) : "f"(fadd(c1[1], d[2 * j + 1])), "f"(fadd(c1[0], d[2 * j])));
-      }
+      // rne(c0 + d) and rne(c1 + d) of both halves
+      const uint32_t r0 = cvt_rn_x2<DT>(fadd(c0[0], d[2 * j]), fadd(c0[1], d[2 * j + 1]));
+      const uint32_t r1 = cvt_rn_x2<DT>(fadd(c1[0], d[2 * j]), fadd(c1[1], d[2 * j + 1]));
       const uint32_t e0 = r0 ^ raw[j], e1 = r1 ^ raw[j];  // zero halves: rounds to the stored value
 #pragma unroll
       for (int h = 0; h < 2; ++h) {

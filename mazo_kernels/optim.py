@@ -471,8 +471,7 @@ class ZOSGD(torch.optim.Optimizer):
         if self.forward_mode != "eval" or self.module is None:
             yield
             return
-        mods = list(self.module.modules())
-        training = [m for m in mods if m.training]
+        training = [m for m in self.module.modules() if m.training]
         if not training:                   # already in eval mode: nothing to set or restore
             yield
             return
@@ -489,10 +488,7 @@ class ZOSGD(torch.optim.Optimizer):
             yield
         finally:
             for m in training:
-                if custom:
-                    m.training = True
-                else:
-                    m.__dict__["training"] = True
+                m.__dict__["training"] = True
 
     @contextlib.contextmanager
     def _rng(self, fwd_seed):
