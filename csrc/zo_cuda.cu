@@ -230,8 +230,11 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // specialisation (16-bit default storage kernels), without the masked, tail and unaligned paths and their
   // registers. MAZO_CUDA_DENSE=0 (read per call) keeps the kernels that carry them (same bits).
   const char* dense_env = std::getenv("MAZO_CUDA_DENSE");
+  // update_ takes them only with one update seed given as an int, which with a prior is the restored one (the
+  // MeZO step's update): their update is that one seed's, straight-line (fast_oct's ONE_SEED).
+  const bool one_seed_update = P.nupd == 1 && !has_seed_dev && (!prior_nz || seeds[1] == seeds[0]);
   if (kfn == nullptr && spec >= 0 && dense_aligned && !any_masked_fast && all_fast && all_whole_units &&
-      !(dense_env && std::atoi(dense_env) == 0))
+      (op != OP_UPDATE || one_seed_update) && !(dense_env && std::atoi(dense_env) == 0))
     kfn = family(spec | DENSE_SPEC, 0);  // nullptr where the family has none
   if (kfn == nullptr && spec >= 0) kfn = family(spec, 0);
   if (kfn == nullptr) kfn = family(-1, minb3 ? 3 : 2);  // no specialisation for this call: the generic kernel

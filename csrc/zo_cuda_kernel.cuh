@@ -392,9 +392,14 @@ __device__ __forceinline__ void invert8(const uint32_t* raw, const float x[8], c
 
 // compute_oct with all eight lanes selected and z0 given: the noise of the pass's seed, or for update_ with prior 0
 // and Rademacher noise the noise of its first update seed (unused for Gaussian update_ with prior 0).
-template <int DT>
+// ONE_SEED (the dense-only update_ kernels): the host promised at most one update seed, and with a prior the update
+// seed is the restored one (seed0); u0 / g0 are that seed and its projected gradient (0 when there is none: acc is
+// then +0, as after no iteration). The update is then straight-line code: no loop over the seeds, no loads of them
+// per unit, and a unit's noise and rounding can be scheduled with its neighbours'.
+template <int DT, bool ONE_SEED = false>
 __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const uint32_t* raw,
-                                         const float x[8], const float z0[8], typename Storage<DT>::bits_t res[8]) {
+                                         const float x[8], const float z0[8], typename Storage<DT>::bits_t res[8],
+                                         uint64_t u0 = 0, float g0 = 0.f) {
   using S = Storage<DT>;
   if (P.op == OP_COPY) {
     const float s = fmul(P.scale, T.scale_mult);
@@ -424,7 +429,19 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
     return;
   }
   float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int k = 0; k < P.nupd; ++k) {
+  if constexpr (ONE_SEED) {
+    const float gk = fmul(g0, T.g_mult);
+    float z[8];
+    if (P.prior_nonzero || P.dist == DIST_RADEMACHER) {  // z0 is the update seed's noise (see the loop below)
+#pragma unroll
+      for (int l = 0; l < 8; ++l) z[l] = z0[l];
+    } else {
+      noise_oct(P.dist, u0, T.tid, o, 0xFFu, z);
+    }
+#pragma unroll
+    for (int l = 0; l < 8; ++l) acc[l] = fadd(acc[l], fmul(gk, z[l]));
+  }
+  for (int k = 0; k < (ONE_SEED ? 0 : P.nupd); ++k) {
     const float gk = fmul(P.gs[k], T.g_mult);
     float z[8];
     // z0 is this seed's noise: the restored noise's seed (prior != 0), or the first update seed (prior 0, Rademacher)
@@ -487,6 +504,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
   const bool z0_first_update = P.op == OP_UPDATE && !P.prior_nonzero && P.dist == DIST_RADEMACHER;
   const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero || (z0_first_update && P.nupd > 0);
   const uint64_t z0_seed = z0_first_update ? (P.nupd > 0 ? P.useeds[0] : 0) : P.seed0;
+  // the dense-only update_ kernels: the one update seed and its gradient, read once (fast_oct's ONE_SEED)
+  constexpr bool ONE_SEED = DENSE;
+  const uint64_t u0 = ONE_SEED && P.op == OP_UPDATE && P.nupd > 0 ? P.useeds[0] : 0;
+  const float g0 = ONE_SEED && P.op == OP_UPDATE && P.nupd > 0 ? P.gs[0] : 0.f;
   int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
   for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
     // last tensor whose block_start <= b (empty tensors own no block); usually still lo_prev (one load)
@@ -601,7 +622,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         float x[8];
         fast_unpack<DT>(raw[it], x);
         bits_t res[8];
-        fast_oct<DT>(P, T, o, raw[it], x, z0, res);
+        fast_oct<DT, ONE_SEED>(P, T, o, raw[it], x, z0, res, u0, g0);
         if constexpr (XOR) {
           if (xor_block) {
             xor_store(reinterpret_cast<uint4*>(out) + 2 * (ub + (int64_t)it * THREADS + warp0), res);
@@ -695,6 +716,7 @@ constexpr int DENSE_SPEC = 64;
 // light passes keep 64 (6 blocks spill 136 B, 5 blocks 20 B); the other fp16 light passes 48 (5 blocks): without
 // the NaN branches their units overlap, and at 40 registers they spilled 8-36 B.
 constexpr int dense_minblocks(int dt, int spec) {
+  if (spec / 8 == OP_UPDATE) return (spec & 4) ? 4 : 5;
   const bool light = (spec & 4) == 0;
   return light ? (dt == DT_F16_HW ? ((spec & 3) == DIST_GAUSSIAN ? 4 : 5) : 6) : 4;
 }
@@ -719,6 +741,8 @@ const void* dense_kernel_dist(int spec) {
     switch (spec) {
       MAZO_DENSE_CASE(OP_PERTURB, false)
       MAZO_DENSE_CASE(OP_COPY, false)
+      MAZO_DENSE_CASE(OP_UPDATE, true)
+      MAZO_DENSE_CASE(OP_UPDATE, false)
     }
   }
 #undef MAZO_DENSE_CASE

@@ -309,8 +309,9 @@ def _is_dense_kernel(name):
 @pytest.mark.parametrize("variant", ["", "MAZO_CUDA_DENSE=0", "tail"])
 def test_cuda_dense_kernels_match_reference(dtype, dist, variant, monkeypatch):
     """Plans whose tensors are all unmasked at 8-aligned offsets (PlanGroup.dense_aligned) run the dense-only CUDA
-    kernels where they are kept (16-bit; perturb_ with a prior, and perturb_ / perturbed_copy with gaussian_fast or
-    Rademacher noise), every op bit for bit against the reference: tensors spanning several blocks, one ending in a
+    kernels where they are kept (16-bit; perturb_ with a prior, and perturb_ / perturbed_copy / update_ with one
+    update seed, which with a prior is the restored one, with gaussian_fast or Rademacher noise), every op bit for
+    bit against the reference: tensors spanning several blocks, one ending in a
     part block, one at a global offset, one with its own multipliers. MAZO_CUDA_DENSE=0 keeps the kernels with the
     masked and tail paths; "tail" adds a tensor whose length is not a multiple of 8, so the call falls back. The
     profiler's kernel names say which ran."""
@@ -341,9 +342,19 @@ def test_cuda_dense_kernels_match_reference(dtype, dist, variant, monkeypatch):
     both(lambda p, b: mk.perturb_(p, seed, eps, dist=dist, backend=b), "perturb_, prior 0", light)
     both(lambda p, b: mk.perturb_(p, seed, -2 * eps, prior=eps, dist=dist, backend=b), "perturb_ with a prior", True)
     for rounding in ("stochastic", "nearest"):
+        # one update seed, the restored one (the ZO step's update_), its gradient on the device or given as a float
+        both(lambda p, b: mk.update_(p, [seed], torch.tensor([0.7], device="cuda") if b == "cuda" else [0.7],
+                                     lr=1e-2, restore_seed=seed, prior=-eps, rounding=rounding, sr_seed=9, dist=dist,
+                                     backend=b), f"update_ with restore, one seed, {rounding}", light)
+        both(lambda p, b: mk.update_(p, [13], [-1.1], lr=1e-2, rounding=rounding, sr_seed=3, dist=dist, backend=b),
+             f"update_ with prior 0, one seed, {rounding}", light)
+        # several update seeds, or one that is not the restored one: the kernels with the update loop
         both(lambda p, b: mk.update_(p, [seed, 7], torch.tensor([0.7, -1.3], device="cuda") if b == "cuda"
                                      else [0.7, -1.3], lr=1e-2, restore_seed=seed, prior=-eps, rounding=rounding,
                                      sr_seed=9, dist=dist, backend=b), f"update_ with restore, {rounding}", False)
+        both(lambda p, b: mk.update_(p, [7], [0.9], lr=1e-2, restore_seed=seed, prior=eps, rounding=rounding,
+                                     sr_seed=4, dist=dist, backend=b), f"update_ with restore, other seed, {rounding}",
+             False)
         both(lambda p, b: mk.update_(p, [11, 12], [0.2, -0.4], lr=1e-2, rounding=rounding, sr_seed=5, dist=dist,
                                      backend=b), f"update_ with prior 0, {rounding}", False)
     copies = {}
