@@ -219,22 +219,24 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
                                    : kdt == DT_BF16_HW ? mazo_cuda::kernels_bf16_hw
                                                        : mazo_cuda::kernels_bf16;
   const void* kfn = nullptr;
+  // The masked and dense-only kernels run update_ only with one update seed given as an int, which with a prior is
+  // the restored one (the ZO step's update): their update is that seed's alone, straight-line (fast_oct's
+  // ONE_SEED). Other update_ calls (several seeds, seeds in device memory) run the specialisations' seed loop.
+  const bool one_seed_update = P.nupd == 1 && !has_seed_dev && (!prior_nz || seeds[1] == seeds[0]);
+  const bool one_seed_ok = op != OP_UPDATE || one_seed_update;
   // Calls with a threshold, packed-bit or row-index mask: the masked specialisation (default storage kernels; fp32
   // without the exchange), whose fast path handles masked units; MAZO_CUDA_MASKED_FAST=0 (read per call) keeps the
   // dense kernel, where masked tensors run element units (same bits).
   const char* mfast_env = std::getenv("MAZO_CUDA_MASKED_FAST");
-  if (spec >= 0 && any_masked_fast && !(mfast_env && std::atoi(mfast_env) == 0))  // nullptr where a family has none
+  if (spec >= 0 && any_masked_fast && one_seed_ok && !(mfast_env && std::atoi(mfast_env) == 0))  // nullptr where a family has none
     kfn = (f32_xor ? mazo_cuda::kernels_f32 : family)(spec | MASKED_SPEC, 0);
   // Calls the caller promised dense_aligned (every tensor unmasked at an 8-aligned global offset; the kernel traps if
   // a block finds otherwise) whose tensors are also 16-byte aligned and a multiple of 8 long: the dense-only
   // specialisation (16-bit default storage kernels), without the masked, tail and unaligned paths and their
   // registers. MAZO_CUDA_DENSE=0 (read per call) keeps the kernels that carry them (same bits).
   const char* dense_env = std::getenv("MAZO_CUDA_DENSE");
-  // update_ takes them only with one update seed given as an int, which with a prior is the restored one (the
-  // MeZO step's update): their update is that one seed's, straight-line (fast_oct's ONE_SEED).
-  const bool one_seed_update = P.nupd == 1 && !has_seed_dev && (!prior_nz || seeds[1] == seeds[0]);
   if (kfn == nullptr && spec >= 0 && dense_aligned && !any_masked_fast && all_fast && all_whole_units &&
-      (op != OP_UPDATE || one_seed_update) && !(dense_env && std::atoi(dense_env) == 0))
+      one_seed_ok && !(dense_env && std::atoi(dense_env) == 0))
     kfn = family(spec | DENSE_SPEC, 0);  // nullptr where the family has none
   if (kfn == nullptr && spec >= 0) kfn = family(spec, 0);
   if (kfn == nullptr) kfn = family(-1, minb3 ? 3 : 2);  // no specialisation for this call: the generic kernel

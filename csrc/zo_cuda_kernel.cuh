@@ -504,8 +504,10 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
   const bool z0_first_update = P.op == OP_UPDATE && !P.prior_nonzero && P.dist == DIST_RADEMACHER;
   const bool need_z0 = P.op != OP_UPDATE || P.prior_nonzero || (z0_first_update && P.nupd > 0);
   const uint64_t z0_seed = z0_first_update ? (P.nupd > 0 ? P.useeds[0] : 0) : P.seed0;
-  // the dense-only update_ kernels: the one update seed and its gradient, read once (fast_oct's ONE_SEED)
-  constexpr bool ONE_SEED = DENSE;
+  // update_ with one update seed, which with a prior is the restored one (the ZO step's update): the seed and its
+  // gradient read once, and fast_oct's straight-line update (ONE_SEED). The dense-only and masked kernels run only
+  // such update_ calls (the host checks; the others run the specialisations with the seed loop).
+  constexpr bool ONE_SEED = DENSE || MASKED;
   const uint64_t u0 = ONE_SEED && P.op == OP_UPDATE && P.nupd > 0 ? P.useeds[0] : 0;
   const float g0 = ONE_SEED && P.op == OP_UPDATE && P.nupd > 0 ? P.gs[0] : 0.f;
   int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
@@ -572,7 +574,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
           if (sel == 0 && P.op != OP_COPY) continue;  // nothing selected: nothing written
           if (P.dist != DIST_RADEMACHER && need_z0) gaussian_z0(P, z0_seed, T, o, z0);
           bits_t res[8];
-          fast_oct<DT>(P, T, o, raw, x, z0, res);
+          fast_oct<DT, ONE_SEED>(P, T, o, raw, x, z0, res, u0, g0);
           fast_store_masked<DT>(P, out + u * UNIT, sel, raw, res);
         }
         partial_tail_unit<DT>(P, T, d, in, out, ub, full);

@@ -278,6 +278,15 @@ def test_rowindex_masks_in_a_mixed_plan_match_reference(backend, dtype, dist, va
                    backend=b)
     same("update_ with restore")
     for p, b in ((pg, backend), (pc, "reference")):
+        mk.perturb_(p, seed, eps, dist=dist, backend=b)
+    same("perturb_ again")
+    for p, b in ((pg, backend), (pc, "reference")):   # one update seed, the restored one (CUDA: straight-line update)
+        mk.update_(p, [seed], [-0.6], lr=1e-2, restore_seed=seed, prior=eps, sr_seed=8, dist=dist, backend=b)
+    same("update_ with restore, one seed")
+    for p, b in ((pg, backend), (pc, "reference")):   # one update seed, not the restored one
+        mk.update_(p, [21], [0.3], lr=1e-2, restore_seed=seed, prior=-eps, sr_seed=2, dist=dist, backend=b)
+    same("update_ with restore, another seed")
+    for p, b in ((pg, backend), (pc, "reference")):
         mk.update_(p, [13], [0.9], lr=1e-2, sr_seed=3, dist=dist, backend=b)
     same("update_ with prior 0")
     copies = {}
