@@ -26,7 +26,9 @@ def kernel_events(prof):
     """(start_us, end_us, name) of every GPU kernel / memcpy / memset the profiler saw, in start order."""
     out = []
     for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() >= 0:
+        # record_function ranges appear on the GPU timeline too (gpu_user_annotation): not kernels
+        if (e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.elapsed_us() >= 0
+                and not e.name.startswith("step")):
             out.append((e.time_range.start, e.time_range.end, e.name))
     out.sort()
     return out
