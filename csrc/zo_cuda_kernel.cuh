@@ -336,7 +336,19 @@ __device__ __forceinline__ void sr8(const float v[8], const U4& rb, typename Sto
 // the 16-bit roundings two per conversion (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32 round each half as the scalar
 // conversions do) and the stored value's bits taken from the loaded words (raw) instead of rounding x again.
 // ok0 / ok1 compare both halves of a packed rounding with the packed stored word at once.
-template <int DT>
+// SMALL_SHIFT: the caller guarantees |d| < 2^103 for bf16, |d| < 8 for fp16 (|z| <= 5.27 for every distribution:
+// reference.py; the kernel checks |prior * scale_mult| per tensor, small_shift_ok). Then the finite test cannot
+// change a result and is left out (two ALU instructions per element of the ~26 in the restoring passes, whose ALU
+// pipe is about as loaded as issue). It matters only where c0 is infinite or NaN and c1 rounds to the stored bits:
+// - x finite, c0 = +-inf: y = x - d beyond the largest finite value by half an ulp, i.e. |d| >= 2^119 (bf16) or 16
+//   (fp16): excluded.
+// - x = +-inf: y = x, c0 = x; bf16's c1 is then a NaN pattern, fp16's the largest finite value (y == c0, and
+//   c1 + d rounds to a finite value for |d| < 16): neither rounds to the stored infinity.
+// - x NaN: y is the canonical NaN, c0 a NaN; bf16's c1 is -0, so c1 + d rounds to a finite pattern (never the stored
+//   NaN's); fp16's c1 is a NaN pattern and may be taken: a NaN base either way, and every op's result from a NaN
+//   base is the hardware's NaN (fp16 NaN bits are not fixed by the spec: docs/NOISE_SPEC.md section 4).
+// bench/check_invert_rounding.cpp and the special-values GPU test cover these cases.
+template <int DT, bool SMALL_SHIFT = false>
 __device__ __forceinline__ void invert8(const uint32_t* raw, const float x[8], const float d[8], float base[8]) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (DT == DT_BF16_HW || DT == DT_F16_HW) {
@@ -376,8 +388,8 @@ __device__ __forceinline__ void invert8(const uint32_t* raw, const float x[8], c
       for (int h = 0; h < 2; ++h) {
         const bool ok0 = h == 0 ? (e0 & 0xFFFFu) == 0u : e0 < 0x10000u;
         const bool ok1 = h == 0 ? (e1 & 0xFFFFu) == 0u : e1 < 0x10000u;
-        const bool finite = DT == DT_BF16_HW ? (~b0[h] & 0x7F800000u) != 0u
-                                             : (f2u(c0[h]) & 0x7F800000u) != 0x7F800000u;
+        const bool finite = SMALL_SHIFT || (DT == DT_BF16_HW ? (~b0[h] & 0x7F800000u) != 0u
+                                                             : (f2u(c0[h]) & 0x7F800000u) != 0x7F800000u);
         const bool even1 = DT == DT_BF16_HW ? (b1[h] & 0x10000u) == 0u : (b1[h] & 1u) == 0u;
         const bool take1 = finite && y[h] != c0[h] && ok1 && (!ok0 || even1);
         base[2 * j + h] = take1 ? c1[h] : c0[h];
@@ -396,7 +408,7 @@ __device__ __forceinline__ void invert8(const uint32_t* raw, const float x[8], c
 // seed is the restored one (seed0); u0 / g0 are that seed and its projected gradient (0 when there is none: acc is
 // then +0, as after no iteration). The update is then straight-line code: no loop over the seeds, no loads of them
 // per unit, and a unit's noise and rounding can be scheduled with its neighbours'.
-template <int DT, bool ONE_SEED = false>
+template <int DT, bool ONE_SEED = false, bool SMALL_SHIFT = false>
 __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const uint32_t* raw,
                                          const float x[8], const float z0[8], typename Storage<DT>::bits_t res[8],
                                          uint64_t u0 = 0, float g0 = 0.f) {
@@ -415,7 +427,7 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
     float pz[8];
 #pragma unroll
     for (int l = 0; l < 8; ++l) pz[l] = fmul(p, z0[l]);
-    invert8<DT>(raw, x, pz, base);
+    invert8<DT, SMALL_SHIFT>(raw, x, pz, base);
   } else {
 #pragma unroll
     for (int l = 0; l < 8; ++l) base[l] = x[l];
@@ -464,6 +476,62 @@ __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& 
 #pragma unroll
     rne8<DT>(nw, res);
   }
+}
+
+// A bound on the shift a restoring pass undoes (p = prior * scale_mult, |z| <= 5.27 for every distribution) under
+// which invert8's finite test cannot change a result (SMALL_SHIFT, see invert8): |p| < 2^100 (bf16), |p| < 1 (fp16).
+__device__ __forceinline__ bool small_shift(int dt, float p) {
+  return fabsf(p) < (dt == DT_BF16_HW ? 0x1p100f : dt == DT_F16_HW ? 1.f : 0.f);
+}
+
+// One block of the dense-only kernels (every unit whole, 16-byte aligned, unmasked): the four units' loads first,
+// then each unit's noise, op and store. The block's units past the tensor's end (its last block only) load and
+// compute its last unit and store nothing, so that the four units are straight-line code (no branch between them:
+// the Philox key schedule is computed once for all four, not once per unit).
+template <int DT, int SPEC, bool ONE_SEED, bool SMALL_SHIFT>
+__device__ __forceinline__ void dense_units(const OpParams& P_, const TensorParams& T,
+                                            const typename Storage<DT>::bits_t* in, typename Storage<DT>::bits_t* out,
+                                            int64_t ub, int64_t full, bool need_z0, uint64_t z0_seed, uint64_t u0,
+                                            float g0) {
+  OpParams P = P_;  // SPEC's fields as constants here too (the out-of-line copy gets P_ from memory)
+  P.op = SPEC / 8;
+  P.prior_nonzero = (SPEC & 4) != 0;
+  P.dist = SPEC & 3;
+  uint32_t raw[ITERS][4];
+  const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;  // global oct of the block's first unit
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+    fast_load<DT>(in + (u < full ? u : full - 1) * UNIT, raw[it]);
+  }
+  U4 rw;
+  if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(z0_seed, T, o_base);
+#pragma unroll
+  for (int it = 0; it < ITERS; ++it) {
+    const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+    const uint64_t o = o_base + (uint64_t)(it * THREADS + threadIdx.x);
+    float z0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+    if (P.dist == DIST_RADEMACHER) {
+      if (need_z0) rademacher_from_warp(rw, it, o, o_base, z0);
+    } else if (need_z0) {
+      gaussian_z0(P, z0_seed, T, o, z0);
+    }
+    float x[8];
+    fast_unpack<DT>(raw[it], x);
+    typename Storage<DT>::bits_t res[8];
+    fast_oct<DT, ONE_SEED, SMALL_SHIFT>(P, T, o, raw[it], x, z0, res, u0, g0);
+    if (u < full) fast_store<DT>(out + u * UNIT, res);
+  }
+}
+
+// The same for a tensor whose shift is not small_shift: out of line, so that the rarely taken general restore's
+// registers do not weigh on the kernel's.
+template <int DT, int SPEC, bool ONE_SEED>
+__device__ __noinline__ void dense_units_general(const OpParams& P, const TensorParams& T,
+                                                 const typename Storage<DT>::bits_t* in,
+                                                 typename Storage<DT>::bits_t* out, int64_t ub, int64_t full,
+                                                 bool need_z0, uint64_t z0_seed, uint64_t u0, float g0) {
+  dense_units<DT, SPEC, ONE_SEED, false>(P, T, in, out, ub, full, need_z0, z0_seed, u0, g0);
 }
 
 // SPEC: -1 for the generic kernel (op, distribution and "prior != 0" read at run time), else spec_of(op, prior, dist)
@@ -580,6 +648,13 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         partial_tail_unit<DT>(P, T, d, in, out, ub, full);
         continue;
       }
+    }
+    if constexpr (DENSE && SPEC >= 0 && (SPEC & 4) != 0) {  // the dense-only restoring kernels
+      if (small_shift(DT, fmul(P.prior, T.scale_mult)))  // block-uniform (one tensor per block)
+        dense_units<DT, SPEC, ONE_SEED, true>(P, T, in, out, ub, d.n >> 3, need_z0, z0_seed, u0, g0);
+      else
+        dense_units_general<DT, SPEC, ONE_SEED>(P, T, in, out, ub, d.n >> 3, need_z0, z0_seed, u0, g0);
+      continue;
     }
     if (DENSE || (!MASKED && d.fast && T.kind == MASK_NONE && (T.offset & 7) == 0)) {  // block-uniform
       const int64_t full = d.n >> 3;  // units holding 8 elements

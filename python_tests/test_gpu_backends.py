@@ -350,6 +350,12 @@ def test_cuda_dense_kernels_match_reference(dtype, dist, variant, monkeypatch):
     light = dist != "gaussian"
     both(lambda p, b: mk.perturb_(p, seed, eps, dist=dist, backend=b), "perturb_, prior 0", light)
     both(lambda p, b: mk.perturb_(p, seed, -2 * eps, prior=eps, dist=dist, backend=b), "perturb_ with a prior", True)
+    # a shift past the restore's small-shift bound (|prior * scale_mult| >= 2^100 bf16, >= 1 fp16; tensor 1 has
+    # scale_mult 0.5, so it and the others take different restores in one launch): the general restore, out of line
+    big = 2.0 ** 100 * 1.5 if dtype == torch.bfloat16 else 1.5
+    both(lambda p, b: mk.perturb_(p, seed, eps, prior=big, dist=dist, backend=b), "perturb_ with a large prior", True)
+    both(lambda p, b: mk.update_(p, [seed], [0.4], lr=1e-2, restore_seed=seed, prior=big, rounding="stochastic",
+                                 sr_seed=6, dist=dist, backend=b), "update_ with a large prior", light)
     for rounding in ("stochastic", "nearest"):
         # one update seed, the restored one (the ZO step's update_), its gradient on the device or given as a float
         both(lambda p, b: mk.update_(p, [seed], torch.tensor([0.7], device="cuda") if b == "cuda" else [0.7],
