@@ -62,7 +62,8 @@ def provenance(docs):
     seen, parts = set(), []
     for d in docs:
         h = d["header"]
-        key = (h.get("device"), h.get("date", "")[:10], h.get("torch"), h.get("git_commit"))
+        key = (h.get("device"), h.get("date", "")[:10], h.get("torch"), h.get("git_commit"),
+               h.get("git_commit_as_run"))
         if key in seen:
             continue
         seen.add(key)
