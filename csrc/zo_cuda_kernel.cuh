@@ -802,9 +802,11 @@ constexpr bool has_dense_spec(int dt, bool xor_) { return !xor_ && (dt == DT_BF1
 
 // The dense-only kernels kept: those an H200 ran faster than the kernels with the generic paths, in one process
 // over LLaMA-7B's list (MAZO_CUDA_DENSE=0 against the default; bench/results/h200_2026-12-02/s14/call2): perturb_
-// and perturbed_copy with gaussian_fast and Rademacher noise (1.02-1.13x), perturb_ with a prior (1.01-1.08x). Not
-// kept: v1 Gaussian perturb_ with prior 0 and perturbed_copy (0.97-0.98x), update_ with and without a prior
-// (0.95-1.03x); those calls run the specialisations.
+// and perturbed_copy with gaussian_fast and Rademacher noise (1.02-1.13x), perturb_ with a prior (1.01-1.08x); and
+// update_ with one update seed (ONE_SEED), with and without a prior, gaussian_fast and Rademacher (1.08-1.22x,
+// bf16 and fp16; s16/call1). Not kept: v1 Gaussian perturb_ with prior 0 and perturbed_copy (0.97-0.98x); v1
+// Gaussian update_ (with its seed loop 0.95-1.03x in session 14; not built with ONE_SEED, for build time). Those
+// calls run the specialisations.
 template <int DT, int DIST>
 const void* dense_kernel_dist(int spec) {
 #define MAZO_DENSE_CASE(OP, PRIOR) \
