@@ -625,6 +625,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         if (rowidx) rowidx_block_bits(d, T, ub, full, rowidx_bits, rowidx_bounds);
         U4 rw;
         if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(z0_seed, T, o_base);
+        const bool small = small_shift(DT, fmul(P.prior, T.scale_mult));
 #pragma unroll
         for (int it = 0; it < ITERS; ++it) {
           const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
@@ -642,7 +643,14 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
           if (sel == 0 && P.op != OP_COPY) continue;  // nothing selected: nothing written
           if (P.dist != DIST_RADEMACHER && need_z0) gaussian_z0(P, z0_seed, T, o, z0);
           bits_t res[8];
-          fast_oct<DT, ONE_SEED>(P, T, o, raw, x, z0, res, u0, g0);
+          if constexpr (SPEC >= 0 && (SPEC & 4) != 0 && (DT == DT_BF16_HW || DT == DT_F16_HW)) {
+            if (small)  // block-uniform: the restore without its finite test (invert8's SMALL_SHIFT)
+              fast_oct<DT, ONE_SEED, true>(P, T, o, raw, x, z0, res, u0, g0);
+            else
+              fast_oct<DT, ONE_SEED>(P, T, o, raw, x, z0, res, u0, g0);
+          } else {
+            fast_oct<DT, ONE_SEED>(P, T, o, raw, x, z0, res, u0, g0);
+          }
           fast_store_masked<DT>(P, out + u * UNIT, sel, raw, res);
         }
         partial_tail_unit<DT>(P, T, d, in, out, ub, full);
