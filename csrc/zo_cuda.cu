@@ -226,9 +226,9 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   const bool one_seed_ok = op != OP_UPDATE || one_seed_update;
   // Calls with a threshold, packed-bit or row-index mask: the masked specialisation (default storage kernels; fp32
   // without the exchange), whose fast path handles masked units; MAZO_CUDA_MASKED_FAST=0 (read per call) keeps the
-  // dense kernel, where masked tensors run element units (same bits).
+  // dense kernel, where masked tensors run element units (same bits). nullptr where a family has none.
   const char* mfast_env = std::getenv("MAZO_CUDA_MASKED_FAST");
-  if (spec >= 0 && any_masked_fast && one_seed_ok && !(mfast_env && std::atoi(mfast_env) == 0))  // nullptr where a family has none
+  if (spec >= 0 && any_masked_fast && one_seed_ok && !(mfast_env && std::atoi(mfast_env) == 0))
     kfn = (f32_xor ? mazo_cuda::kernels_f32 : family)(spec | MASKED_SPEC, 0);
   // Calls the caller promised dense_aligned (every tensor unmasked at an 8-aligned global offset; the kernel traps if
   // a block finds otherwise) whose tensors are also 16-byte aligned and a multiple of 8 long: the dense-only

@@ -337,7 +337,7 @@ __device__ __forceinline__ void sr8(const float v[8], const U4& rb, typename Sto
 // conversions do) and the stored value's bits taken from the loaded words (raw) instead of rounding x again.
 // ok0 / ok1 compare both halves of a packed rounding with the packed stored word at once.
 // SMALL_SHIFT: the caller guarantees |d| < 2^103 for bf16, |d| < 8 for fp16 (|z| <= 5.27 for every distribution:
-// reference.py; the kernel checks |prior * scale_mult| per tensor, small_shift_ok). Then the finite test cannot
+// reference.py; the kernels check |prior * scale_mult| per tensor: small_shift). Then the finite test cannot
 // change a result and is left out (two ALU instructions per element of the ~26 in the restoring passes, whose ALU
 // pipe is about as loaded as issue). It matters only where c0 is infinite or NaN and c1 rounds to the stored bits:
 // - x finite, c0 = +-inf: y = x - d beyond the largest finite value by half an ulp, i.e. |d| >= 2^119 (bf16) or 16
@@ -406,10 +406,10 @@ __device__ __forceinline__ void invert8(const uint32_t* raw, const float x[8], c
 
 // compute_oct with all eight lanes selected and z0 given: the noise of the pass's seed, or for update_ with prior 0
 // and Rademacher noise the noise of its first update seed (unused for Gaussian update_ with prior 0).
-// ONE_SEED (the dense-only update_ kernels): the host promised at most one update seed, and with a prior the update
-// seed is the restored one (seed0); u0 / g0 are that seed and its projected gradient (0 when there is none: acc is
-// then +0, as after no iteration). The update is then straight-line code: no loop over the seeds, no loads of them
-// per unit, and a unit's noise and rounding can be scheduled with its neighbours'.
+// ONE_SEED (the dense-only and masked kernels): the host sends them only update_ calls with one update seed, which
+// with a prior is the restored one (seed0); u0 / g0 are that seed and its projected gradient (read once per kernel;
+// were there none, g0 = 0 would make acc +0, as after no iteration). The update is then straight-line code: no loop
+// over the seeds, no loads of them per unit, and a unit's noise and rounding can be scheduled with its neighbours'.
 template <int DT, bool ONE_SEED = false, bool SMALL_SHIFT = false>
 __device__ __forceinline__ void fast_oct(const OpParams& P, const TensorParams& T, uint64_t o, const uint32_t* raw,
                                          const float x[8], const float z0[8], typename Storage<DT>::bits_t res[8],
@@ -801,7 +801,8 @@ constexpr int DENSE_SPEC = 64;
 // (or 4-8 bytes: bf16 v1 Gaussian and Rademacher light passes), once the generic paths are gone: the light passes
 // (perturb_ with prior 0, perturbed_copy) 40 registers (6 blocks); perturb_ with a prior 64 (4). fp16 v1 Gaussian's
 // light passes keep 64 (6 blocks spill 136 B, 5 blocks 20 B); the other fp16 light passes 48 (5 blocks): without
-// the NaN branches their units overlap, and at 40 registers they spilled 8-36 B.
+// the NaN branches their units overlap, and at 40 registers they spilled 8-36 B. update_ (one seed, straight-line):
+// 4 blocks with a prior (63-64 registers), 5 without (47-48), no spills.
 constexpr int dense_minblocks(int dt, int spec) {
   if (spec / 8 == OP_UPDATE) return (spec & 4) ? 4 : 5;
   const bool light = (spec & 4) == 0;
