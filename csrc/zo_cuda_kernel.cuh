@@ -486,7 +486,8 @@ __device__ __forceinline__ bool small_shift(int dt, float p) {
   return fabsf(p) < (dt == DT_BF16_HW ? 0x1p100f : dt == DT_F16_HW ? 1.f : 0.f);
 }
 
-// One block of the dense-only kernels (every unit whole, 16-byte aligned, unmasked): the four units' loads first,
+// One block of a dense-only kernel (every unit whole, 16-byte aligned, unmasked; every block of those kernels runs
+// here, the restoring passes' tensors past small_shift out of line below): the four units' loads first,
 // then each unit's noise, op and store. The block's units past the tensor's end (its last block only) load and
 // compute its last unit and store nothing, so that the four units are straight-line code (no branch between them:
 // the Philox key schedule is computed once for all four, not once per unit).
@@ -659,14 +660,18 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         continue;
       }
     }
-    if constexpr (DENSE && SPEC >= 0 && (SPEC & 4) != 0) {  // the dense-only restoring kernels
-      if (small_shift(DT, fmul(P.prior, T.scale_mult)))  // block-uniform (one tensor per block)
-        dense_units<DT, SPEC, ONE_SEED, true>(P, T, in, out, ub, d.n >> 3, need_z0, z0_seed, u0, g0);
-      else
-        dense_units_general<DT, SPEC, ONE_SEED>(P, T, in, out, ub, d.n >> 3, need_z0, z0_seed, u0, g0);
+    if constexpr (DENSE) {  // every block: dense_units
+      if constexpr ((SPEC & 4) != 0) {  // the restoring passes: the small-shift restore where it holds
+        if (small_shift(DT, fmul(P.prior, T.scale_mult)))  // block-uniform (one tensor per block)
+          dense_units<DT, SPEC, ONE_SEED, true>(P, T, in, out, ub, d.n >> 3, need_z0, z0_seed, u0, g0);
+        else
+          dense_units_general<DT, SPEC, ONE_SEED>(P, T, in, out, ub, d.n >> 3, need_z0, z0_seed, u0, g0);
+      } else {
+        dense_units<DT, SPEC, ONE_SEED, false>(P, T, in, out, ub, d.n >> 3, need_z0, z0_seed, u0, g0);
+      }
       continue;
     }
-    if (DENSE || (!MASKED && d.fast && T.kind == MASK_NONE && (T.offset & 7) == 0)) {  // block-uniform
+    if (!MASKED && d.fast && T.kind == MASK_NONE && (T.offset & 7) == 0) {  // block-uniform
       const int64_t full = d.n >> 3;  // units holding 8 elements
       const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;  // global oct of the block's first unit
       uint32_t raw[ITERS][RW];
@@ -683,11 +688,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
             continue;
           }
         }
-        // DENSE: the block's units past the tensor's end (its last block only) load and compute its last unit and
-        // store nothing, so that the four units are straight-line code (no branch between them: the Philox key
-        // schedule is computed once for all four, not once per unit)
-        if (DENSE) fast_load<DT>(in + (u < full ? u : full - 1) * UNIT, raw[it]);
-        else if (u < full) fast_load<DT>(in + u * UNIT, raw[it]);
+        if (u < full) fast_load<DT>(in + u * UNIT, raw[it]);
       }
       U4 rw;  // Rademacher: this lane's Philox call, shared through the warp (one call covers 16 units)
       if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(z0_seed, T, o_base);
@@ -701,9 +702,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         float z0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         if (P.dist == DIST_RADEMACHER) {
           if (need_z0) rademacher_from_warp(rw, it, o, o_base, z0);
-          if (!DENSE && u >= full) continue;
+          if (u >= full) continue;
         } else {
-          if (!DENSE && u >= full) continue;
+          if (u >= full) continue;
           if (need_z0) gaussian_z0(P, z0_seed, T, o, z0);
         }
         float x[8];
@@ -716,12 +717,11 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
             continue;
           }
         }
-        if (!DENSE || u < full) fast_store<DT>(out + u * UNIT, res);
+        fast_store<DT>(out + u * UNIT, res);
       }
-      if constexpr (!DENSE) partial_tail_unit<DT>(P, T, d, in, out, ub, full);
+      partial_tail_unit<DT>(P, T, d, in, out, ub, full);
       continue;
     }
-    if constexpr (DENSE) continue;  // unreachable: the dense path above takes every block
     for (int it = 0; it < ITERS; ++it) {
       const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
       if (u >= d.units) break;
