@@ -46,6 +46,19 @@ def _f16_to_f32(h):
     return h.astype(np.uint16).view(np.float16).astype(np.float32)
 
 
+def _choose(w_bits, d, y, c0, c1, cvt, finite, even1, small):
+    """invert8's choice between the two candidate bases (the same for both storage types): c1 where it rounds back to
+    the stored bits and c0 does not, or both do and c1's pattern is even; never where y == c0; and, unless small,
+    only where c0 is finite."""
+    with np.errstate(all="ignore"):
+        ok0 = cvt(_arith(c0 + d)) == w_bits
+        ok1 = cvt(_arith(c1 + d)) == w_bits
+    take1 = (y != c0) & ok1 & (~ok0 | even1)
+    if not small:
+        take1 &= finite
+    return np.where(take1, c1, c0)
+
+
 def _restore_bf16(w_bits, d, small):
     """invert8 for bf16 (the packed form's per-half operations), bases as float32."""
     x = _f(w_bits << 16)
@@ -56,14 +69,7 @@ def _restore_bf16(w_bits, d, small):
         c1b = (2 * (yb & 0xFFFF0000).astype(np.uint64) + 0x10000 - c0b).astype(np.uint64) & 0xFFFFFFFF
         c1b = c1b.astype(np.uint32)
         c0, c1 = _f(c0b), _f(c1b)
-        ok0 = _cvt_bf16(_arith(c0 + d)) == w_bits
-        ok1 = _cvt_bf16(_arith(c1 + d)) == w_bits
-    finite = (~c0b & 0x7F800000) != 0
-    even1 = (c1b & 0x10000) == 0
-    take1 = (y != c0) & ok1 & (~ok0 | even1)
-    if not small:
-        take1 &= finite
-    return np.where(take1, c1, c0)
+    return _choose(w_bits, d, y, c0, c1, _cvt_bf16, (~c0b & 0x7F800000) != 0, (c1b & 0x10000) == 0, small)
 
 
 def _restore_f16(w_bits, d, small):
@@ -75,14 +81,7 @@ def _restore_f16(w_bits, d, small):
         c0 = _f16_to_f32(b0)
         b1 = np.where(_b(y) > _b(c0), b0 + 1, b0 - 1).astype(np.uint32) & 0xFFFF
         c1 = _f16_to_f32(b1)
-        ok0 = _cvt_f16(_arith(c0 + d)) == w_bits
-        ok1 = _cvt_f16(_arith(c1 + d)) == w_bits
-    finite = (_b(c0) & 0x7F800000) != 0x7F800000
-    even1 = (b1 & 1) == 0
-    take1 = (y != c0) & ok1 & (~ok0 | even1)
-    if not small:
-        take1 &= finite
-    return np.where(take1, c1, c0)
+    return _choose(w_bits, d, y, c0, c1, _cvt_f16, (_b(c0) & 0x7F800000) != 0x7F800000, (b1 & 1) == 0, small)
 
 
 def _shifts(bound, n, seed):
