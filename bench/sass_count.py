@@ -55,11 +55,14 @@ def cases(which: str):
                         HAS_PRIOR=True, REUSE0=0, NSTAT=0, TMODE=2, MASKED=True)))
             out.append((f"update_ {dname} {dt} masked restore+SR", dict(OP=1, DIST=dist, SR=1, DT=DTS[dt],
                         HAS_PRIOR=True, REUSE0=1, NSTAT=2, TMODE=2, MASKED=True)))
+    # the restoring passes as the host launches them for shifts below small_shift's bound (every ZO step's)
+    out += [(label + ", small shift", dict(c, SMALL=True)) for label, c in list(out)
+            if c["HAS_PRIOR"] and c["DT"] in (1, 2)]
     return out
 
 
 def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
-    c = dict(TMODE=0, MASKED=False, ROWIDX=False, MODE=3, FBLOCK=fblock, BLOCK=block, NTAB=tk._NTAB)
+    c = dict(TMODE=0, MASKED=False, ROWIDX=False, SMALL=False, MODE=3, FBLOCK=fblock, BLOCK=block, NTAB=tk._NTAB)
     c.update(consts)
     sig = dict(SIGNATURE)
     sig.update({k: "constexpr" for k in c})

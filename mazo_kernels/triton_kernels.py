@@ -16,6 +16,7 @@ import operator
 import os
 from collections import OrderedDict
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -304,7 +305,7 @@ def _bits_f32(b, DT: tl.constexpr):
 
 
 @triton.jit
-def _invert_rounding_bf16_hw(w, d, y):
+def _invert_rounding_bf16_hw(w, d, y, SMALL: tl.constexpr = False):
     """_invert_rounding for bf16 through the hardware conversion, in float32 bit patterns (low 16 bits zero).
     c0 = rne(y) is y's bf16 truncation t or the next value up in magnitude, so its neighbour on y's side is the other
     one: c1 = 2t + 1 ulp - c0 (modulo 2^32, sign included; for c0 = +-0 the smallest subnormal with y's sign). A NaN
@@ -318,21 +319,27 @@ def _invert_rounding_bf16_hw(w, d, y):
     wb = w.to(tl.uint32, bitcast=True)   # compared as float32 bit patterns: the half moved up, no mask
     ok0 = (c0 + d).to(tl.bfloat16).to(tl.float32).to(tl.uint32, bitcast=True) == wb
     ok1 = (c1 + d).to(tl.bfloat16).to(tl.float32).to(tl.uint32, bitcast=True) == wb
-    finite = (~c0b & 0x7F800000) != 0
-    take1 = finite & (y != c0) & ok1 & ((ok0 == 0) | ((c1b & 0x10000) == 0))
+    if SMALL:
+        take1 = (y != c0) & ok1 & ((ok0 == 0) | ((c1b & 0x10000) == 0))
+    else:
+        finite = (~c0b & 0x7F800000) != 0
+        take1 = finite & (y != c0) & ok1 & ((ok0 == 0) | ((c1b & 0x10000) == 0))
     return tl.where(take1, c1, c0)
 
 
 @triton.jit
-def _invert_rounding(w, d, DT: tl.constexpr):
+def _invert_rounding(w, d, DT: tl.constexpr, SMALL: tl.constexpr = False):
     """reference.invert_rounding: rne(w - d), or, where rounding lost a bit and two storage values map to w, the
     one with the even bit pattern (docs/NOISE_SPEC.md, "Restore"). Same comparisons as the reference in fewer ops
     (as csrc/zo_noise.h, checked for every bf16 / fp16 w by bench/check_invert_rounding.cpp): where it matters (c0
     finite, y != c0) y and c0 share a sign, so their float32 bit patterns order their magnitudes; w is a storage
-    value and nothing rounded after y can be NaN."""
+    value and nothing rounded after y can be NaN.
+    SMALL (constexpr, fp16 and the hardware bf16 path only): the host guarantees |d| below the bound of
+    _small_shift, under which the finite test cannot change a result (csrc/zo_cuda_kernel.cuh, invert8, gives the
+    argument; python_tests/test_small_shift_restore.py checks it for every 16-bit pattern), so it is left out."""
     y = w - d
     if DT == 2 and HW_BF16:
-        return _invert_rounding_bf16_hw(w, d, y)
+        return _invert_rounding_bf16_hw(w, d, y, SMALL)
     b0 = _raw_bits(_rne(y, DT), DT)
     c0 = _bits_f32(b0, DT)
     b1 = tl.where(y.to(tl.uint32, bitcast=True) > c0.to(tl.uint32, bitcast=True), b0 + 1, b0 - 1)
@@ -347,8 +354,11 @@ def _invert_rounding(w, d, DT: tl.constexpr):
         wb = _raw_bits(_rne(w, DT), DT)
         ok0 = _raw_bits(_rne(c0 + d, DT), DT) == wb
         ok1 = _raw_bits(_rne(c1 + d, DT), DT) == wb
-    finite = (c0.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
-    take1 = finite & (y != c0) & ok1 & ((ok0 == 0) | ((b1 & 1) == 0))
+    if SMALL and DT == 1:
+        take1 = (y != c0) & ok1 & ((ok0 == 0) | ((b1 & 1) == 0))
+    else:
+        finite = (c0.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+        take1 = finite & (y != c0) & ok1 & ((ok0 == 0) | ((b1 & 1) == 0))
     return tl.where(take1, c1, c0)
 
 
@@ -469,7 +479,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                 mask_ptr, kind, tau, cols_ptr, kcols, row_len, nsteps, lstart,
                 OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, DT: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
-                TMODE: tl.constexpr, MASKED: tl.constexpr, ROWIDX: tl.constexpr):
+                TMODE: tl.constexpr, MASKED: tl.constexpr, ROWIDX: tl.constexpr, SMALL: tl.constexpr):
     """One aligned block of BLOCK elements, all inside the tensor. in_ptr/out_ptr point at the block's start.
     MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold, packed bits
     (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes) or row-index as element units (cols_ptr,
@@ -518,7 +528,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
         if HAS_PRIOR:
             p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
             z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS)
-            base = _invert_rounding(x, p * z0, DT)
+            base = _invert_rounding(x, p * z0, DT, SMALL)
         else:
             base = x
         if OP == 0:
@@ -655,7 +665,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, TMODE: tl.constexpr, DT: tl.constexpr,
                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, MODE: tl.constexpr,
                FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr, MASKED: tl.constexpr = False,
-               ROWIDX: tl.constexpr = False):
+               ROWIDX: tl.constexpr = False, SMALL: tl.constexpr = False):
     pid = tl.program_id(0).to(tl.int64)
     if MODE >= 3:   # [t, start, number of FBLOCK blocks]
         t = tl.load(prog_ptr + 3 * pid)
@@ -722,7 +732,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                 _fast_block(tl.multiple_of(in_ptr + st, 16), tl.multiple_of(out_ptr + st, 16), off + st, tid,
                             scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (st >> 3), kind,
                             tau, cols_i32p, kcols, row_len, nsteps, st,
-                            OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX)
+                            OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX, SMALL)
     elif MODE == 4:
         nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
         for q in range(nsub):
@@ -734,7 +744,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
             _fast_block(tl.multiple_of(in_ptr + start, 16), tl.multiple_of(out_ptr + start, 16), gstart0, tid,
                         scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (start >> 3), kind,
                         tau, cols_i32p, kcols, row_len, nsteps, start,
-                        OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX)
+                        OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX, SMALL)
     else:
         run = start >= 0
         if MODE == 1:   # FBLOCK is a multiple of BLOCK; the fast kernel's block holding `start` is full
@@ -945,6 +955,39 @@ def _call_table(seeds, sr_seed, scale, prior, lr, device, seed_dev=None):
     return host.to(device)
 
 
+# Largest |scale_mult| of a plan's fvals table, per table (data pointer, in-place version): read once, since it
+# costs a device sync. A table first seen inside a CUDA-graph capture gets None (no sync is possible there).
+_MAX_SCALE_MULT: "OrderedDict[tuple, float]" = OrderedDict()
+# |prior * scale_mult| bounds of the restore without its finite test (csrc/zo_cuda_kernel.cuh, small_shift)
+_SMALL_SHIFT_BOUND = {1: 1.0, 2: 2.0 ** 100}
+
+
+def _max_scale_mult(fvals: torch.Tensor):
+    key = (fvals.data_ptr(), fvals._version, fvals.device, tuple(fvals.shape))
+    hit = _MAX_SCALE_MULT.get(key)
+    if hit is None:
+        if fvals.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        hit = float(fvals[:, 0].abs().max().item()) if fvals.shape[0] else 0.0
+        _MAX_SCALE_MULT[key] = hit
+        if len(_MAX_SCALE_MULT) > _TABLE_CACHE_SIZE:
+            _MAX_SCALE_MULT.popitem(last=False)
+    return hit
+
+
+def _small_shift(dt: int, prior: float, fvals: torch.Tensor) -> bool:
+    """Whether every tensor's restore shift is below the bound under which the finite test of _invert_rounding
+    cannot change a result: |fl32(prior) * scale_mult| < 2^100 (bf16, hardware path) or < 1 (fp16), computed in
+    float32 as the kernel does (monotone in |scale_mult|, so the largest one decides)."""
+    if prior == 0.0 or dt not in _SMALL_SHIFT_BOUND or (dt == 2 and not HW_BF16):
+        return False
+    m = _max_scale_mult(fvals)
+    if m is None:
+        return False
+    p = np.float32(abs(np.float32(prior))) * np.float32(m)
+    return bool(p < np.float32(_SMALL_SHIFT_BOUND[dt]))
+
+
 def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, rounding: int,
               sr_seed: int, threshold_mode: int, scale: float, prior: float, lr: float, *, block: int | None = None,
               seed_dev: torch.Tensor | None = None) -> None:
@@ -1031,7 +1074,7 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   MASKED=masked, ROWIDX=rowidx_el,
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
                   NSTAT=(len(seeds) if op == ref.OP_UPDATE and len(seeds) <= 4 else 0), NTAB=_NTAB,
-                  enable_fp_fusion=False)
+                  SMALL=_small_shift(_DT[dtype], prior, fvals), enable_fp_fusion=False)
     fast_warps = (MASKED_NUM_WARPS if (masked and prior == 0.0 and op == ref.OP_PERTURB
                                        and dist == ref.DIST_GAUSSIAN_FAST) else FAST_NUM_WARPS)
     if split:
