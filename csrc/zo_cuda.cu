@@ -219,11 +219,14 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
                                    : kdt == DT_BF16_HW ? mazo_cuda::kernels_bf16_hw
                                                        : mazo_cuda::kernels_bf16;
   const void* kfn = nullptr;
-  // The masked and dense-only kernels run update_ only with one update seed given as an int, which with a prior is
-  // the restored one (the ZO step's update): their update is that seed's alone, straight-line (fast_oct's
-  // ONE_SEED). Other update_ calls (several seeds, seeds in device memory) run the specialisations' seed loop.
-  const bool one_seed_update = P.nupd == 1 && !has_seed_dev && (!prior_nz || seeds[1] == seeds[0]);
+  // The masked and dense-only kernels run update_ only with one update seed, which with a prior is the restored one
+  // (the ZO step's update): their update is that seed's alone, straight-line (fast_oct's ONE_SEED). Other update_
+  // calls (several seeds) run the specialisations' seed loop. Seeds in device memory (a captured graph): the host
+  // cannot compare them, so the masked kernel checks at its start (one_seed_holds) and takes element units where
+  // they differ; the dense-only kernel, which has no other path, is not used for them.
+  const bool one_seed_update = P.nupd == 1 && (!prior_nz || has_seed_dev || seeds[1] == seeds[0]);
   const bool one_seed_ok = op != OP_UPDATE || one_seed_update;
+  const bool one_seed_ok_dense = op != OP_UPDATE || (one_seed_update && !has_seed_dev);
   // Calls with a threshold, packed-bit or row-index mask: the masked specialisation (default storage kernels; fp32
   // without the exchange), whose fast path handles masked units; MAZO_CUDA_MASKED_FAST=0 (read per call) keeps the
   // dense kernel, where masked tensors run element units (same bits). nullptr where a family has none.
@@ -236,7 +239,7 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // registers. MAZO_CUDA_DENSE=0 (read per call) keeps the kernels that carry them (same bits).
   const char* dense_env = std::getenv("MAZO_CUDA_DENSE");
   if (kfn == nullptr && spec >= 0 && dense_aligned && !any_masked_fast && all_fast && all_whole_units &&
-      one_seed_ok && !(dense_env && std::atoi(dense_env) == 0))
+      one_seed_ok_dense && !(dense_env && std::atoi(dense_env) == 0))
     kfn = family(spec | DENSE_SPEC, 0);  // nullptr where the family has none
   if (kfn == nullptr && spec >= 0) kfn = family(spec, 0);
   if (kfn == nullptr) kfn = family(-1, minb3 ? 3 : 2);  // no specialisation for this call: the generic kernel

@@ -52,6 +52,12 @@ GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SP
 # a constexpr, so it is fixed per process.
 HW_BF16 = tl.constexpr(os.environ.get("MAZO_TRITON_HW_BF16", "1") != "0"
                        and os.environ.get("TRITON_INTERPRET", "0") != "1")
+# bf16 restore and stochastic rounding as csrc/zo_cuda_kernel.cuh does them (invert8, sr8): two values per
+# instruction where PTX has a packed form (cvt.rn.bf16x2.f32, prmt), in tl.inline_asm_elementwise with pack=2.
+# The same bits as the tl forms (every op is the same IEEE operation); compiled kernels only (the interpreter runs
+# no PTX). 2: the restore and the rounding; 1: the restore only; 0: neither (the tl forms). A knob read per call
+# (MAZO_TRITON_ASM at import), passed to the kernel as a constexpr (bf16 with HW_BF16 only).
+ASM = int(os.environ.get("MAZO_TRITON_ASM", "2"))
 _NTAB = 8             # int64 columns of the per-tensor table
 _TABLE_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _TABLE_CACHE_SIZE = 256   # a 30B LLaMA's transient mode uses ~65 block tables per forward
@@ -327,6 +333,105 @@ def _invert_rounding_bf16_hw(w, d, y, SMALL: tl.constexpr = False):
     return tl.where(take1, c1, c0)
 
 
+# invert8's pair body (csrc/zo_cuda_kernel.cuh) in PTX: $0/$1 the two bases (float32 bits), $2/$3 the stored values
+# x (float32 bits), $4/$5 the shifts d, $6 the two stored bf16 values packed (low half first). y = x - d;
+# c0 = rne(y) from one packed conversion; c1 = 2t + 1 ulp - c0 (t: y truncated); ok0 / ok1: rne(c + d) of both
+# halves from one packed conversion each, compared with the stored halves by one xor; take c1 where
+# [c0 finite] and y != c0 and ok1 and (not ok0 or c1 even).
+_RESTORE_BF16_PTX = """{
+.reg .b32 y0, y1, cy, a0, a1, b0, b1, s0, s1, r0, r1, e0, e1, t;
+.reg .pred ok0, ok1, ev, ne, k0, k1;
+sub.rn.f32 y0, $2, $4;
+sub.rn.f32 y1, $3, $5;
+cvt.rn.bf16x2.f32 cy, y1, y0;
+shl.b32 a0, cy, 16;
+and.b32 a1, cy, 0xFFFF0000;
+and.b32 t, y0, 0xFFFF0000;
+shl.b32 t, t, 1;
+add.u32 t, t, 0x10000;
+sub.u32 b0, t, a0;
+and.b32 t, y1, 0xFFFF0000;
+shl.b32 t, t, 1;
+add.u32 t, t, 0x10000;
+sub.u32 b1, t, a1;
+add.rn.f32 s0, a0, $4;
+add.rn.f32 s1, a1, $5;
+cvt.rn.bf16x2.f32 r0, s1, s0;
+add.rn.f32 s0, b0, $4;
+add.rn.f32 s1, b1, $5;
+cvt.rn.bf16x2.f32 r1, s1, s0;
+xor.b32 e0, r0, $6;
+xor.b32 e1, r1, $6;
+and.b32 t, e0, 0xFFFF;
+setp.eq.u32 ok0, t, 0;
+and.b32 t, e1, 0xFFFF;
+setp.eq.u32 ok1, t, 0;
+and.b32 t, b0, 0x10000;
+setp.eq.u32 ev, t, 0;
+setp.neu.f32 ne, y0, a0;
+not.pred k0, ok0;
+or.pred k0, k0, ev;
+and.pred k1, ne, ok1;
+and.pred k0, k0, k1;
+FINITE0
+selp.b32 $0, b0, a0, k0;
+setp.lt.u32 ok0, e0, 0x10000;
+setp.lt.u32 ok1, e1, 0x10000;
+and.b32 t, b1, 0x10000;
+setp.eq.u32 ev, t, 0;
+setp.neu.f32 ne, y1, a1;
+not.pred k0, ok0;
+or.pred k0, k0, ev;
+and.pred k1, ne, ok1;
+and.pred k0, k0, k1;
+FINITE1
+selp.b32 $1, b1, a1, k0;
+}"""
+# c0 finite: (~c0 & 0x7F800000) != 0 (left out below small_shift's bound)
+_FINITE_PTX = """not.b32 t, a{h};
+and.b32 t, t, 0x7F800000;
+setp.ne.u32 k1, t, 0;
+and.pred k0, k0, k1;"""
+_RESTORE_BF16_PTX_SMALL = tl.constexpr(_RESTORE_BF16_PTX.replace("FINITE0\n", "").replace("FINITE1\n", ""))
+_RESTORE_BF16_PTX_FULL = tl.constexpr(_RESTORE_BF16_PTX.replace("FINITE0", _FINITE_PTX.format(h=0))
+                                      .replace("FINITE1", _FINITE_PTX.format(h=1)))
+
+
+@triton.jit
+def _invert_rounding_bf16_asm(raw, x, d, SMALL: tl.constexpr):
+    """_invert_rounding_bf16_hw of stored bf16 values raw (x: their float32 values) by invert8's PTX."""
+    if SMALL:
+        b = tl.inline_asm_elementwise(_RESTORE_BF16_PTX_SMALL, "=r,=r,r,r,r,r,r",
+                                      [x.to(tl.uint32, bitcast=True), d.to(tl.uint32, bitcast=True), raw],
+                                      dtype=tl.uint32, is_pure=True, pack=2)
+    else:
+        b = tl.inline_asm_elementwise(_RESTORE_BF16_PTX_FULL, "=r,=r,r,r,r,r,r",
+                                      [x.to(tl.uint32, bitcast=True), d.to(tl.uint32, bitcast=True), raw],
+                                      dtype=tl.uint32, is_pure=True, pack=2)
+    return b.to(tl.float32, bitcast=True)
+
+
+# sr8's packed bf16 stochastic rounding (csrc/zo_cuda_kernel.cuh) in PTX: $0 the two results packed (low half
+# first), $1/$2 the float32 bits, $3/$4 the 16 random bits: high half of bits + R, or 0x7FC0 for a NaN.
+_SR_BF16_PTX = tl.constexpr("""{
+.reg .b32 t0, t1;
+.reg .pred n0, n1;
+add.u32 t0, $1, $3;
+add.u32 t1, $2, $4;
+setp.nan.f32 n0, $1, $1;
+setp.nan.f32 n1, $2, $2;
+selp.b32 t0, 0x7FC00000, t0, n0;
+selp.b32 t1, 0x7FC00000, t1, n1;
+prmt.b32 $0, t0, t1, 0x7632;
+}""")
+
+
+@triton.jit
+def _sr_bf16_asm(x, rb):
+    return tl.inline_asm_elementwise(_SR_BF16_PTX, "=r,r,r,r,r", [x.to(tl.uint32, bitcast=True), rb],
+                                     dtype=tl.uint16, is_pure=True, pack=2)
+
+
 @triton.jit
 def _invert_rounding(w, d, DT: tl.constexpr, SMALL: tl.constexpr = False):
     """reference.invert_rounding: rne(w - d), or, where rounding lost a bit and two storage values map to w, the
@@ -479,7 +584,8 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                 mask_ptr, kind, tau, cols_ptr, kcols, row_len, nsteps, lstart,
                 OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, DT: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
-                TMODE: tl.constexpr, MASKED: tl.constexpr, ROWIDX: tl.constexpr, SMALL: tl.constexpr):
+                TMODE: tl.constexpr, MASKED: tl.constexpr, ROWIDX: tl.constexpr, SMALL: tl.constexpr,
+                ASM: tl.constexpr):
     """One aligned block of BLOCK elements, all inside the tensor. in_ptr/out_ptr point at the block's start.
     MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold, packed bits
     (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes) or row-index as element units (cols_ptr,
@@ -528,7 +634,10 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
         if HAS_PRIOR:
             p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
             z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS)
-            base = _invert_rounding(x, p * z0, DT, SMALL)
+            if ASM >= 1:   # bf16 only (the host's choice)
+                base = _invert_rounding_bf16_asm(raw, x, p * z0, SMALL)
+            else:
+                base = _invert_rounding(x, p * z0, DT, SMALL)
         else:
             base = x
         if OP == 0:
@@ -560,7 +669,10 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                 rb = _rbits8(gstart >> 3, tid, sk0, sk1, BLOCK // 8)
                 if not ROWS:
                     rb = tl.reshape(rb, [BLOCK])
-                res = _sr(new, rb, DT)
+                if ASM >= 2:
+                    res = _sr_bf16_asm(new, rb)
+                else:
+                    res = _sr(new, rb, DT)
             else:
                 res = _rne(new, DT)
         if MASKED:
@@ -665,7 +777,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, TMODE: tl.constexpr, DT: tl.constexpr,
                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, MODE: tl.constexpr,
                FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr, MASKED: tl.constexpr = False,
-               ROWIDX: tl.constexpr = False, SMALL: tl.constexpr = False):
+               ROWIDX: tl.constexpr = False, SMALL: tl.constexpr = False, ASM: tl.constexpr = 0):
     pid = tl.program_id(0).to(tl.int64)
     if MODE >= 3:   # [t, start, number of FBLOCK blocks]
         t = tl.load(prog_ptr + 3 * pid)
@@ -732,7 +844,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                 _fast_block(tl.multiple_of(in_ptr + st, 16), tl.multiple_of(out_ptr + st, 16), off + st, tid,
                             scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (st >> 3), kind,
                             tau, cols_i32p, kcols, row_len, nsteps, st,
-                            OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX, SMALL)
+                            OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM)
     elif MODE == 4:
         nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
         for q in range(nsub):
@@ -744,7 +856,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
             _fast_block(tl.multiple_of(in_ptr + start, 16), tl.multiple_of(out_ptr + start, 16), gstart0, tid,
                         scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (start >> 3), kind,
                         tau, cols_i32p, kcols, row_len, nsteps, start,
-                        OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX, SMALL)
+                        OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM)
     else:
         run = start >= 0
         if MODE == 1:   # FBLOCK is a multiple of BLOCK; the fast kernel's block holding `start` is full
@@ -1074,7 +1186,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   MASKED=masked, ROWIDX=rowidx_el,
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
                   NSTAT=(len(seeds) if op == ref.OP_UPDATE and len(seeds) <= 4 else 0), NTAB=_NTAB,
-                  SMALL=_small_shift(_DT[dtype], prior, fvals), enable_fp_fusion=False)
+                  SMALL=_small_shift(_DT[dtype], prior, fvals),
+                  ASM=(int(ASM) if dtype == torch.bfloat16 and HW_BF16 else 0), enable_fp_fusion=False)
     fast_warps = (MASKED_NUM_WARPS if (masked and prior == 0.0 and op == ref.OP_PERTURB
                                        and dist == ref.DIST_GAUSSIAN_FAST) else FAST_NUM_WARPS)
     if split:

@@ -226,15 +226,22 @@ ROWIDX_SHAPES = [(5, 4096, 2048), (3, 11008, 5504), (301, 53, 27), (40, 1000, 12
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
-@pytest.mark.parametrize("variant", ["", "MAZO_CUDA_MASKED_FAST=0"])
+@pytest.mark.parametrize("variant", ["", "MAZO_CUDA_MASKED_FAST=0", "tk.ASM=0", "tk.ASM=1"])
 def test_rowindex_masks_in_a_mixed_plan_match_reference(backend, dtype, dist, variant, monkeypatch):
     """Every op over a plan of row-index masked weights of several shapes (one with a global offset that is not a
     multiple of 8, which leaves the fast path), beside an unmasked and a packed-bit masked tensor: bit for bit
     against the reference. On CUDA the row-index tensors run the masked kernels' block bitmaps (default) or element
-    units (MAZO_CUDA_MASKED_FAST=0)."""
-    if variant and backend != "cuda":
-        pytest.skip("a CUDA knob")
-    if variant:
+    units (MAZO_CUDA_MASKED_FAST=0). Triton's bf16 restore and stochastic rounding run in PTX (default, ASM 2), the
+    restore only (1) or neither (0)."""
+    if variant.startswith("tk."):
+        if backend != "triton":
+            pytest.skip("a Triton knob")
+        from mazo_kernels import triton_kernels as tk
+        name, val = variant[3:].split("=")
+        monkeypatch.setattr(tk, name, int(val))
+    elif variant:
+        if backend != "cuda":
+            pytest.skip("a CUDA knob")
         monkeypatch.setenv(*variant.split("="))
     gen = torch.Generator().manual_seed(hash((backend, str(dtype), dist, variant)) % 2 ** 31)
     ws, masks = [], []
@@ -301,6 +308,50 @@ def test_rowindex_masks_in_a_mixed_plan_match_reference(backend, dtype, dist, va
     bad = [i for i, (a, c) in enumerate(zip(copies[backend], copies["reference"])) if not torch.equal(_bits(a),
                                                                                                     _bits(c))]
     assert not bad, f"perturbed_copy: tensors {bad} differ from the reference"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dist", ["gaussian_fast", "rademacher"])
+@pytest.mark.parametrize("same", [True, False], ids=["restored-seed", "other-seed"])
+def test_masked_update_with_device_seeds_matches_reference(backend, dtype, dist, same):
+    """update_ with a prior and one update seed held in device memory (seed_dev: a captured GraphedZOStep's form)
+    over threshold, packed-bit and unmasked tensors. The CUDA host sends it to the masked kernel without seeing the
+    seeds; the kernel checks at its start whether the update seed is the restored one (the straight-line update)
+    or not (element units). Bit for bit against the reference given int seeds; the op's int seeds carry other
+    values, so the kernel must read seed_dev's."""
+    from mazo_kernels.api import _seed_bits
+    from mazo_kernels.ops import zo_apply_
+    gen = torch.Generator().manual_seed(hash((backend, str(dtype), dist, same)) % 2 ** 31)
+    sizes = (8 * 4100, 9000, 4099)
+    ws = [(torch.randn(n, generator=gen) * 0.02).to(dtype) for n in sizes]
+    masks = [mk.ThresholdMask(0.015), mk.BitMask.from_bool(torch.rand(sizes[1], generator=gen) < 0.5), None]
+
+    def plan(device):
+        return mk.ZOPlan([mk.PlanEntry(f"w{i}", w.to(device).clone(), 40 + i,
+                                       mask=(mk.BitMask(m.bits.to(device)) if isinstance(m, mk.BitMask) else m))
+                          for i, (w, m) in enumerate(zip(ws, masks))])
+
+    pg, pc = plan("cuda"), plan("cpu")
+    seed, eps = 2 ** 64 - 1234567, 1e-3
+    useed = seed if same else 77
+    for p, b in ((pg, backend), (pc, "reference")):   # the step's first two passes latch and read the threshold
+        mk.perturb_(p, seed, eps, dist=dist, backend=b)
+        mk.perturb_(p, seed, -2 * eps, prior=eps, dist=dist, backend=b)
+    gs = torch.tensor([0.7])
+    d = {"gaussian_fast": ref.DIST_GAUSSIAN_FAST, "rademacher": ref.DIST_RADEMACHER}[dist]
+    g = pc.groups[0]
+    zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, [_seed_bits(seed), _seed_bits(useed)], gs, ref.OP_UPDATE, d,
+              ref.ROUND_STOCHASTIC, 5, ref.THRESH_LATCH_READ, 0.0, -eps, 1e-2, "reference")
+    g = pg.groups[0]
+    dev = torch.tensor([_seed_bits(seed), _seed_bits(useed), 5], dtype=torch.int64, device="cuda")
+    fake = [_seed_bits(seed ^ 0x5555)] * 2    # equal ints: the host's check would pass them either way
+    zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, fake, gs.cuda(), ref.OP_UPDATE, d, ref.ROUND_STOCHASTIC, 999,
+              ref.THRESH_LATCH_READ, 0.0, -eps, 1e-2, backend, dev)
+    for i, (a, c) in enumerate(zip(pg.entries, pc.entries)):
+        assert torch.equal(_bits(a.tensor).cpu(), _bits(c.tensor)), f"tensor {i} differs ({backend}, same={same})"
+    moved = [not torch.equal(_bits(e.tensor), _bits(w)) for e, w in zip(pc.entries, ws)]
+    assert all(moved), "every tensor should have moved"
 
 
 def _cuda_kernel_names(fn):
