@@ -476,20 +476,21 @@ def _sr(x, rb, DT: tl.constexpr):
         r = tl.where(_is_nan_bits(b), 0x7FC0, r)
         y = r.to(tl.uint16)
     else:
+        # reference.sr_fp16_value without its branches. Where |x| >= 2^-24 (ex >= 103) the drop bits are
+        # 13 + clamp(113 - ex, 0, 10), and R shifted to their top is (R << 16) >> (32 - drop) for every drop. Below
+        # (the spec's thresh test, R << 8 < floor(|x| 2^48)) the result is 2^-24 iff |x| >= (256 R + 1) 2^-48, an
+        # exact float32 compare. Infinities pass the first form unchanged; a NaN stays a NaN (fp16 NaN bits are not
+        # fixed by the spec).
         sign = b & 0x80000000
         mag = b & 0x7FFFFFFF
         ex = (mag >> 23).to(tl.int32)
-        drop = 13 + tl.minimum(tl.maximum(113 - ex, 0), 10)
-        rfield = tl.where(drop >= 16, rb << tl.maximum(drop - 16, 0).to(tl.uint32),
-                          rb >> tl.maximum(16 - drop, 0).to(tl.uint32))
-        low = (tl.full(b.shape, 1, tl.uint32) << drop.to(tl.uint32)) - 1
-        normal = (mag + rfield) & (low ^ 0xFFFFFFFF)   # (~ on uint32 breaks the interpreter)
-        sig = tl.where(ex == 0, tl.zeros_like(mag), (mag & 0x7FFFFF) | 0x800000)
-        thresh = sig >> tl.minimum(tl.maximum(102 - ex, 0), 31).to(tl.uint32)
-        tiny = tl.where((rb << 8) < thresh, tl.full(b.shape, 0x33800000, tl.uint32), tl.zeros_like(b))
-        out = tl.where(ex <= 102, tiny, normal) | sign
-        out = tl.where(ex == 255, b, out)
-        y = out.to(tl.float32, bitcast=True).to(tl.float16)
+        drop = (13 + tl.minimum(tl.maximum(113 - ex, 0), 10)).to(tl.uint32)
+        rfield = (rb << 16) >> (32 - drop)
+        normal = ((mag + rfield) & (tl.full(b.shape, 0xFFFFFFFF, tl.uint32) << drop)) | sign
+        thr = (rb * 256 + 1).to(tl.float32) * 3.552713678800501e-15   # 2^-48
+        tiny = tl.where(tl.abs(x) >= thr, 0x33800000, 0).to(tl.uint32) | sign
+        out = tl.where(ex <= 102, tiny, normal).to(tl.float32, bitcast=True)
+        y = tl.where(x != x, x, out).to(tl.float16)
     return y
 
 

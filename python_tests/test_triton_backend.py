@@ -491,3 +491,103 @@ def test_rowindex_element_policy(_big_block):
             assert pol(ref.OP_PERTURB, ref.DIST_RADEMACHER, torch.float32, 0.0) is forced
     finally:
         tk.ROWIDX_ELEMENTS = "auto"
+
+
+try:   # a kernel of the module's rounding forms alone (compiled on a GPU, interpreted on the CPU)
+    import triton
+    import triton.language as tl
+    from mazo_kernels import triton_kernels as _tk
+
+    @triton.jit
+    def _rounding_kernel(x_ptr, rb_ptr, out_ptr, N: tl.constexpr, DT: tl.constexpr, ASM: tl.constexpr):
+        offs = tl.program_id(0) * N + tl.arange(0, N)
+        x = tl.load(x_ptr + offs)
+        rb = tl.load(rb_ptr + offs).to(tl.uint32)
+        if ASM:
+            res = _tk._sr_bf16_asm(x, rb)
+        else:
+            res = _tk._sr(x, rb, DT)
+        tl.store(out_ptr + offs, res.to(tl.int16, bitcast=True))
+
+    @triton.jit
+    def _restore_kernel(raw_ptr, d_ptr, out_ptr, N: tl.constexpr, DT: tl.constexpr, SMALL: tl.constexpr,
+                        ASM: tl.constexpr):
+        offs = tl.program_id(0) * N + tl.arange(0, N)
+        raw = tl.load(raw_ptr + offs)
+        if DT == 1:
+            raw = raw.to(tl.float16, bitcast=True)
+        else:
+            raw = raw.to(tl.uint16, bitcast=True)
+        x = _tk._to_f32(raw, DT)
+        d = tl.load(d_ptr + offs)
+        if ASM:
+            base = _tk._invert_rounding_bf16_asm(raw, x, d, SMALL)
+        else:
+            base = _tk._invert_rounding(x, d, DT, SMALL)
+        tl.store(out_ptr + offs, base.to(tl.int32, bitcast=True))
+except ImportError:
+    _rounding_kernel = _restore_kernel = None
+
+
+@pytest.mark.parametrize("form", ["fp16", "bf16", "bf16-ptx"])
+def test_stochastic_rounding_forms_match_reference_on_every_exponent(form):
+    """The kernels' stochastic roundings (_sr; on a GPU also the bf16 PTX form) against reference.sr_fp16_value /
+    sr_bf16_bits on every float32 exponent (both signs, random significands, the extreme significands), with
+    random rounding bits and their extremes 0 and 0xFFFF: every result bit, NaN positions for fp16 (whose NaN bits
+    the spec does not fix). Poisoned output."""
+    if form == "bf16-ptx" and not CUDA:
+        pytest.skip("PTX runs on a GPU only")
+    g = gen(11)
+    n = 1 << 15
+    ex = torch.arange(256, dtype=torch.int32).repeat_interleave(n // 256)
+    man = torch.randint(0, 1 << 23, (n,), generator=g, dtype=torch.int32)
+    man[0::64], man[1::64], man[2::64] = 0, (1 << 23) - 1, 1    # zero / largest / smallest significands
+    sign = (torch.randint(0, 2, (n,), generator=g, dtype=torch.int32) << 31)
+    x = ((ex << 23) | man | sign).view(torch.float32)
+    rb = torch.randint(0, 1 << 16, (n,), generator=g, dtype=torch.int32)
+    rb[3::64], rb[4::64] = 0, 0xFFFF
+    out = torch.full((n,), 0x5A5A, dtype=torch.int16, device=DEV)
+    dt = 1 if form == "fp16" else 2
+    _rounding_kernel[(n // 1024,)](x.to(DEV), rb.to(DEV), out, N=1024, DT=dt, ASM=form == "bf16-ptx")
+    got = out.cpu()
+    rb64 = rb.to(torch.int64)
+    if dt == 1:
+        want = ref.sr_fp16_value(x, rb64).to(torch.float16)
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got.view(torch.float16)), nan)
+        assert torch.equal(got[~nan], want.view(torch.int16)[~nan])
+    else:
+        want = ref.sr_bf16_bits(x, rb64).to(torch.int32).to(torch.int16)
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("small", [False, True], ids=["any-shift", "small-shift"])
+@pytest.mark.parametrize("form", ["fp16", "bf16", "bf16-ptx"])
+def test_restore_forms_match_reference_on_every_stored_value(form, small):
+    """The kernels' restore (_invert_rounding; on a GPU also the bf16 PTX form, and the hardware-rounding bf16
+    form) against reference.invert_rounding for every 16-bit stored pattern (infinities and NaNs included), each
+    with shifts from 1e-30 to past the small-shift bounds (small: only below them, the host's promise for SMALL):
+    every bit of the base, NaN positions (a NaN base's bits are not the spec's: every caller rounds it again).
+    Poisoned output."""
+    if form == "bf16-ptx" and not CUDA:
+        pytest.skip("PTX runs on a GPU only")
+    dtype = torch.float16 if form == "fp16" else torch.bfloat16
+    g = gen(12 + small)
+    raw = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16)
+    n = raw.numel()
+    w = raw.view(dtype).float()
+    z = torch.randn(n, generator=g).clamp(-5.27, 5.27)
+    if small:   # |p| below the bound: 2^100 (bf16), 1 (fp16)
+        ps = [1e-30, 1e-3, 0.25, 0.999] + ([7.0, 2.0 ** 60, 2.0 ** 99] if dtype == torch.bfloat16 else [])
+    else:
+        ps = [1e-3, 0.7, 3.0, 300.0, 1e5, 2.0 ** 101, 2.0 ** 120, 1e38]
+    p = torch.tensor(ps)[torch.randint(0, len(ps), (n,), generator=g)]
+    d = (p * z).float()
+    out = torch.full((n,), 0x5A5A5A5A, dtype=torch.int32, device=DEV)
+    _restore_kernel[(n // 1024,)](raw.to(DEV), d.to(DEV), out, N=1024, DT=1 if dtype == torch.float16 else 2,
+                                  SMALL=small, ASM=form == "bf16-ptx")
+    got = out.cpu().view(torch.float32)
+    want = ref.invert_rounding(w, d, dtype)
+    nan = torch.isnan(want)
+    assert torch.equal(torch.isnan(got), nan)
+    assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
