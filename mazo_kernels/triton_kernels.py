@@ -34,6 +34,7 @@ FAST_NUM_WARPS = 4
 # threshold 14.67 -> 12.99 ms, packed bits 18.00 -> 12.72. The same change made Rademacher's perturb_ (11.97 ->
 # 15.05 threshold) and every update_ with prior 0 (2-15%) slower, so those and the restoring passes stay at 4.
 MASKED_NUM_WARPS = 8
+MASKED_NUM_WARPS_RAD = 4   # the same for Rademacher noise (a knob for the measurement in bench/NOTES.md, session 17)
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
@@ -1189,8 +1190,9 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   NSTAT=(len(seeds) if op == ref.OP_UPDATE and len(seeds) <= 4 else 0), NTAB=_NTAB,
                   SMALL=_small_shift(_DT[dtype], prior, fvals),
                   ASM=(int(ASM) if dtype == torch.bfloat16 and HW_BF16 else 0), enable_fp_fusion=False)
-    fast_warps = (MASKED_NUM_WARPS if (masked and prior == 0.0 and op == ref.OP_PERTURB
-                                       and dist == ref.DIST_GAUSSIAN_FAST) else FAST_NUM_WARPS)
+    light_masked = masked and prior == 0.0 and op == ref.OP_PERTURB
+    fast_warps = (MASKED_NUM_WARPS if light_masked and dist == ref.DIST_GAUSSIAN_FAST
+                  else MASKED_NUM_WARPS_RAD if light_masked and dist == ref.DIST_RADEMACHER else FAST_NUM_WARPS)
     if split:
         if nf:
             _zo_kernel[(nf,)](tab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=3, FBLOCK=fblock, BLOCK=block,
