@@ -221,10 +221,10 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   const void* kfn = nullptr;
   // The masked and dense-only kernels run update_ only with one update seed, which with a prior is the restored one
   // (the ZO step's update): their update is that seed's alone, straight-line (fast_oct's ONE_SEED). Other update_
-  // calls (several seeds) run the specialisations' seed loop. Seeds in device memory (a captured graph): the host
-  // cannot compare them, so the masked kernel checks at its start (one_seed_holds) and takes element units where
-  // they differ; the dense-only kernel, which has no other path, is not used for them.
-  const bool one_seed_update = P.nupd == 1 && (!prior_nz || has_seed_dev || seeds[1] == seeds[0]);
+  // calls (several seeds) run the specialisations' seed loop. With seeds in device memory (seed_dev: a captured
+  // mk.GraphedZOStep) the int seeds carry their equality pattern (the op's contract, docs/API.md), so the same test
+  // holds; the dense-only kernels still take no such call (unmeasured there).
+  const bool one_seed_update = P.nupd == 1 && (!prior_nz || seeds[1] == seeds[0]);
   const bool one_seed_ok = op != OP_UPDATE || one_seed_update;
   const bool one_seed_ok_dense = op != OP_UPDATE || (one_seed_update && !has_seed_dev);
   // Calls with a threshold, packed-bit or row-index mask: the masked specialisation (default storage kernels; fp32

@@ -581,12 +581,6 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
   constexpr bool ONE_SEED = DENSE || MASKED;
   const uint64_t u0 = ONE_SEED && P.op == OP_UPDATE && P.nupd > 0 ? P.useeds[0] : 0;
   const float g0 = ONE_SEED && P.op == OP_UPDATE && P.nupd > 0 ? P.gs[0] : 0.f;
-  // With seeds in device memory (a captured mk.GraphedZOStep) the host cannot check that the one update seed is the
-  // restored one, and sends such update_ calls here anyway; where it is not, the masked kernel's blocks take the
-  // element units (compute_oct: any seeds) instead of the fast path's straight-line update. Kernel-uniform.
-  const bool one_seed_holds =
-      !(MASKED && P.op == OP_UPDATE && P.prior_nonzero && a.seed_dev != nullptr && P.nupd > 0 &&
-        P.useeds[0] != P.seed0);
   int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
   for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
     // last tensor whose block_start <= b (empty tensors own no block); usually still lo_prev (one load)
@@ -625,7 +619,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
     const bits_t* in = reinterpret_cast<const bits_t*>(d.in);
     bits_t* out = reinterpret_cast<bits_t*>(d.out);
     if constexpr (MASKED) {
-      if (d.fast && (T.offset & 7) == 0 && one_seed_holds) {  // block-uniform
+      if (d.fast && (T.offset & 7) == 0) {  // block-uniform
         const int64_t full = d.n >> 3;
         const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;
         __shared__ uint32_t rowidx_bits[UNITS_PER_BLOCK / 4];

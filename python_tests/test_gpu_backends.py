@@ -316,10 +316,10 @@ def test_rowindex_masks_in_a_mixed_plan_match_reference(backend, dtype, dist, va
 @pytest.mark.parametrize("same", [True, False], ids=["restored-seed", "other-seed"])
 def test_masked_update_with_device_seeds_matches_reference(backend, dtype, dist, same):
     """update_ with a prior and one update seed held in device memory (seed_dev: a captured GraphedZOStep's form)
-    over threshold, packed-bit and unmasked tensors. The CUDA host sends it to the masked kernel without seeing the
-    seeds; the kernel checks at its start whether the update seed is the restored one (the straight-line update)
-    or not (element units). Bit for bit against the reference given int seeds; the op's int seeds carry other
-    values, so the kernel must read seed_dev's."""
+    over threshold, packed-bit and unmasked tensors: the restored seed (CUDA: the masked kernel's straight-line
+    update) or another one (the specialisations' seed loop). Bit for bit against the reference given int seeds.
+    The op's int seeds carry other values with the same equality pattern (the op's contract), so the kernels must
+    read seed_dev's."""
     from mazo_kernels.api import _seed_bits
     from mazo_kernels.ops import zo_apply_
     gen = torch.Generator().manual_seed(hash((backend, str(dtype), dist, same)) % 2 ** 31)
@@ -345,7 +345,7 @@ def test_masked_update_with_device_seeds_matches_reference(backend, dtype, dist,
               ref.ROUND_STOCHASTIC, 5, ref.THRESH_LATCH_READ, 0.0, -eps, 1e-2, "reference")
     g = pg.groups[0]
     dev = torch.tensor([_seed_bits(seed), _seed_bits(useed), 5], dtype=torch.int64, device="cuda")
-    fake = [_seed_bits(seed ^ 0x5555)] * 2    # equal ints: the host's check would pass them either way
+    fake = [_seed_bits(seed ^ 0x5555), _seed_bits((useed ^ 0x5555) if not same else (seed ^ 0x5555))]
     zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, fake, gs.cuda(), ref.OP_UPDATE, d, ref.ROUND_STOCHASTIC, 999,
               ref.THRESH_LATCH_READ, 0.0, -eps, 1e-2, backend, dev)
     for i, (a, c) in enumerate(zip(pg.entries, pc.entries)):
