@@ -629,20 +629,40 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         U4 rw;
         if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(z0_seed, T, o_base);
         const bool small = small_shift(DT, fmul(P.prior, T.scale_mult));
+        // 16-bit storage: every unit's words (and mask byte) loaded before any unit is stored, so a thread has ITERS
+        // loads in flight. Loaded in the loop below, each unit's load waited for the previous unit's store: the
+        // passes are in place, and the compiler may not move a load above a store to memory it cannot tell apart.
+        constexpr bool PRELOAD = DT != DT_F32;
+        const bool reads_byte = T.kind == MASK_BITMASK ||
+                                (T.kind == MASK_THRESHOLD && P.threshold_mode == THRESH_LATCH_READ);  // block-uniform
+        uint32_t raws[ITERS][RW];
+        unsigned bytes[ITERS];
+        if constexpr (PRELOAD) {
+#pragma unroll
+          for (int it = 0; it < ITERS; ++it) {
+            const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
+            if (u < full) {
+              fast_load<DT>(in + u * UNIT, raws[it]);
+              if (reads_byte) bytes[it] = d.mask8[u];
+            }
+          }
+        }
 #pragma unroll
         for (int it = 0; it < ITERS; ++it) {
           const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
           const uint64_t o = o_base + (uint64_t)(it * THREADS + threadIdx.x);
-          uint32_t raw[RW];
-          if (u < full) fast_load<DT>(in + u * UNIT, raw);
+          uint32_t raw_here[RW];
+          uint32_t* raw = PRELOAD ? raws[it] : raw_here;
+          if (!PRELOAD && u < full) fast_load<DT>(in + u * UNIT, raw);
           float z0[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
           if (P.dist == DIST_RADEMACHER && need_z0) rademacher_from_warp(rw, it, o, o_base, z0);
           if (u >= full) continue;
           float x[8];
           fast_unpack<DT>(raw, x);
           const int lu = it * THREADS + (int)threadIdx.x;  // the unit's place in the block
-          const unsigned sel = rowidx ? (rowidx_bits[lu >> 2] >> ((lu & 3) * 8)) & 0xFFu
-                                      : fast_unit_sel(P, T, d.mask8, u, x);
+          const unsigned sel = rowidx                ? (rowidx_bits[lu >> 2] >> ((lu & 3) * 8)) & 0xFFu
+                               : PRELOAD && reads_byte ? bytes[it]
+                                                       : fast_unit_sel(P, T, d.mask8, u, x);
           if (sel == 0 && P.op != OP_COPY) continue;  // nothing selected: nothing written
           if (P.dist != DIST_RADEMACHER && need_z0) gaussian_z0(P, z0_seed, T, o, z0);
           bits_t res[8];
