@@ -632,7 +632,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
         // 16-bit storage: every unit's words (and mask byte) loaded before any unit is stored, so a thread has ITERS
         // loads in flight. Loaded in the loop below, each unit's load waited for the previous unit's store: the
         // passes are in place, and the compiler may not move a load above a store to memory it cannot tell apart.
-        constexpr bool PRELOAD = DT != DT_F32;
+        constexpr bool PRELOAD = DT != DT_F32 && SPEC >= 0 && (SPEC & 4) != 0;
         const bool reads_byte = T.kind == MASK_BITMASK ||
                                 (T.kind == MASK_THRESHOLD && P.threshold_mode == THRESH_LATCH_READ);  // block-uniform
         uint32_t raws[ITERS][RW];
