@@ -591,3 +591,21 @@ def test_restore_forms_match_reference_on_every_stored_value(form, small):
     nan = torch.isnan(want)
     assert torch.equal(torch.isnan(got), nan)
     assert torch.equal(got[~nan].view(torch.int32), want[~nan].view(torch.int32))
+
+
+def test_small_shift_choice_follows_the_plan_table():
+    """The host's SMALL constexpr (the restore without its finite test): true only where |fl32(prior) * scale_mult|
+    is below the bound for every tensor (fp16: 1; bf16: 2^100 on the hardware-conversion path only), never for prior
+    0 or fp32, and read again after the table changes in place."""
+    from mazo_kernels import triton_kernels as tk
+    fv = torch.tensor([[0.5, 1.0, 0.0, 1.0, 0.0], [2.0, 1.0, 0.0, 1.0, 0.0]], dtype=torch.float32)
+    assert tk._small_shift(1, 0.49, fv)              # 0.98 < 1
+    assert not tk._small_shift(1, 0.5, fv)           # 2.0 * 0.5 = 1.0: not below
+    assert not tk._small_shift(1, -0.6, fv)
+    assert not tk._small_shift(1, 0.0, fv)
+    assert not tk._small_shift(0, 1e-3, fv)          # fp32 keeps its test
+    assert tk._small_shift(2, 1e-3, fv) == bool(tk.HW_BF16)
+    fv[1, 0] = -0.25                                 # in place: the cached maximum must not be reused
+    assert tk._small_shift(1, 0.9, fv)               # max |scale_mult| now 0.5
+    fv[0, 0] = float("nan")                          # a NaN multiplier never counts as small
+    assert not tk._small_shift(1, 1e-3, fv)
