@@ -402,13 +402,12 @@ _RESTORE_BF16_PTX_FULL = tl.constexpr(_RESTORE_BF16_PTX.replace("FINITE0", _FINI
 def _invert_rounding_bf16_asm(raw, x, d, SMALL: tl.constexpr):
     """_invert_rounding_bf16_hw of stored bf16 values raw (x: their float32 values) by invert8's PTX."""
     if SMALL:
-        b = tl.inline_asm_elementwise(_RESTORE_BF16_PTX_SMALL, "=r,=r,r,r,r,r,r",
-                                      [x.to(tl.uint32, bitcast=True), d.to(tl.uint32, bitcast=True), raw],
-                                      dtype=tl.uint32, is_pure=True, pack=2)
+        ptx: tl.constexpr = _RESTORE_BF16_PTX_SMALL
     else:
-        b = tl.inline_asm_elementwise(_RESTORE_BF16_PTX_FULL, "=r,=r,r,r,r,r,r",
-                                      [x.to(tl.uint32, bitcast=True), d.to(tl.uint32, bitcast=True), raw],
-                                      dtype=tl.uint32, is_pure=True, pack=2)
+        ptx: tl.constexpr = _RESTORE_BF16_PTX_FULL
+    b = tl.inline_asm_elementwise(ptx, "=r,=r,r,r,r,r,r",
+                                  [x.to(tl.uint32, bitcast=True), d.to(tl.uint32, bitcast=True), raw],
+                                  dtype=tl.uint32, is_pure=True, pack=2)
     return b.to(tl.float32, bitcast=True)
 
 
