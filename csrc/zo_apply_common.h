@@ -22,7 +22,8 @@ struct OpParams {
   float scale, prior, lr;
   bool prior_nonzero;
   uint64_t seed0, sr_seed;
-  int nupd;               // number of update seeds (seeds[1:])
+  int nupd;               // number of update seeds (seeds[1:], or seeds[1:-1] for OP_UPDATE_PERTURB)
+  uint64_t seed_next;     // OP_UPDATE_PERTURB: the perturbation's seed (seeds[-1])
   const uint64_t* useeds; // the update seeds
   const float* gs;        // one projected gradient per update seed
   // Experiment (MAZO_CUDA_WHOLE_UNITS=1, CUDA only; off by default): a full masked unit (element unit or the

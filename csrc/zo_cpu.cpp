@@ -98,6 +98,14 @@ void zo_apply_cpu(at::TensorList params, at::TensorList outs, at::TensorList mas
     sr_seed = sp[seed_vals.size()];
   }
   seeds = seed_vals;
+  if (op == OP_UPDATE_PERTURB) {  // no fused CPU kernel: the two ops it is defined as (reference.zo_apply_)
+    const std::vector<int64_t> upd(seed_vals.begin(), seed_vals.end() - 1), next(1, seed_vals.back());
+    zo_apply_cpu(params, outs, masks, meta, fvals, upd, gs, OP_UPDATE, dist, rounding, sr_seed, threshold_mode, 0.0,
+                 prior, lr, c10::nullopt, dense_aligned);
+    zo_apply_cpu(params, outs, masks, meta, fvals, next, gs, OP_PERTURB, dist, ROUND_NEAREST, 0, THRESH_LATCH_WRITE,
+                 scale, 0.0, 0.0, c10::nullopt, dense_aligned);
+    return;
+  }
   OpParams P = make_op_params(seeds, op, dist, rounding, sr_seed, threshold_mode, scale, prior, lr);
   std::vector<uint64_t> useeds;
   at::Tensor gsc;

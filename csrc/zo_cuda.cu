@@ -188,7 +188,8 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
       dt == DT_F32 && op == OP_PERTURB && !prior_nz && dist == DIST_GAUSSIAN && !f32_xor;
   // perturbed_copy and update_ with prior 0 (the transient mode's passes) are specialised for the default
   // storage kernels only (has_transient_spec); elsewhere the family returns no kernel and the call runs generic.
-  const bool hot = (op == OP_PERTURB || op == OP_COPY || op == OP_UPDATE) && !f32_plain_perturb;
+  const bool hot = (op == OP_PERTURB || op == OP_COPY || op == OP_UPDATE || op == OP_UPDATE_PERTURB) &&
+                   !f32_plain_perturb;
   int spec = spec_on && hot ? spec_of((int)op, prior_nz, (int)dist) : -1;
   // Generic bf16 kernel: calls whose tensors all take the fast path run the 3-blocks-per-SM kernel for update_ and
   // Gaussian noise (on an H200 6-11% faster there, 6% slower for Rademacher perturb_: bench/results/h200_2026-12-01/
@@ -225,8 +226,9 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // mk.GraphedZOStep) the int seeds carry their equality pattern (the op's contract, docs/API.md), so the same test
   // holds; the dense-only kernels still take no such call (unmeasured there).
   const bool one_seed_update = P.nupd == 1 && (!prior_nz || seeds[1] == seeds[0]);
-  const bool one_seed_ok = op != OP_UPDATE || one_seed_update;
-  const bool one_seed_ok_dense = op != OP_UPDATE || (one_seed_update && !has_seed_dev);
+  const bool one_seed_ok = op != OP_UPDATE || one_seed_update;  // (no masked kernel runs OP_UPDATE_PERTURB)
+  const bool is_update = op == OP_UPDATE || op == OP_UPDATE_PERTURB;
+  const bool one_seed_ok_dense = !is_update || (one_seed_update && !has_seed_dev);
   // Calls with a threshold, packed-bit or row-index mask: the masked specialisation (default storage kernels; fp32
   // without the exchange), whose fast path handles masked units; MAZO_CUDA_MASKED_FAST=0 (read per call) keeps the
   // dense kernel, where masked tensors run element units (same bits). nullptr where a family has none.
@@ -241,6 +243,23 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   if (kfn == nullptr && spec >= 0 && dense_aligned && !any_masked_fast && all_fast && all_whole_units &&
       one_seed_ok_dense && !(dense_env && std::atoi(dense_env) == 0))
     kfn = family(spec | DENSE_SPEC, 0);  // nullptr where the family has none
+  if (kfn == nullptr && op == OP_UPDATE_PERTURB) {
+    // Fused only by the dense-only kernels (16-bit storage, gaussian_fast and Rademacher noise, one update seed):
+    // elsewhere the two ops it is defined as, each with its own kernel choice. seed_dev's layout (the seeds, then
+    // sr_seed) is cut into each op's by device copies (capturable).
+    const int64_t n = (int64_t)seeds.size();
+    const std::vector<int64_t> upd(seeds.begin(), seeds.end() - 1), next(1, seeds[n - 1]);
+    c10::optional<at::Tensor> sd_upd, sd_next;
+    if (has_seed_dev) {
+      sd_upd = at::cat({seed_dev->narrow(0, 0, n - 1), seed_dev->narrow(0, n, 1)});
+      sd_next = seed_dev->narrow(0, n - 1, 2);
+    }
+    zo_apply_cuda(params, outs, masks, meta, fvals, upd, gs, OP_UPDATE, dist, rounding, sr_seed, threshold_mode,
+                  0.0, prior, lr, sd_upd, dense_aligned);
+    zo_apply_cuda(params, outs, masks, meta, fvals, next, gs, OP_PERTURB, dist, ROUND_NEAREST, 0, THRESH_LATCH_WRITE,
+                  scale, 0.0, 0.0, sd_next, dense_aligned);
+    return;
+  }
   if (kfn == nullptr && spec >= 0) kfn = family(spec, 0);
   if (kfn == nullptr) kfn = family(-1, minb3 ? 3 : 2);  // no specialisation for this call: the generic kernel
   TORCH_CHECK(kfn != nullptr, "zo_apply_ (CUDA): no kernel for this storage type");

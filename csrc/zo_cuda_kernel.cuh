@@ -500,6 +500,7 @@ __device__ __forceinline__ void dense_units(const OpParams& P_, const TensorPara
   P.op = SPEC / 8;
   P.prior_nonzero = (SPEC & 4) != 0;
   P.dist = SPEC & 3;
+  constexpr int RW16 = 4;  // 32-bit words per unit (16-bit storage: the dense-only kernels' types)
   uint32_t raw[ITERS][4];
   const uint64_t o_base = (uint64_t)(T.offset >> 3) + (uint64_t)ub;  // global oct of the block's first unit
 #pragma unroll
@@ -507,8 +508,12 @@ __device__ __forceinline__ void dense_units(const OpParams& P_, const TensorPara
     const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
     fast_load<DT>(in + (u < full ? u : full - 1) * UNIT, raw[it]);
   }
-  U4 rw;
+  // OP_UPDATE_PERTURB: after the update, the next step's perturbation of the updated unit (reference.zo_apply_:
+  // perturb_ with prior 0 on the stored result, so the result is converted back from its storage bits first)
+  constexpr bool NEXT = SPEC / 8 == OP_UPDATE_PERTURB;
+  U4 rw, rwn;
   if (P.dist == DIST_RADEMACHER && need_z0) rw = rademacher_warp_words(z0_seed, T, o_base);
+  if (NEXT && P.dist == DIST_RADEMACHER) rwn = rademacher_warp_words(P.seed_next, T, o_base);
 #pragma unroll
   for (int it = 0; it < ITERS; ++it) {
     const int64_t u = ub + (int64_t)it * THREADS + threadIdx.x;
@@ -523,6 +528,22 @@ __device__ __forceinline__ void dense_units(const OpParams& P_, const TensorPara
     fast_unpack<DT>(raw[it], x);
     typename Storage<DT>::bits_t res[8];
     fast_oct<DT, ONE_SEED, SMALL_SHIFT>(P, T, o, raw[it], x, z0, res, u0, g0);
+    if constexpr (NEXT) {
+      float zn[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (P.dist == DIST_RADEMACHER)
+        rademacher_from_warp(rwn, it, o, o_base, zn);
+      else
+        gaussian_z0(P, P.seed_next, T, o, zn);
+      uint32_t words[RW16];
+#pragma unroll
+      for (int j = 0; j < RW16; ++j) words[j] = (uint32_t)res[2 * j] | ((uint32_t)res[2 * j + 1] << 16);
+      float w[8], v[8];
+      fast_unpack<DT>(words, w);
+      const float s = fmul(P.scale, T.scale_mult);
+#pragma unroll
+      for (int l = 0; l < 8; ++l) v[l] = fadd(w[l], fmul(s, zn[l]));
+      rne8<DT>(v, res);
+    }
     if (u < full) fast_store<DT>(out + u * UNIT, res);
   }
 }
@@ -566,6 +587,7 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
     P.seed0 = (uint64_t)a.seed_dev[0];
     P.sr_seed = (uint64_t)a.seed_dev[a.nseeds];
     P.useeds = reinterpret_cast<const uint64_t*>(a.seed_dev + 1);
+    if (P.op == OP_UPDATE_PERTURB) P.seed_next = (uint64_t)a.seed_dev[a.nseeds - 1];
   }
   constexpr int RW = DT == DT_F32 ? 8 : 4;  // 32-bit words per unit
   // z0, the noise the fast paths compute once per unit (Rademacher: once per 16 units, shared through the warp): the
@@ -579,8 +601,9 @@ __global__ void __launch_bounds__(THREADS, MIN_BLOCKS) zo_apply_kernel(KArgs a) 
   // gradient read once, and fast_oct's straight-line update (ONE_SEED). The dense-only and masked kernels run only
   // such update_ calls (the host checks; the others run the specialisations with the seed loop).
   constexpr bool ONE_SEED = DENSE || MASKED;
-  const uint64_t u0 = ONE_SEED && P.op == OP_UPDATE && P.nupd > 0 ? P.useeds[0] : 0;
-  const float g0 = ONE_SEED && P.op == OP_UPDATE && P.nupd > 0 ? P.gs[0] : 0.f;
+  const bool upd = P.op == OP_UPDATE || P.op == OP_UPDATE_PERTURB;
+  const uint64_t u0 = ONE_SEED && upd && P.nupd > 0 ? P.useeds[0] : 0;
+  const float g0 = ONE_SEED && upd && P.nupd > 0 ? P.gs[0] : 0.f;
   int lo_prev = 0;  // b only grows, so the tensor of the next block is lo_prev or a later one
   for (int64_t b = blockIdx.x; b < a.total_blocks; b += gridDim.x) {
     // last tensor whose block_start <= b (empty tensors own no block); usually still lo_prev (one load)
@@ -823,8 +846,12 @@ constexpr int DENSE_SPEC = 64;
 // light passes keep 64 (6 blocks spill 136 B, 5 blocks 20 B); the other fp16 light passes 48 (5 blocks): without
 // the NaN branches their units overlap, and at 40 registers they spilled 8-36 B. update_ (one seed, straight-line):
 // 4 blocks with a prior (63-64 registers), 5 without (47-48), no spills.
+#ifndef MAZO_FUSED_MINBLOCKS
+#define MAZO_FUSED_MINBLOCKS 4
+#endif
 constexpr int dense_minblocks(int dt, int spec) {
   if (spec / 8 == OP_UPDATE) return (spec & 4) ? 4 : 5;
+  if (spec / 8 == OP_UPDATE_PERTURB) return MAZO_FUSED_MINBLOCKS;
   const bool light = (spec & 4) == 0;
   return light ? (dt == DT_F16_HW ? ((spec & 3) == DIST_GAUSSIAN ? 4 : 5) : 6) : 4;
 }
@@ -853,6 +880,7 @@ const void* dense_kernel_dist(int spec) {
       MAZO_DENSE_CASE(OP_COPY, false)
       MAZO_DENSE_CASE(OP_UPDATE, true)
       MAZO_DENSE_CASE(OP_UPDATE, false)
+      MAZO_DENSE_CASE(OP_UPDATE_PERTURB, true)
     }
   }
 #undef MAZO_DENSE_CASE

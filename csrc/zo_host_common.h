@@ -47,7 +47,14 @@ inline int check_args(at::TensorList params, at::TensorList outs, at::TensorList
   TORCH_CHECK(meta.dim() == 2 && meta.size(0) == T && meta.size(1) == 4, "zo_apply_: meta must be [T, 4]");
   TORCH_CHECK(fvals.dim() == 2 && fvals.size(0) == T && fvals.size(1) == 5, "zo_apply_: fvals must be [T, 5]");
   TORCH_CHECK(!seeds.empty(), "zo_apply_: at least one seed expected");
-  TORCH_CHECK(op == OP_PERTURB || op == OP_UPDATE || op == OP_COPY, cat("zo_apply_: bad op ", op));
+  TORCH_CHECK(op == OP_PERTURB || op == OP_UPDATE || op == OP_COPY || op == OP_UPDATE_PERTURB,
+              cat("zo_apply_: bad op ", op));
+  if (op == OP_UPDATE_PERTURB) {
+    TORCH_CHECK(seeds.size() >= 3, cat("zo_apply_: op 3 (update then perturb) needs seeds [restore, update..., next]: "
+                "at least 3, got ", seeds.size()));
+    TORCH_CHECK(outs.empty(), "zo_apply_: op 3 (update then perturb) is in place only (outs must be empty)");
+    TORCH_CHECK(gs.numel() >= (int64_t)seeds.size() - 2, "zo_apply_: need one projected gradient per update seed");
+  }
   TORCH_CHECK(dist == DIST_GAUSSIAN || dist == DIST_RADEMACHER || dist == DIST_GAUSSIAN_FAST,
               cat("zo_apply_: bad dist ", dist, " (0 gaussian, 1 rademacher, 2 gaussian_fast)"));
   TORCH_CHECK(rounding == ROUND_NEAREST || rounding == ROUND_STOCHASTIC, cat("zo_apply_: bad rounding ", rounding));
@@ -91,7 +98,8 @@ inline OpParams make_op_params(at::IntArrayRef seeds, int64_t op, int64_t dist, 
   P.prior_nonzero = prior != 0.0;
   P.seed0 = (uint64_t)seeds[0];
   P.sr_seed = (uint64_t)sr_seed;
-  P.nupd = op == OP_UPDATE ? (int)seeds.size() - 1 : 0;
+  P.nupd = op == OP_UPDATE ? (int)seeds.size() - 1 : op == OP_UPDATE_PERTURB ? (int)seeds.size() - 2 : 0;
+  P.seed_next = op == OP_UPDATE_PERTURB ? (uint64_t)seeds[seeds.size() - 1] : 0;
   P.useeds = nullptr;
   P.gs = nullptr;
   P.whole_unit_store = false;

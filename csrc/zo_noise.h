@@ -36,6 +36,10 @@ constexpr int DIST_GAUSSIAN = 0, DIST_RADEMACHER = 1, DIST_GAUSSIAN_FAST = 2;  /
 constexpr int MASK_NONE = 0, MASK_THRESHOLD = 1, MASK_BITMASK = 2, MASK_ROWIDX = 3;
 constexpr int THRESH_EVAL = 0, THRESH_LATCH_WRITE = 1, THRESH_LATCH_READ = 2;
 constexpr int OP_PERTURB = 0, OP_UPDATE = 1, OP_COPY = 2;
+// update_ then the next step's first perturbation in one pass (reference.zo_apply_: the composition of the two).
+// seeds = [restore, update..., next]; scale is the next perturbation's. Kernels fuse it where they can (the CUDA
+// dense-only kernels, Triton's unmasked calls); elsewhere the host runs the two ops.
+constexpr int OP_UPDATE_PERTURB = 3;
 constexpr int ROUND_NEAREST = 0, ROUND_STOCHASTIC = 1;
 
 // Exact float32 values of reference.py's constants (hex literals: no decimal parsing ambiguity).

@@ -59,11 +59,13 @@ def perturb_(plan: ZOPlan, seed: int, scale: float, *, prior: float = 0.0, dist:
 
 def update_(plan: ZOPlan, seeds: Sequence[int], grads, *, lr: float, restore_seed: int | None = None,
             prior: float = 0.0, rounding: str = "stochastic", sr_seed: int = 0, dist: str = "gaussian",
-            backend: str = "auto") -> None:
+            backend: str = "auto", next_seed: int | None = None, next_scale: float = 0.0) -> None:
     """Fused restore + ZO-SGD: base as in perturb_ (restore_seed, prior), then
     theta <- round(base - lr * lr_mult * (sum_k g_k * g_mult * m * z(seeds[k]) + wd * base)).
 
-    grads: floats or a float32 tensor of len(seeds) on the plan's device (no host sync needed)."""
+    grads: floats or a float32 tensor of len(seeds) on the plan's device (no host sync needed).
+    next_seed: also apply the next ZO step's first perturbation in the same pass, bit for bit
+        perturb_(plan, next_seed, next_scale) after this update (op 3; one pass where the backend fuses it)."""
     seeds = [_seed_bits(s) for s in seeds]
     if not seeds:
         raise ValueError("update_ needs at least one (seed, g) pair")
@@ -89,12 +91,15 @@ def update_(plan: ZOPlan, seeds: Sequence[int], grads, *, lr: float, restore_see
                           device=plan.device)
     if gs.numel() != len(seeds):
         raise ValueError(f"{len(seeds)} seeds but {gs.numel()} projected gradients")
+    op, tail, next_scale = ref.OP_UPDATE, [], _finite(next_scale, "next_scale")
+    if next_seed is not None:
+        op, tail = ref.OP_UPDATE_PERTURB, [_seed_bits(next_seed, "next_seed")]
     b = _backends.resolve(backend, plan.device)
     _backends.require(b)
     mode = ref.THRESH_LATCH_READ if prior != 0.0 else ref.THRESH_EVAL
     for g in plan.groups:
-        zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, [rs] + seeds, gs, ref.OP_UPDATE, d, _ROUNDINGS[rounding],
-                  srs, mode, 0.0, prior, lr, b, dense_aligned=g.dense_aligned)
+        zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, [rs] + seeds + tail, gs, op, d, _ROUNDINGS[rounding],
+                  srs, mode, next_scale, prior, lr, b, dense_aligned=g.dense_aligned)
 
 
 def perturbed_copy(entry: PlanEntry | ZOPlan, seed: int, scale: float, *, out=None, dist: str = "gaussian",

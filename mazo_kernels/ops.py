@@ -22,13 +22,23 @@ def zo_apply_(params: list[torch.Tensor], outs: list[torch.Tensor], masks: list[
     that is a multiple of 8 (plans compute it: PlanGroup.dense_aligned). The CUDA backend then runs kernels without
     the masked and unaligned paths (fewer registers, same bits) where the tensors are also 16-byte aligned and a
     multiple of 8 long. A broken promise is an error: the CPU backend raises before writing, a CUDA kernel stops with
-    a device-side trap; Triton and the reference ignore the flag."""
+    a device-side trap; Triton and the reference ignore the flag.
+
+    op 3 (update then perturb, in place): seeds = [restore, update..., next]; update_ with seeds[:-1], then the next
+    step's first perturbation (scale, prior 0, threshold latch written) with seeds[-1], fused into one pass where the
+    backend can (reference.zo_apply_ defines it as the two ops)."""
     if seed_dev is not None:
         if seed_dev.dtype != torch.int64 or seed_dev.dim() != 1 or seed_dev.numel() < len(seeds) + 1:
             raise ValueError(f"seed_dev must be a 1-D int64 tensor of at least len(seeds) + 1 = {len(seeds) + 1} "
                              f"values, got {seed_dev.dtype} of shape {tuple(seed_dev.shape)}")
         if params and seed_dev.device != params[0].device:
             raise ValueError(f"seed_dev is on {seed_dev.device} but the params are on {params[0].device}")
+    if op == 3:  # reference.OP_UPDATE_PERTURB
+        if len(seeds) < 3:
+            raise ValueError(f"op 3 (update then perturb) needs seeds [restore, update..., next]: at least 3, "
+                             f"got {len(seeds)}")
+        if len(outs):
+            raise ValueError("op 3 (update then perturb) is in place only: outs must be empty")
     fn = _backends.kernel(backend)
     outs_ = list(outs) if len(outs) else list(params)
     if backend == "reference":

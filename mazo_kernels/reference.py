@@ -265,7 +265,7 @@ def invert_rounding(w: torch.Tensor, d: torch.Tensor, dtype: torch.dtype) -> tor
 # ---------------------------------------------------------------- masks
 MASK_NONE, MASK_THRESHOLD, MASK_BITMASK, MASK_ROWIDX = 0, 1, 2, 3
 THRESH_EVAL, THRESH_LATCH_WRITE, THRESH_LATCH_READ = 0, 1, 2
-OP_PERTURB, OP_UPDATE, OP_COPY = 0, 1, 2
+OP_PERTURB, OP_UPDATE, OP_COPY, OP_UPDATE_PERTURB = 0, 1, 2, 3
 ROUND_NEAREST, ROUND_STOCHASTIC = 0, 1
 
 
@@ -309,7 +309,21 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     fvals:       float32 [T, 5]: scale_mult, lr_mult, weight_decay, g_mult, tau
     seeds:       uint64 seeds: seeds[0] perturbs/restores; seeds[1:] are the update directions
     gs:          float32 [len(seeds) - 1] projected gradients, one per update seed
+
+    OP_UPDATE_PERTURB (in place only): seeds = [restore, update..., next]; the update with seeds[:-1], then the
+    next ZO step's first perturbation rne(theta + scale * m * z(next)) (prior 0, the threshold latch written): one
+    pass where a backend fuses the two, the same bits by definition.
     """
+    if op == OP_UPDATE_PERTURB:
+        if len(seeds) < 3:
+            raise ValueError("op 3 (update then perturb) needs seeds [restore, update..., next]")
+        if any(o is not p for o, p in zip(outs, params)):
+            raise ValueError("op 3 (update then perturb) is in place only")
+        zo_apply_(params, outs, masks, meta, fvals, list(seeds[:-1]), gs, OP_UPDATE, dist, rounding, sr_seed,
+                  threshold_mode, 0.0, prior, lr)
+        zo_apply_(params, outs, masks, meta, fvals, [seeds[-1]], gs, OP_PERTURB, dist, ROUND_NEAREST, 0,
+                  THRESH_LATCH_WRITE, scale, 0.0, 0.0)
+        return
     if any(t.device.type != "cpu" for t in list(params) + list(outs) + list(masks)):
         # the oracle computes on the host: run on host copies and write the results back
         hp = [t.detach().cpu() for t in params]

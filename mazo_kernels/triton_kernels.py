@@ -647,6 +647,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             res = _rne(base + s * z0, DT)
         else:
             acc = tl.zeros(offs.shape, tl.float32)
+            n_end = n_seeds - 1 if OP == 3 else n_seeds   # op 3's last seed is the next perturbation's
             if REUSE0:  # seeds[1] == seeds[0]: z(seeds[1]) is z0, bit for bit
                 acc = acc + (tl.load(gs_ptr) * g_mult) * z0
             if NSTAT > 0:  # few seeds: unrolled, so acc keeps the noise's layout (a loop-carried acc forces one)
@@ -656,7 +657,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                     kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
                     acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, ROWS)
             else:
-                for k in range(1 + REUSE0, n_seeds):
+                for k in range(1 + REUSE0, n_end):
                     gk = tl.load(gs_ptr + (k - 1)) * g_mult
                     kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
                     kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
@@ -676,6 +677,10 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                     res = _sr(new, rb, DT)
             else:
                 res = _rne(new, DT)
+            if OP == 3:   # then the next step's perturbation of the stored result (unmasked calls only)
+                nk0 = tl.load(call_ptr + 2 * (n_seeds - 1)).to(tl.uint32)
+                nk1 = tl.load(call_ptr + 2 * (n_seeds - 1) + 1).to(tl.uint32)
+                res = _rne(_to_f32(res, DT) + s * _fast_noise(gstart, tid, nk0, nk1, DIST, BLOCK, ROWS), DT)
         if MASKED:
             if kind == 0:
                 tl.store(out_ptr + offs, res)
@@ -752,9 +757,10 @@ def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entr
             res = _rne(base + s * z0, DT)
         else:
             acc = tl.zeros([BLOCK], tl.float32)
+            n_end = n_seeds - 1 if OP == 3 else n_seeds   # op 3's last seed is the next perturbation's
             if REUSE0:  # seeds[1] == seeds[0]: z(seeds[1]) is z0, bit for bit
                 acc = acc + (tl.load(gs_ptr) * g_mult) * z0
-            for k in range(1 + REUSE0, n_seeds):
+            for k in range(1 + REUSE0, n_end):
                 gk = tl.load(gs_ptr + (k - 1)) * g_mult
                 kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
                 kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
@@ -769,6 +775,10 @@ def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entr
                 res = _sr(new, rb, DT)
             else:
                 res = _rne(new, DT)
+            if OP == 3:   # then the next step's perturbation of the stored result (unmasked calls only)
+                nk0 = tl.load(call_ptr + 2 * (n_seeds - 1)).to(tl.uint32)
+                nk1 = tl.load(call_ptr + 2 * (n_seeds - 1) + 1).to(tl.uint32)
+                res = _rne(_to_f32(res, DT) + s * _noise(g, gstart, contiguous, tid, nk0, nk1, DIST, BLOCK), DT)
         tl.store(out_ptr + local, res, mask=sel)
 
 
@@ -1111,6 +1121,17 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
         return
     outs = list(outs) if len(outs) else params
     masks = list(masks)
+    if op == ref.OP_UPDATE_PERTURB and any(m_.numel() for m_ in masks):
+        # fused for unmasked calls only (a threshold mask's next selection is on the updated values): the two ops
+        n = len(seeds)
+        sd_u = sd_n = None
+        if seed_dev is not None:
+            sd_u, sd_n = torch.cat([seed_dev[:n - 1], seed_dev[n:n + 1]]), seed_dev[n - 1:n + 1]
+        zo_apply_(params, [], masks, meta, fvals, list(seeds[:-1]), gs, ref.OP_UPDATE, dist, rounding, sr_seed,
+                  threshold_mode, 0.0, prior, lr, block=block, seed_dev=sd_u)
+        zo_apply_(params, [], masks, meta, fvals, [seeds[-1]], gs, ref.OP_PERTURB, dist, ref.ROUND_NEAREST, 0,
+                  ref.THRESH_LATCH_WRITE, scale, 0.0, 0.0, block=block, seed_dev=sd_n)
+        return
     dtype = params[0].dtype
     device = params[0].device
     if dtype not in _DT:
@@ -1176,7 +1197,9 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     else:
         gs_d = fv_d  # never read
     m64 = (1 << 64) - 1
-    reuse0 = int(op == ref.OP_UPDATE and prior != 0.0 and len(seeds) > 1 and (seeds[1] & m64) == (seeds[0] & m64))
+    is_update = op in (ref.OP_UPDATE, ref.OP_UPDATE_PERTURB)
+    n_upd_seeds = len(seeds) - (op == ref.OP_UPDATE_PERTURB)   # the restore seed and the update seeds
+    reuse0 = int(is_update and prior != 0.0 and n_upd_seeds > 1 and (seeds[1] & m64) == (seeds[0] & m64))
     # MASKED compiles the fast path's mask handling only into calls that have a threshold or packed-bit mask
     # (filter walks the masks at C speed: a dense call's masks are all empty and none reaches Python)
     # ROWIDX compiles the row-index element units' search in only where the call has such a tensor
@@ -1186,7 +1209,7 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     consts = dict(OP=int(op), DIST=int(dist), SR=int(rounding == ref.ROUND_STOCHASTIC), TMODE=int(threshold_mode),
                   MASKED=masked, ROWIDX=rowidx_el,
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
-                  NSTAT=(len(seeds) if op == ref.OP_UPDATE and len(seeds) <= 4 else 0), NTAB=_NTAB,
+                  NSTAT=(n_upd_seeds if is_update and n_upd_seeds <= 4 else 0), NTAB=_NTAB,
                   SMALL=_small_shift(_DT[dtype], prior, fvals),
                   ASM=(int(ASM) if dtype == torch.bfloat16 and HW_BF16 else 0), enable_fp_fusion=False)
     light_masked = masked and prior == 0.0 and op == ref.OP_PERTURB

@@ -10,6 +10,7 @@ import torch
 
 import mazo_kernels as mk
 from mazo_kernels import reference as ref
+from mazo_kernels.ops import zo_apply_
 
 BK = os.environ.get("MAZO_TEST_BACKEND", "cpu")
 DEV = "cuda" if BK == "cuda" else "cpu"
@@ -195,6 +196,74 @@ def test_update(dtype, dist, mask_kind, rounding):
         mk.update_(plan, seeds[:1], torch.tensor([4.0], device=plan.device), lr=0.3, restore_seed=77, prior=1e-3, rounding=rounding,
                    sr_seed=9, dist=dist, backend=b)
     _assert_plans_equal(pr, pc)
+
+
+# (64, 72) and (8, 16) at offset 0: a dense_aligned plan (CUDA's dense-only kernels, which fuse op 3); the rest the
+# odd shapes, offsets and multipliers of the other tests (the backends' two-op path, or Triton's general blocks)
+ALIGNED = [(64, 72), (8, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dist", DISTS)
+@pytest.mark.parametrize("mask_kind", MASK_KINDS + ["aligned"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_update_then_perturb(dtype, dist, mask_kind, rounding):
+    """update_(next_seed=...) (op 3): the update, then the next step's first perturbation (latch written), as one
+    call, against the reference's two ops; then the next step's -eps pass and update restore it as usual."""
+    gen = torch.Generator().manual_seed(_seed(str(dtype), dist, mask_kind, rounding, "op3"))
+    if mask_kind == "aligned":
+        pr, pc = _make_pair(gen, dtype, "none", shapes=ALIGNED, entry_kw={1: dict(scale_mult=0.5, g_mult=-2.0)})
+        assert all(g.dense_aligned for g in pc.groups)
+    else:
+        pr, pc = _make_pair(gen, dtype, mask_kind, entry_kw=ENTRY_KW)
+    eps, seed, nxt = 1e-3, 2 ** 64 - 5, 2 ** 63 + 3
+    for plan, b in ((pr, "reference"), (pc, BK)):
+        mk.perturb_(plan, seed, eps, dist=dist, backend=b)
+        mk.perturb_(plan, seed, -eps, prior=eps, dist=dist, backend=b)
+    _assert_plans_equal(pr, pc)
+    for seeds, grads in (([seed], [-40.0]), ([seed, 3], [0.7, -1.3])):
+        for plan, b in ((pr, "reference"), (pc, BK)):
+            gs = torch.tensor(grads, device=plan.device)
+            mk.update_(plan, seeds, gs, lr=1e-2, restore_seed=seed, prior=-eps, rounding=rounding, sr_seed=17,
+                       dist=dist, backend=b, next_seed=nxt, next_scale=eps)
+        _assert_plans_equal(pr, pc)
+        for plan, b in ((pr, "reference"), (pc, BK)):
+            mk.perturb_(plan, nxt, -eps, prior=eps, dist=dist, backend=b)
+        _assert_plans_equal(pr, pc)
+        seed, nxt = nxt, nxt ^ 0xABCDEF
+
+
+def test_update_then_perturb_is_the_two_ops():
+    """The reference's op 3 against update_ then perturb_ (latch written) on the same plan: the definition."""
+    gen = torch.Generator().manual_seed(5)
+    pa, _ = _make_pair(gen, torch.bfloat16, "threshold", entry_kw=ENTRY_KW)
+    gen = torch.Generator().manual_seed(5)
+    pb, _ = _make_pair(gen, torch.bfloat16, "threshold", entry_kw=ENTRY_KW)
+    for plan in (pa, pb):
+        mk.perturb_(plan, 9, 1e-2, backend="reference")
+    mk.update_(pa, [9], [3.0], lr=0.1, restore_seed=9, prior=1e-2, sr_seed=1, backend="reference", next_seed=10,
+               next_scale=2e-2)
+    mk.update_(pb, [9], [3.0], lr=0.1, restore_seed=9, prior=1e-2, sr_seed=1, backend="reference")
+    before = [e.tensor.clone() for e in pb.entries]
+    mk.perturb_(pb, 10, 2e-2, backend="reference")
+    assert any(not torch.equal(a, e.tensor) for a, e in zip(before, pb.entries))
+    _assert_plans_equal(pa, pb)
+
+
+def test_update_then_perturb_rejects_bad_calls():
+    gen = torch.Generator().manual_seed(6)
+    _, pc = _make_pair(gen, torch.float32, "none")
+    g = pc.groups[0]
+    before = [t.clone() for t in g.tensors]
+    for b in ("reference", BK):
+        with pytest.raises(ValueError, match="at least 3"):
+            zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, [1, 2], torch.ones(1, device=DEV), 3, 0, 0, 0, 2,
+                         0.1, 0.1, 1.0, b)
+        with pytest.raises(ValueError, match="in place only"):
+            zo_apply_(g.tensors, [t.clone() for t in g.tensors], g.masks, g.meta, g.fvals, [1, 1, 2],
+                         torch.ones(1, device=DEV), 3, 0, 0, 0, 2, 0.1, 0.1, 1.0, b)
+    for a, t in zip(before, g.tensors):
+        assert _same(a, t)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

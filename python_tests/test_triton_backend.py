@@ -609,3 +609,31 @@ def test_small_shift_choice_follows_the_plan_table():
     assert tk._small_shift(1, 0.9, fv)               # max |scale_mult| now 0.5
     fv[0, 0] = float("nan")                          # a NaN multiplier never counts as small
     assert not tk._small_shift(1, 1e-3, fv)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
+def test_update_then_perturb_matches_reference(dtype, dist, monkeypatch, _big_block):
+    """op 3 (update_ then the next step's perturbation in one pass): unmasked calls run it fused, in the fast blocks
+    and in the general ones (unaligned and short tensors beside dense ones); a masked call runs the two ops."""
+    monkeypatch.setattr(_big_block, "BLOCK", 128)
+    monkeypatch.setattr(_big_block, "FAST_BLOCK", 128 if dist == "gaussian" else 256)
+    g = gen(11 + 5 * DTYPES.index(dtype) + ["gaussian", "rademacher", "gaussian_fast"].index(dist))
+    dense = [s for s in fast_specs(dtype, g) if "mask" not in s]
+    masked = fast_specs(dtype, g)
+    eps, seed, nxt = 1e-3, 0x0123456789ABCDEF, 2 ** 64 - 3
+    for specs, what in ((dense, "unmasked"), (masked, "masked")):
+        pr, pt = plans(specs)
+        for backend, ps in (("reference", pr), ("triton", pt)):
+            mk.perturb_(ps[0], seed, eps, dist=dist, backend=backend)
+            mk.perturb_(ps[0], seed, -eps, prior=eps, dist=dist, backend=backend)
+        compare_plans(pr, pt, f"{what}: before")
+        for seeds, grads in (([seed], [-3e2]), ([seed, 5], [0.5, -2e2]), ([seed, 5, 6, 7, 8], [1, 2, 3, 4, 5.0])):
+            for backend, ps in (("reference", pr), ("triton", pt)):
+                gs = torch.tensor(grads, dtype=torch.float32, device=ps[0].device)
+                mk.update_(ps[0], seeds, gs, lr=1e-2, restore_seed=seed, prior=-eps, sr_seed=99, dist=dist,
+                           backend=backend, next_seed=nxt, next_scale=eps)
+            compare_plans(pr, pt, f"{what}: update then perturb, seeds={seeds}")
+            for backend, ps in (("reference", pr), ("triton", pt)):   # back to -eps for the next round
+                mk.perturb_(ps[0], nxt, -eps, prior=eps, dist=dist, backend=backend)
+            seed, nxt = nxt, nxt ^ 0x5555
