@@ -142,16 +142,22 @@ def run_pass(tables, item, dist: int, backend: str, empty: torch.Tensor, seed_de
 
 
 def run_update(tables, seeds, final, gs, finite, dist: int, rounding: int, sr_seed: int, backend: str, lr_col,
-               seed_dev: torch.Tensor | None = None):
+               seed_dev: torch.Tensor | None = None, next_seed: int | None = None):
     """The fused restore + update. Where `finite` is False the learning rate is zeroed on the device (gs must then
     be 0): the pass leaves the restored weights, exactly as a step with lr = 0 (weight decay included).
-    seed_dev (optional): [restore seed, seeds..., sr_seed] on the device, read in place of the values."""
+    seed_dev (optional): [restore seed, seeds..., sr_seed] on the device, read in place of the values.
+    next_seed (lookahead): the same pass then applies the next step's first perturbation (+1 in units of eps, the
+    threshold latch written), bit for bit that step's first pass (op 3)."""
     restore_seed, prior, tmode = final
     sbits = [_seed_bits(restore_seed)] + [_seed_bits(s) for s in seeds]
+    op, scale = ref.OP_UPDATE, 0.0
+    if next_seed is not None:
+        op, scale = ref.OP_UPDATE_PERTURB, 1.0
+        sbits.append(_seed_bits(next_seed))
     for t in tables:
         fv = t.fvals.masked_fill(lr_col & ~finite, 0.0)
-        zo_apply_(t.tensors, [], t.masks, t.meta, fv, sbits, gs, ref.OP_UPDATE, dist, rounding,
-                  _seed_bits(sr_seed), tmode, 0.0, prior, 1.0, backend, seed_dev, t.dense_aligned)
+        zo_apply_(t.tensors, [], t.masks, t.meta, fv, sbits, gs, op, dist, rounding,
+                  _seed_bits(sr_seed), tmode, scale, prior, 1.0, backend, seed_dev, t.dense_aligned)
 
 
 class _Part:
@@ -294,6 +300,10 @@ class ZOSGD(torch.optim.Optimizer):
         "param_names": [...], "lr", "eps", "weight_decay"}). Names are required: they give the stable tensor ids that
         key the noise. Parameters with requires_grad=False are kept in the groups but never perturbed or updated.
     lr, eps, weight_decay: defaults for the groups; read from param_groups at every step (LR schedulers work).
+    lookahead: each step's update also applies the next step's first perturbation in the same pass (one pass
+        fewer per step; the weights are the same bits at every step). Between steps the weights then carry that
+        perturbation: call settle() before evaluating or saving them (the seed log records it, so replay matches).
+        In-place two-sided steps only (docs/OPTIMIZER.md, "Lookahead").
     transient_group_bytes (mode="transient"): the perturbed copies are made per block of at most this many bytes
         (one launch per block and dtype; the extra memory is one block). None: 5% of the trainable bytes, at least
         64 MiB (one decoder layer of a 7B-30B LLaMA); 0: one launch per owning module (docs/OPTIMIZER.md).
@@ -307,8 +317,13 @@ class ZOSGD(torch.optim.Optimizer):
                  sign: bool = False, rounding: str | None = None, masks: dict | None = None,
                  mode: str = "inplace", module: torch.nn.Module | None = None, forward_mode: str = "eval",
                  seed: int = 0, backend: str = "auto", loss_reduce=None,
-                 transient_group_bytes: int | None = None, inference_mode: bool = True):
+                 transient_group_bytes: int | None = None, inference_mode: bool = True, lookahead: bool = False):
         _check_group_values("defaults", lr, eps, weight_decay)
+        if not isinstance(lookahead, bool):
+            raise TypeError(f"lookahead must be True or False, got {lookahead!r}")
+        if lookahead and (mode != "inplace" or estimator != "two_sided"):
+            raise ValueError("lookahead=True needs mode='inplace' and estimator='two_sided' (the next step must begin "
+                             f"with the +eps pass the update applies), got mode={mode!r}, estimator={estimator!r}")
         if transient_group_bytes is not None and (isinstance(transient_group_bytes, bool) or
                                                   not isinstance(transient_group_bytes, int) or
                                                   transient_group_bytes < 0):
@@ -401,6 +416,9 @@ class ZOSGD(torch.optim.Optimizer):
             self._transient = TransientPerturber(module, by_param, lambda plan: build_tables(plan, group_of),
                                                  transient_group_bytes)
         self.loss_reduce = loss_reduce
+        self.lookahead = lookahead
+        # lookahead: (seed, per-group eps) of the perturbation the weights carry between steps, or None
+        self._carry = None
         self._step_count = 0
         self._log = SeedLog.new(self._base_seed, [
             {"name": e.name, "tensor_id": e.tensor_id, "group": group_of[e.name],
@@ -437,7 +455,8 @@ class ZOSGD(torch.optim.Optimizer):
     def state_dict(self):
         sd = super().state_dict()
         sd["seed_log"] = self._log.to_dict()
-        sd["zo"] = {"step": self._step_count, "seed": self._base_seed}
+        sd["zo"] = {"step": self._step_count, "seed": self._base_seed,
+                    "carry": None if self._carry is None else [self._carry[0], list(self._carry[1])]}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -458,6 +477,9 @@ class ZOSGD(torch.optim.Optimizer):
         self._log = log
         self._step_count = int(zo["step"])
         self._base_seed = int(zo["seed"])
+        carry = zo.get("carry")
+        # the model's weights saved with this state carry that perturbation (lookahead, not settled)
+        self._carry = None if carry is None else (int(carry[0]), tuple(float(e) for e in carry[1]))
 
     # -------------------------------------------------------------- the step
     def _group_values(self):
@@ -534,13 +556,16 @@ class ZOSGD(torch.optim.Optimizer):
         step counter, not advanced here). Returns (seeds, sr_seed, forward_seed, eps_ref, the seed-log record)."""
         vals, eps_ref = self._group_values()
         q, sign = self.num_perturbations, self.sign
+        k = self._step_count
+        if self._carry is not None and self._carry != (step_seeds(self._base_seed, k, q)[0][0],
+                                                       tuple(v[1] for v in vals)):
+            self.settle()   # the carried perturbation is not this step's first (eps changed): undone first
         mults = [group_mults(eps, lr, wd, eps_ref, q, sign) for lr, eps, wd in vals]
         for pt in self._parts:
             for t in pt.tables:
                 t.sync(mults)
         if self._transient is not None:
             self._transient.sync(mults)
-        k = self._step_count
         seeds, sr_seed, fwd_seed = step_seeds(self._base_seed, k, q)
         record = {"step": k, "seeds": seeds, "sr_seed": sr_seed, "forward_seed": fwd_seed,
                   "lr": [v[0] for v in vals], "eps": [v[1] for v in vals], "weight_decay": [v[2] for v in vals],
@@ -556,6 +581,9 @@ class ZOSGD(torch.optim.Optimizer):
         seeds, sr_seed, fwd_seed, eps_ref, record = self._begin_step()   # validated before any weight is touched
         q, sign = self.num_perturbations, self.sign
         items, final = schedule(self.mode, self.estimator, seeds)
+        if self._carry is not None:       # lookahead: the previous step's update applied the first pass
+            items = items[1:]
+            self._carry = None
         dist, backend = DISTS[self.dist], self._backend
         losses, error, pos = {}, None, 0
         two = self.estimator == "two_sided"
@@ -599,7 +627,7 @@ class ZOSGD(torch.optim.Optimizer):
                 self._reduce_nan(len(keys))       # keep the other ranks' collective matched (they skip the step)
             zero = torch.zeros(q, dtype=torch.float32, device=self._device)
             no = torch.zeros((), dtype=torch.bool, device=self._device)
-            self._run_update(seeds, final, zero, no, dist, sr_seed)
+            self._run_update(seeds, final, zero, no, dist, sr_seed, record)
             self._log.append({**record, "g_bits": [0x7FC00000] * q, "skipped": True,
                               "error": f"{type(error).__name__}: {error}"[:200]})
             raise error
@@ -616,19 +644,41 @@ class ZOSGD(torch.optim.Optimizer):
             estimate = l0
         finite = torch.isfinite(g_raw).all()
         gs = kernel_grads(g_raw, finite, sign)
-        self._run_update(seeds, final, gs, finite, dist, sr_seed)
+        self._run_update(seeds, final, gs, finite, dist, sr_seed, record)
         self._log.append({**record, "error": None}, g_raw=g_raw, finite=finite)
         return estimate
+
+    def settle(self):
+        """lookahead: undo the next step's first perturbation that the last update applied, so that the weights are
+        the trained ones (to evaluate or save them). The next step then begins with its own +eps pass. The restore
+        is the spec's (exact except where a perturbed value landed in a coarser binade: the -eps pass's restore is
+        the same), and the seed log records it, so replay rebuilds the settled weights bit for bit. A no-op when
+        nothing is carried."""
+        if self._carry is None:
+            return
+        seed = self._carry[0]
+        self._run_pass(("P", seed, 0.0, 1.0, ref.THRESH_LATCH_READ), DISTS[self.dist])
+        self._carry = None
+        self._log.mark_settled(seed)
+
+    @property
+    def carries_perturbation(self) -> bool:
+        """True between lookahead steps: the weights hold the next step's +eps perturbation (see settle)."""
+        return self._carry is not None
 
     # -------------------------------------------------------------- passes over every device's plan
     def _run_pass(self, item, dist):
         for pt in self._parts:
             run_pass(pt.tables, item, dist, pt.backend, pt.empty)
 
-    def _run_update(self, seeds, final, gs, finite, dist, sr_seed):
+    def _run_update(self, seeds, final, gs, finite, dist, sr_seed, record):
+        nxt = step_seeds(self._base_seed, self._step_count, self.num_perturbations)[0][0] if self.lookahead else None
         for pt in self._parts:
             g, f = (gs, finite) if pt.device == self._device else (gs.to(pt.device), finite.to(pt.device))
-            run_update(pt.tables, seeds, final, g, f, dist, ROUNDINGS[self.rounding], sr_seed, pt.backend, pt.lr_col)
+            run_update(pt.tables, seeds, final, g, f, dist, ROUNDINGS[self.rounding], sr_seed, pt.backend, pt.lr_col,
+                       next_seed=nxt)
+        if nxt is not None:
+            self._carry = (nxt, tuple(record["eps"]))
 
     def _reduce(self, vec: torch.Tensor) -> torch.Tensor:
         out = self.loss_reduce(vec)

@@ -19,6 +19,7 @@ import torch
 
 from .masks import BitMask, RowIndexMask, ThresholdMask
 from .plan import stable_tensor_id
+from . import reference as ref
 from .reference import REPLAYABLE_SPEC_VERSIONS, SPEC_VERSION
 from .version import __version__
 
@@ -56,7 +57,8 @@ def _readable(bits):
 
 
 _STEP_KEYS = ("step", "seeds", "g", "g_bits", "skipped", "lr", "eps", "weight_decay", "eps_ref", "sr_seed",
-              "forward_seed", "dist", "estimator", "sign", "rounding", "mode", "spec_version", "error")
+              "forward_seed", "dist", "estimator", "sign", "rounding", "mode", "spec_version", "error",
+              "settled_seed")
 
 
 class SeedLog:
@@ -83,6 +85,11 @@ class SeedLog:
         self._steps.append(rec)
         if len(self._pending) >= FLUSH_EVERY:
             self._flush()
+
+    def mark_settled(self, seed: int):
+        """After the last step (lookahead): the next step's first perturbation (seed) was applied and undone."""
+        if self._steps:
+            self._steps[-1]["settled_seed"] = int(seed)
 
     def _flush(self):
         if not self._pending:
@@ -259,4 +266,8 @@ def replay(model_or_named_params, seed_log, backend: str = "auto", *, masks: dic
             gs = O.kernel_grads(bits_f32(r["g_bits"]).to(pt.device), finite, r["sign"])
             O.run_update(pt.tables, r["seeds"], final, gs, finite, dist, O.ROUNDINGS[r["rounding"]], r["sr_seed"],
                          pt.backend, pt.lr_col)
+            if r.get("settled_seed") is not None:   # a lookahead run settled here: its perturb and restore
+                s = r["settled_seed"]
+                O.run_pass(pt.tables, ("P", s, 1.0, 0.0, ref.THRESH_LATCH_WRITE), dist, pt.backend, pt.empty)
+                O.run_pass(pt.tables, ("P", s, 0.0, 1.0, ref.THRESH_LATCH_READ), dist, pt.backend, pt.empty)
     return len(steps)
