@@ -1,7 +1,8 @@
 """Microbenchmark matrix of the ZO ops against the copy floor and the MeZO baselines, all in one process.
 
     op (perturb_, perturb_prior = perturb_ with a prior, update_ with restore + stochastic rounding, perturbed_copy,
-    update0 = update_ with prior 0 and stochastic rounding: the transient mode's update)
+    update0 = update_ with prior 0 and stochastic rounding: the transient mode's update, update_next = update_ then
+    the next step's +eps perturbation in one pass: ZOSGD(lookahead=True)'s fused pass, op 3)
     x dtype (bf16, fp16, fp32)
     x mask (none, threshold, bitmask, rowindex) x distribution (gaussian, rademacher, gaussian_fast) x backend (cuda, triton)
     over a model's parameter list built as ONE plan (one launch per pass per dtype).
@@ -54,7 +55,7 @@ import time
 
 import torch
 
-OPS = ("perturb_", "perturb_prior", "update_", "perturbed_copy", "update0")
+OPS = ("perturb_", "perturb_prior", "update_", "perturbed_copy", "update0", "update_next")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MASKS = ("none", "threshold", "bitmask", "rowindex")
 DISTS = ("gaussian", "rademacher", "gaussian_fast")   # gaussian_fast: spec v2
@@ -310,6 +311,8 @@ def mask_traffic(kind, op, mask_bytes):
     """Mask bytes a pass must move (see the module docstring)."""
     if kind == "threshold" and op in ("perturbed_copy", "update0"):
         return 0  # prior 0 and not perturb_: the rule is evaluated on theta; no latch traffic
+    if kind == "threshold" and op == "update_next":
+        return 2 * mask_bytes  # the latch read (the update) and rewritten (the next perturbation)
     return mask_bytes
 
 
@@ -384,19 +387,22 @@ def baseline_fns(weights, outs, dist):
             "perturb_prior": lambda i: perturb_written(100 + i, -2 * sign(i)),
             "update_": lambda i: (perturb_written(100 + i, sign(i)), update_written(100 + i)),
             "perturbed_copy": lambda i: copy_written(100 + i),
-            "update0": lambda i: update_written(100 + i)},
+            "update0": lambda i: update_written(100 + i),
+            "update_next": lambda i: (perturb_written(100 + i, sign(i)), update_written(100 + i), perturb_written(200 + i, sign(i)))},
         "mezo_add": {
             "perturb_": lambda i: perturb_add(100 + i, sign(i)),
             "perturb_prior": lambda i: perturb_add(100 + i, -2 * sign(i)),
             "update_": lambda i: (perturb_add(100 + i, sign(i)), update_add(100 + i)),
             "perturbed_copy": lambda i: copy_add(100 + i),
-            "update0": lambda i: update_add(100 + i)},
+            "update0": lambda i: update_add(100 + i),
+            "update_next": lambda i: (perturb_add(100 + i, sign(i)), update_add(100 + i), perturb_add(200 + i, sign(i)))},
         "sparse_mezo": {
             "perturb_": lambda i: perturb_sparse(100 + i, sign(i)),
             "perturb_prior": lambda i: perturb_sparse(100 + i, -2 * sign(i)),
             "update_": lambda i: (perturb_sparse(100 + i, sign(i)), update_sparse(100 + i)),
             "perturbed_copy": lambda i: copy_sparse(100 + i),
-            "update0": lambda i: update_sparse(100 + i)},
+            "update0": lambda i: update_sparse(100 + i),
+            "update_next": lambda i: (perturb_sparse(100 + i, sign(i)), update_sparse(100 + i), perturb_sparse(200 + i, sign(i)))},
     }
 
 
@@ -414,6 +420,13 @@ def op_fn(mk, plan, op, dist, backend, outs, grads):
         return lambda i: mk.update_(plan, [1000 + i], grads, lr=LR, restore_seed=1000 + i,
                                     prior=-EPS if i % 2 == 0 else EPS, rounding="stochastic", sr_seed=i,
                                     dist=dist, backend=backend)
+    if op == "update_next":
+        # ZOSGD(lookahead=True)'s last pass: update_ as above, then the next step's first perturbation (+-EPS, so
+        # that the weights carry the prior the next call restores)
+        return lambda i: mk.update_(plan, [1000 + i], grads, lr=LR, restore_seed=1000 + i,
+                                    prior=-EPS if i % 2 == 0 else EPS, rounding="stochastic", sr_seed=i,
+                                    dist=dist, backend=backend, next_seed=1001 + i,
+                                    next_scale=EPS if i % 2 == 0 else -EPS)
     if op == "perturbed_copy":
         return lambda i: mk.perturbed_copy(plan, 1000 + i, EPS, out=outs(), dist=dist, backend=backend)
     if op == "update0":

@@ -671,14 +671,15 @@ class ZOSGD(torch.optim.Optimizer):
         for pt in self._parts:
             run_pass(pt.tables, item, dist, pt.backend, pt.empty)
 
-    def _run_update(self, seeds, final, gs, finite, dist, sr_seed, record):
+    def _run_update(self, seeds, final, gs, finite, dist, sr_seed, record=None):
         nxt = step_seeds(self._base_seed, self._step_count, self.num_perturbations)[0][0] if self.lookahead else None
         for pt in self._parts:
             g, f = (gs, finite) if pt.device == self._device else (gs.to(pt.device), finite.to(pt.device))
             run_update(pt.tables, seeds, final, g, f, dist, ROUNDINGS[self.rounding], sr_seed, pt.backend, pt.lr_col,
                        next_seed=nxt)
         if nxt is not None:
-            self._carry = (nxt, tuple(record["eps"]))
+            eps = record["eps"] if record is not None else [float(g["eps"]) for g in self.param_groups]
+            self._carry = (nxt, tuple(eps))
 
     def _reduce(self, vec: torch.Tensor) -> torch.Tensor:
         out = self.loss_reduce(vec)
