@@ -428,6 +428,19 @@ def test_cuda_dense_kernels_match_reference(dtype, dist, variant, monkeypatch):
              False)
         both(lambda p, b: mk.update_(p, [11, 12], [0.2, -0.4], lr=1e-2, rounding=rounding, sr_seed=5, dist=dist,
                                      backend=b), f"update_ with prior 0, {rounding}", False)
+    for rounding in ("stochastic", "nearest"):
+        # op 3 (ZOSGD lookahead's pass: update_ then the next +eps): one dense-only launch where those kernels fuse
+        # it (16-bit, gaussian_fast / Rademacher), else the two ops' launches
+        def op3(p, b):
+            mk.update_(p, [seed], [0.7], lr=1e-2, restore_seed=seed, prior=-eps, rounding=rounding, sr_seed=9,
+                       dist=dist, backend=b, next_seed=seed ^ 0xF0F0, next_scale=eps)
+            mk.perturb_(p, seed ^ 0xF0F0, -eps, prior=eps, dist=dist, backend=b)   # back to -eps z(seed)
+        names = _cuda_kernel_names(lambda: op3(p_gpu, "cuda"))
+        op3(p_cpu, "reference")
+        same(f"update_ then perturb (op 3), {rounding}")
+        fused = dense_on and light
+        assert len(names) == (2 if fused else 3), (rounding, names)
+        assert _is_dense_kernel(names[0]) == fused, names
     copies = {}
     for plan, b in ((p_gpu, "cuda"), (p_cpu, "reference")):
         outs = [torch.full_like(e.tensor, float("nan")) for e in plan.entries]

@@ -10,6 +10,8 @@ from torch import nn
 import mazo_kernels as mk
 
 BACKEND = "cpu" if mk.has_cpu() else "reference"
+# on a GPU machine also the kernels that fuse op 3 (CUDA's dense-only kernels, Triton's unmasked calls)
+GPU = [b for b, ok in (("cuda", mk.has_cuda()), ("triton", mk.has_triton())) if ok and torch.cuda.is_available()]
 
 
 class Quad(nn.Module):
@@ -30,10 +32,11 @@ class Quad(nn.Module):
         return ((out.float() - self.y.float()) ** 2).mean()
 
 
-def _pair(masks=None, **kw):
-    a, b = Quad(), Quad()
+def _pair(masks=None, backend=BACKEND, **kw):
+    dev = "cuda" if backend in ("cuda", "triton") else "cpu"
+    a, b = Quad().to(dev), Quad().to(dev)
     mk_masks = (lambda: {n: mk.ThresholdMask(0.04) for n in ("lin.weight",)}) if masks else (lambda: None)
-    common = dict(lr=5e-3, eps=1e-2, seed=123, backend=BACKEND, dist="gaussian_fast", **kw)
+    common = dict(lr=5e-3, eps=1e-2, seed=123, backend=backend, dist="gaussian_fast", **kw)
     oa = mk.ZOSGD(a.named_parameters(), masks=mk_masks(), **common)
     ob = mk.ZOSGD(b.named_parameters(), masks=mk_masks(), lookahead=True, **common)
     return a, b, oa, ob
@@ -43,31 +46,32 @@ def _bits(t):
     return t.detach().view(torch.int16).clone()
 
 
-def _perturbed_like(model, opt, k):
+def _perturbed_like(model, opt, k, backend=BACKEND):
     """model's weights after step k's first pass (+eps z(step k's seed)), computed on copies."""
     named = [(n, p.detach().clone()) for n, p in model.named_parameters()]
     masks = {"lin.weight": mk.ThresholdMask(0.04)} if any(e.mask is not None for e in opt.plan.entries) else {}
     plan = mk.ZOPlan([mk.PlanEntry(n, t, mk.stable_tensor_id(n), mask=masks.get(n)) for n, t in named])
     seed = mk.step_seeds(123, k)[0][0]
-    mk.perturb_(plan, seed, opt.param_groups[0]["eps"], dist="gaussian_fast", backend=BACKEND)
+    mk.perturb_(plan, seed, opt.param_groups[0]["eps"], dist="gaussian_fast", backend=backend)
     return dict(named)
 
 
+@pytest.mark.parametrize("backend", [BACKEND] + GPU)
 @pytest.mark.parametrize("masks", [False, True], ids=["dense", "threshold"])
-def test_lookahead_steps_see_the_same_weights(masks):
-    a, b, oa, ob = _pair(masks)
+def test_lookahead_steps_see_the_same_weights(masks, backend):
+    a, b, oa, ob = _pair(masks, backend)
     for k in range(6):
         la, lb = oa.step(a), ob.step(b)
         assert torch.equal(la, lb), k                 # both forwards of the step saw the same bits
         assert ob.carries_perturbation
-        want = _perturbed_like(a, oa, k + 1)          # the plain run's next +eps pass, on copies
+        want = _perturbed_like(a, oa, k + 1, backend)  # the plain run's next +eps pass, on copies
         for n, p in b.named_parameters():
             assert torch.equal(_bits(p), _bits(want[n])), (k, n)
         if k == 2:
             ob.settle()                               # e.g. an evaluation between steps
             assert not ob.carries_perturbation
     ob.settle()
-    moved = sum(int((_bits(p) != _bits(q)).sum()) for p, q in zip(a.parameters(), Quad().parameters()))
+    moved = sum(int((_bits(p).cpu() != _bits(q)).sum()) for p, q in zip(a.parameters(), Quad().parameters()))
     assert moved > 0
 
 
