@@ -97,7 +97,7 @@ def sass_stats(cubin: bytes) -> dict:
     return {"instructions": len(ops), "alu_instructions": alu,
             "registers": int(regs.group(1)) if regs else None,
             "stack_bytes": int(stack.group(1)) if stack else None,
-            "top_opcodes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])[:12])}
+            "top_opcodes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])[:int(os.environ.get("TOPN", 12))])}
 
 
 # Opcodes that run on the ALU pipe of an sm_90 SM sub-partition (16 lanes: a warp instruction every other cycle).
