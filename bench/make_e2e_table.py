@@ -22,7 +22,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN, END = "<!-- e2e-table -->", "<!-- /e2e-table -->"
 SHAPE_ORDER = ["7b", "13b", "30b", "1b", "125m", "tiny"]
-BASELINE = {"zosgd": "mezo", "zosgd-transient": "mezo", "sparse-zosgd": "sparse-mezo", "mazo-zosgd": "mazo-mezo"}
+BASELINE = {"zosgd": "mezo", "zosgd-transient": "mezo", "zosgd-lookahead": "mezo", "sparse-zosgd": "sparse-mezo", "mazo-zosgd": "mazo-mezo"}
 H100_80GB_BYTES = 85017493504
 
 
@@ -94,7 +94,7 @@ def main_table(docs):
                     lines.append(f"| {shape} | {bs} | `{r['method']}` | {why} | | | | | | | | | | {run} |")
                     continue
                 base = ok.get(BASELINE.get(r["method"], ""))
-                inpl = ok.get("mezo-inplace") if r["method"] in ("zosgd", "zosgd-transient") else None
+                inpl = ok.get("mezo-inplace") if r["method"] in ("zosgd", "zosgd-transient", "zosgd-lookahead") else None
                 x_base = _f(base["step_ms"] / r["step_ms"]) if base else "-"
                 x_inpl = _f(inpl["step_ms"] / r["step_ms"]) if inpl else "-"
                 b = r["breakdown_ms"]
