@@ -363,6 +363,8 @@ def test_opcheck(backend):
             (t, [], m, meta, fv, [5, -3, 9], torch.tensor([0.5, -0.25]), ref.OP_UPDATE, 0, 1, -7,
              ref.THRESH_LATCH_READ, 0.0, -1e-3, 1e-2),
             (t, outs, m, meta, fv, [5], empty, ref.OP_COPY, 0, 0, 0, ref.THRESH_EVAL, 1e-3, 0.0, 0.0),
+            (t, [], m, meta, fv, [5, 5, 11], torch.tensor([0.5]), ref.OP_UPDATE_PERTURB, 2, 1, -7,
+             ref.THRESH_LATCH_READ, 1e-3, -1e-3, 1e-2),
         ]
         for args in calls:
             res = torch.library.opcheck(op, args + (backend,), raise_exception=False)
@@ -400,6 +402,8 @@ def test_opcheck_triton_and_cuda(backend):
             (t, [], m, meta, fv, [5, -3], torch.tensor([0.5], device=dev), ref.OP_UPDATE, 1, 1, -7,
              ref.THRESH_LATCH_READ, 0.0, -1e-3, 1e-2),
             (t, outs, m, meta, fv, [5], empty, ref.OP_COPY, 0, 0, 0, ref.THRESH_EVAL, 1e-3, 0.0, 0.0),
+            (t, [], m, meta, fv, [5, 5, 11], torch.tensor([0.5], device=dev), ref.OP_UPDATE_PERTURB, 2, 1, -7,
+             ref.THRESH_LATCH_READ, 1e-3, -1e-3, 1e-2),
         ]
         for args in calls:
             res = torch.library.opcheck(op, args + (backend,), raise_exception=False)
