@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--q", type=_positive_int, default=1, help="perturbation directions per step")
     t.add_argument("--estimator", choices=["two_sided", "one_sided"], default="two_sided")
     t.add_argument("--mode", choices=["inplace", "transient"], default="inplace")
+    t.add_argument("--lookahead", action="store_true",
+                   help="ZOSGD(lookahead=True): each update also applies the next step's +eps pass (two passes per "
+                        "step, the same weights); settled before every evaluation and at the end")
     t.add_argument("--forward-mode", choices=["eval", "train"], default="eval")
     t.add_argument("--rounding", choices=["stochastic", "nearest"], default=None,
                    help="bf16/fp16 update rounding (default stochastic)")
@@ -217,7 +220,7 @@ def run(a: argparse.Namespace) -> dict:
                      num_perturbations=a.q, estimator=a.estimator, rounding=a.rounding, mode=a.mode,
                      forward_mode=a.forward_mode, seed=a.seed, backend=a.backend, mask_batches=a.mask_batches,
                      mask_scorer=a.mask_scorer, unmasked=a.unmasked, score_reduction=a.score,
-                     replica_check_every=a.replica_check_every)
+                     replica_check_every=a.replica_check_every, lookahead=a.lookahead)
     tasks = load_tasks(a.tasks)
     if a.eval_tasks:
         train_tasks, eval_tasks = tasks, load_tasks(a.eval_tasks)
@@ -267,7 +270,10 @@ def run(a: argparse.Namespace) -> dict:
         bar.update(1)
         if step % 10 == 0 or step == a.steps:
             bar.set_postfix(loss=f"{float(losses[max(0, step - 10):step].mean()):.4f}")
-        if eval_tasks and rank == 0 and (step == a.steps or (a.eval_every and step % a.eval_every == 0)):
+        evaluates = eval_tasks and (step == a.steps or (a.eval_every and step % a.eval_every == 0))
+        if evaluates:
+            opt.settle()        # lookahead: every rank, so the replicas (and their seed logs) stay equal
+        if evaluates and rank == 0:
             te = time.perf_counter()
             evals.append(_eval(model, tok, eval_tasks, a, step, float(losses[last_eval:step].mean())))
             last_eval = step
@@ -275,6 +281,7 @@ def run(a: argparse.Namespace) -> dict:
             bar.write(f"step {step}: mean accuracy {evals[-1]['mean_accuracy']:.4f} " + " ".join(
                 f"{k}={v['accuracy']:.3f}" for k, v in evals[-1]["tasks"].items()))
     bar.close()
+    opt.settle()                  # lookahead: the saved model and the seed log's replay are the settled weights
     train_time = time.perf_counter() - t_train - t_eval_total
 
     if rank != 0:                 # only rank 0 writes; the replicas are bit-identical

@@ -40,6 +40,8 @@ class ZOArguments:
     score_reduction: choice scoring in evaluation, "mean" | "sum" token log-probability.
     replica_check_every: under a distributed launch (data parallel), steps between the checks that the replicas
         are still bit-identical (0: never; docs/DISTRIBUTED.md).
+    lookahead: ZOSGD(lookahead=True), two passes per step (mode "inplace", estimator "two_sided"); the trainer settles
+        the carried perturbation before every evaluation and checkpoint and at the end of train() (docs/OPTIMIZER.md).
     """
     method: str = "mezo"
     eps: float = 1e-3
@@ -59,6 +61,7 @@ class ZOArguments:
     unmasked: str = "freeze"
     score_reduction: str = "mean"
     replica_check_every: int = 100
+    lookahead: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -86,6 +89,11 @@ class ZOArguments:
         if isinstance(self.replica_check_every, bool) or not isinstance(self.replica_check_every, int) \
                 or self.replica_check_every < 0:
             raise ValueError(f"ZOArguments.replica_check_every must be an int >= 0, got {self.replica_check_every!r}")
+        if not isinstance(self.lookahead, bool):
+            raise ValueError(f"ZOArguments.lookahead must be True or False, got {self.lookahead!r}")
+        if self.lookahead and (self.mode != "inplace" or self.estimator != "two_sided"):
+            raise ValueError("ZOArguments.lookahead needs mode='inplace' and estimator='two_sided', got "
+                             f"mode={self.mode!r}, estimator={self.estimator!r}")
         if self.score_reduction not in T.REDUCTIONS:
             raise ValueError(f"ZOArguments.score_reduction must be one of {list(T.REDUCTIONS)}, "
                              f"got {self.score_reduction!r}")
@@ -167,7 +175,7 @@ def make_zo_optimizer(model, zo: ZOArguments, *, lr: float, weight_decay: float 
                            estimator=zo.estimator, num_perturbations=zo.num_perturbations, sign=zo.sign,
                            rounding=zo.rounding, masks=masks, mode=zo.mode, module=model,
                            forward_mode=zo.forward_mode, seed=zo.seed if zo.seed is not None else seed,
-                           backend=zo.backend)
+                           backend=zo.backend, lookahead=zo.lookahead)
 
 
 _TRAINER_OPT_CLASS = None
@@ -336,8 +344,30 @@ class ZOTrainer(Trainer):
         loss = self.zo_optimizer.step(closure)
         return loss.detach().to(self.args.device)
 
+    # ---------------------------------------------------------------- lookahead: weights without the carried +eps
+    def _settle(self):
+        """ZOArguments.lookahead: between steps the weights carry the next step's +eps perturbation; evaluations,
+        checkpoints and the trained model must see the weights themselves."""
+        if self.zo_optimizer is not None:
+            self.zo_optimizer.settle()
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self._settle()
+
+    def _save_checkpoint(self, *args, **kwargs):
+        self._settle()
+        return super()._save_checkpoint(*args, **kwargs)
+
+    def save_model(self, *args, **kwargs):
+        self._settle()
+        return super().save_model(*args, **kwargs)
+
     # ---------------------------------------------------------------- evaluation
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._settle()
         if self.eval_tasks is None or eval_dataset is not None:
             return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         tok = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)

@@ -72,6 +72,24 @@ def test_cli_in_process_mazo(tmp_path, capsys):
     assert m["zo_args"]["density"] == 0.25 and m["args"]["mixing"] == "uniform"
 
 
+def test_cli_lookahead_is_the_same_run(tmp_path, capsys):
+    """--lookahead: the same training losses as without it; the saved model is settled, so the seed log replays to
+    it (_check_outputs), with the settles at the evaluations recorded."""
+    runs = {}
+    for la in (False, True):
+        out = str(tmp_path / f"run{la}")
+        rc = cli.main(["--config", "tiny", "--tasks", SENTIMENT, ECHO, "--steps", "6", "--eval-every", "3",
+                       "--eval-examples", "4", "--batch-size", "4", "--lr", "1e-3", "--backend", BACKEND,
+                       "--device", "cpu", "--seed", "4", "--output-dir", out, "--no-progress"]
+                      + (["--lookahead"] if la else []))
+        assert rc == 0
+        runs[la] = _check_outputs(out, 6, "mezo", 4)
+        log = json.load(open(os.path.join(out, "seed_log.json")))
+        assert [s.get("settled_seed") is not None for s in log["steps"]] == [False, False, la, False, False, la]
+    assert runs[True]["train_loss"] == runs[False]["train_loss"]
+    assert runs[True]["zo_args"]["lookahead"] is True
+
+
 def test_cli_subprocess_sparse_mezo_bf16(tmp_path):
     out = str(tmp_path / "run")
     cmd = [sys.executable, "-m", "mazo_kernels.cli", "--config", "tiny", "--tasks", SENTIMENT, ECHO,

@@ -168,3 +168,30 @@ def test_bad_settings_are_refused(tmp_path, tasks):
                    train_dataset=[{"input_ids": [1, 2]}], data_collator=T.TaskCollator(tok))
     with pytest.raises(ValueError, match="needs task batches"):
         tr.create_optimizer()
+
+
+def test_lookahead_trains_the_same_steps_and_settles(tmp_path, tasks):
+    """ZOArguments(lookahead=True): the same losses as a plain run (every forward sees the same weights, settled
+    for the evaluation in between), and after train() the weights are settled: the seed log's replay rebuilds them."""
+    train = tasks["task_sentiment"]
+    runs = {}
+    for la in (False, True):
+        model, tok = tiny_llama(seed=5)
+        tr = ZOTrainer(model=model, args=_args(tmp_path / str(la), max_steps=8, logging_steps=1,
+                                               eval_strategy="steps", eval_steps=4),
+                       zo_args=ZOArguments(backend=BACKEND, lookahead=la), train_dataset=T.TaskDataset(train),
+                       data_collator=T.TaskCollator(tok), processing_class=tok, eval_tasks={"s": train[:4]})
+        tr.train()
+        runs[la] = (model, tr)
+    losses = {la: [h["loss"] for h in tr.state.log_history if "loss" in h] for la, (_, tr) in runs.items()}
+    assert len(losses[True]) == 8 and losses[True] == losses[False]
+    model, tr = runs[True]
+    assert not tr.zo_optimizer.carries_perturbation
+    settled = [s.get("settled_seed") is not None for s in tr.zo_optimizer.seed_log.steps]
+    assert settled == [False, False, False, True, False, False, False, True]   # the evaluations at steps 4 and 8
+    fresh, _ = tiny_llama(seed=5)
+    mk.replay(fresh, tr.zo_optimizer.seed_log, backend=BACKEND)
+    for (n, a), b in zip(model.named_parameters(), fresh.parameters()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="lookahead"):
+        ZOArguments(lookahead=True, mode="transient")
