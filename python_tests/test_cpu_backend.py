@@ -233,6 +233,31 @@ def test_update_then_perturb(dtype, dist, mask_kind, rounding):
         seed, nxt = nxt, nxt ^ 0xABCDEF
 
 
+@pytest.mark.parametrize("mask_kind", ["aligned", "threshold"])
+def test_update_then_perturb_with_device_seeds(mask_kind):
+    """op 3 with its seeds in a device tensor (what a captured graph passes: the seeds, the next seed, then sr_seed;
+    the int seeds give only the count and the equality pattern) against the reference with the values as ints."""
+    gen = torch.Generator().manual_seed(_seed("op3 seed_dev", mask_kind))
+    if mask_kind == "aligned":
+        pr, pc = _make_pair(gen, torch.bfloat16, "none", shapes=ALIGNED)
+    else:
+        pr, pc = _make_pair(gen, torch.bfloat16, "threshold", entry_kw=ENTRY_KW)
+    eps, seed, nxt, srs = 1e-3, 2 ** 64 - 9, 2 ** 62 + 1, 12345
+    signed = [mk.api._seed_bits(v) for v in (seed, seed, nxt, srs)]
+    for plan, b in ((pr, "reference"), (pc, BK)):
+        mk.perturb_(plan, seed, eps, dist="gaussian_fast", backend=b)
+        mk.perturb_(plan, seed, -eps, prior=eps, dist="gaussian_fast", backend=b)
+    for plan, b in ((pr, "reference"), (pc, BK)):
+        dev = plan.device
+        for g in plan.groups:
+            sd = torch.tensor(signed, dtype=torch.int64, device=dev) if b == BK else None
+            ints = [7, 7, 8] if b == BK else signed[:3]    # with seed_dev: placeholders with the values' pattern
+            zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, ints, torch.tensor([0.8], device=dev),
+                      ref.OP_UPDATE_PERTURB, ref.DIST_GAUSSIAN_FAST, ref.ROUND_STOCHASTIC,
+                      0 if b == BK else signed[3], ref.THRESH_LATCH_READ, eps, -eps, 1e-2, b, sd, g.dense_aligned)
+    _assert_plans_equal(pr, pc)
+
+
 def test_update_then_perturb_is_the_two_ops():
     """The reference's op 3 against update_ then perturb_ (latch written) on the same plan: the definition."""
     gen = torch.Generator().manual_seed(5)

@@ -637,3 +637,31 @@ def test_update_then_perturb_matches_reference(dtype, dist, monkeypatch, _big_bl
             for backend, ps in (("reference", pr), ("triton", pt)):   # back to -eps for the next round
                 mk.perturb_(ps[0], nxt, -eps, prior=eps, dist=dist, backend=backend)
             seed, nxt = nxt, nxt ^ 0x5555
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+def test_update_then_perturb_with_device_seeds(masked, monkeypatch, _big_block):
+    """op 3 with seed_dev (the seeds, the next seed, then sr_seed; the ints only give the count and the pattern):
+    the fused path reads the next seed from it, the masked call's two ops get their parts of it."""
+    from mazo_kernels.ops import zo_apply_
+    monkeypatch.setattr(_big_block, "BLOCK", 128)
+    monkeypatch.setattr(_big_block, "FAST_BLOCK", 256)
+    g = gen(77 + masked)
+    specs = fast_specs(torch.bfloat16, g)
+    if not masked:
+        specs = [s for s in specs if "mask" not in s]
+    pr, pt = plans(specs)
+    eps, seed, nxt, srs = 1e-3, 2 ** 64 - 9, 2 ** 62 + 1, 12345
+    signed = [mk.api._seed_bits(v) for v in (seed, seed, nxt, srs)]
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        mk.perturb_(ps[0], seed, eps, dist="gaussian_fast", backend=backend)
+        mk.perturb_(ps[0], seed, -eps, prior=eps, dist="gaussian_fast", backend=backend)
+    for backend, ps in (("reference", pr), ("triton", pt)):
+        dev = ps[0].device
+        for grp in ps[0].groups:
+            sd = torch.tensor(signed, dtype=torch.int64, device=dev) if backend == "triton" else None
+            ints = [7, 7, 8] if backend == "triton" else signed[:3]
+            zo_apply_(grp.tensors, [], grp.masks, grp.meta, grp.fvals, ints, torch.tensor([0.8], device=dev),
+                      ref.OP_UPDATE_PERTURB, ref.DIST_GAUSSIAN_FAST, ref.ROUND_STOCHASTIC,
+                      0 if backend == "triton" else signed[3], ref.THRESH_LATCH_READ, eps, -eps, 1e-2, backend, sd)
+    compare_plans(pr, pt, f"op 3 with seed_dev ({'masked' if masked else 'unmasked'})")
