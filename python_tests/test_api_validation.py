@@ -270,3 +270,15 @@ def test_noise_argument_ranges():
         mk.noise(1, 0, -1, 4, backend="reference")
     with pytest.raises(ValueError, match="noise range needs offset"):
         mk.noise(1, 0, 2 ** 62, 4, backend="reference")
+
+
+def test_update_next_seed_and_scale(plan_and_snapshot):
+    """update_(next_seed=...) (op 3): a bad next seed or scale is refused before any write."""
+    plan, untouched = plan_and_snapshot
+    for kw, exc, msg in ((dict(next_seed=-1), ValueError, r"next_seed must be in \[0, 2\*\*64\)"),
+                         (dict(next_seed=2 ** 64), ValueError, "next_seed must be in"),
+                         (dict(next_seed=1.5), TypeError, "next_seed must be an int"),
+                         (dict(next_seed=3, next_scale=float("nan")), ValueError, "next_scale must be finite")):
+        with pytest.raises(exc, match=msg):
+            mk.update_(plan, [1], [0.5], lr=1e-3, backend="reference", **kw)
+        assert untouched()
