@@ -43,7 +43,8 @@ fi
 if [ -n "$WARM_PID" ]; then wait "$WARM_PID"; tail -2 /tmp/triton_warm.log; fi
 python3 -c "import mazo_kernels as mk; print('cpu', mk.has_cpu(), 'cuda', mk.has_cuda(), 'triton', mk.has_triton())"
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  python3 -m pytest -q python_tests/test_gpu_backends.py ${PYTEST_EXTRA:-} --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+  python3 -m pytest -q python_tests/test_gpu_backends.py python_tests/test_lookahead.py ${PYTEST_EXTRA:-} \
+    --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
   if [ "${CPU_SUITE:-1}" = 1 ]; then
     MAZO_TEST_BACKEND=cuda python3 -m pytest -q python_tests/test_cpu_backend.py ${PYTEST_EXTRA:-} 2>&1 | tee "$OUT/cuda_via_cpu_suite.log" | tail -3
   fi
