@@ -35,6 +35,11 @@ FAST_NUM_WARPS = 4
 # 15.05 threshold) and every update_ with prior 0 (2-15%) slower, so those and the restoring passes stay at 4.
 MASKED_NUM_WARPS = 8
 MASKED_NUM_WARPS_RAD = 4   # the same for Rademacher noise (a knob for the measurement in bench/NOTES.md, session 17)
+# Register cap (ptxas maxnreg) of the fast kernel for op 3 (update then perturb), 0: none. Uncapped it holds 96
+# registers (20 warps per SM) where CUDA's fused kernel holds 64 (32 warps) and runs 1.14x faster; offline
+# (bench/sass_count.py) 80 spills 96 bytes for +3% instructions, 64 spills 248 bytes for +7.5%. Unmeasured: a knob
+# for bench_matrix's --triton-variants (bench/NOTES.md, session 18).
+FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
@@ -1215,10 +1220,13 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     light_masked = masked and prior == 0.0 and op == ref.OP_PERTURB
     fast_warps = (MASKED_NUM_WARPS if light_masked and dist == ref.DIST_GAUSSIAN_FAST
                   else MASKED_NUM_WARPS_RAD if light_masked and dist == ref.DIST_RADEMACHER else FAST_NUM_WARPS)
+    fast_opts = {}
+    if op == ref.OP_UPDATE_PERTURB and int(FUSED_MAXNREG) > 0:
+        fast_opts["maxnreg"] = int(FUSED_MAXNREG)
     if split:
         if nf:
             _zo_kernel[(nf,)](tab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=3, FBLOCK=fblock, BLOCK=block,
-                              num_warps=fast_warps, **consts)
+                              num_warps=fast_warps, **fast_opts, **consts)
         if ng:
             _zo_kernel[(ng,)](tab, gprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=4, FBLOCK=fblock, BLOCK=block,
                               num_warps=NUM_WARPS, **consts)
