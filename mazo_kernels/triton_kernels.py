@@ -40,6 +40,12 @@ MASKED_NUM_WARPS_RAD = 4   # the same for Rademacher noise (a knob for the measu
 # (bench/sass_count.py) 80 spills 96 bytes for +3% instructions, 64 spills 248 bytes for +7.5%. Unmeasured: a knob
 # for bench_matrix's --triton-variants (bench/NOTES.md, session 18).
 FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
+# Op 3 on masked calls fused too (the next selection in the same pass: a threshold's on the updated values, latched)
+# instead of the two ops. Off by default: offline (bench/sass_count.py, sm_90) the fused masked fast kernel compiles
+# to 111 instructions per element at 185 registers (8 warps per SM) against the masked update's 64 at 121 and a
+# masked perturb_'s ~30, so it is not expected to be faster; a knob for the measurement (bench/NOTES.md, session 18).
+# Same bits either way (python_tests/test_triton_backend.py runs both).
+FUSE_MASKED = os.environ.get("MAZO_TRITON_FUSE_MASKED", "0") == "1"
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
@@ -682,10 +688,24 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                     res = _sr(new, rb, DT)
             else:
                 res = _rne(new, DT)
-            if OP == 3:   # then the next step's perturbation of the stored result (unmasked calls only)
+            if OP == 3:   # then the next step's perturbation (prior 0) of the values the update stored
                 nk0 = tl.load(call_ptr + 2 * (n_seeds - 1)).to(tl.uint32)
                 nk1 = tl.load(call_ptr + 2 * (n_seeds - 1) + 1).to(tl.uint32)
-                res = _rne(_to_f32(res, DT) + s * _fast_noise(gstart, tid, nk0, nk1, DIST, BLOCK, ROWS), DT)
+                zn = _fast_noise(gstart, tid, nk0, nk1, DIST, BLOCK, ROWS)
+                if MASKED:
+                    # its selection: a threshold's is evaluated on those values and latched (the latch rewritten,
+                    # as perturb_ with prior 0 does); packed bits and row indices keep theirs
+                    w = tl.where(sel, _to_f32(res, DT), x)
+                    upd_sel = sel
+                    sel = tl.where(kind == 1, tl.abs(w) < tau, sel)
+                    if kind == 1:
+                        bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
+                        packed = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+                        tl.store(mask_ptr + tl.arange(0, BLOCK // 8), packed.to(tl.uint8))
+                    res = tl.where(sel, _rne(w + s * zn, DT), tl.where(upd_sel, res, raw))
+                    sel = sel | upd_sel
+                else:
+                    res = _rne(_to_f32(res, DT) + s * zn, DT)
         if MASKED:
             if kind == 0:
                 tl.store(out_ptr + offs, res)
@@ -780,10 +800,21 @@ def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entr
                 res = _sr(new, rb, DT)
             else:
                 res = _rne(new, DT)
-            if OP == 3:   # then the next step's perturbation of the stored result (unmasked calls only)
+            if OP == 3:   # then the next step's perturbation (prior 0) of the values the update stored
                 nk0 = tl.load(call_ptr + 2 * (n_seeds - 1)).to(tl.uint32)
                 nk1 = tl.load(call_ptr + 2 * (n_seeds - 1) + 1).to(tl.uint32)
-                res = _rne(_to_f32(res, DT) + s * _noise(g, gstart, contiguous, tid, nk0, nk1, DIST, BLOCK), DT)
+                zn = _noise(g, gstart, contiguous, tid, nk0, nk1, DIST, BLOCK)
+                # its selection: a threshold's on those values, latched (as in _fast_block); other kinds keep theirs
+                w = tl.where(sel, _to_f32(res, DT), x)
+                upd_sel = sel
+                sel = tl.where(kind == 1, valid & (tl.abs(w) < tau), sel)
+                bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
+                packed = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+                bidx = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
+                tl.store(mask_u8 + bidx, packed.to(tl.uint8),
+                         mask=(bidx < ((numel + 7) >> 3)) & (kind == 1) & (~entries))
+                res = tl.where(sel, _rne(w + s * zn, DT), tl.where(upd_sel, res, raw))
+                sel = sel | upd_sel
         tl.store(out_ptr + local, res, mask=sel)
 
 
@@ -1126,8 +1157,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
         return
     outs = list(outs) if len(outs) else params
     masks = list(masks)
-    if op == ref.OP_UPDATE_PERTURB and any(m_.numel() for m_ in masks):
-        # fused for unmasked calls only (a threshold mask's next selection is on the updated values): the two ops
+    if op == ref.OP_UPDATE_PERTURB and not FUSE_MASKED and any(m_.numel() for m_ in masks):
+        # FUSE_MASKED off: masked calls run the two ops
         n = len(seeds)
         sd_u = sd_n = None
         if seed_dev is not None:

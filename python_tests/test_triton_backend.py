@@ -611,18 +611,9 @@ def test_small_shift_choice_follows_the_plan_table():
     assert not tk._small_shift(1, 1e-3, fv)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
-def test_update_then_perturb_matches_reference(dtype, dist, monkeypatch, _big_block):
-    """op 3 (update_ then the next step's perturbation in one pass): unmasked calls run it fused, in the fast blocks
-    and in the general ones (unaligned and short tensors beside dense ones); a masked call runs the two ops."""
-    monkeypatch.setattr(_big_block, "BLOCK", 128)
-    monkeypatch.setattr(_big_block, "FAST_BLOCK", 128 if dist == "gaussian" else 256)
-    g = gen(11 + 5 * DTYPES.index(dtype) + ["gaussian", "rademacher", "gaussian_fast"].index(dist))
-    dense = [s for s in fast_specs(dtype, g) if "mask" not in s]
-    masked = fast_specs(dtype, g)
+def _check_update_then_perturb(dtype, dist, sets, g):
     eps, seed, nxt = 1e-3, 0x0123456789ABCDEF, 2 ** 64 - 3
-    for specs, what in ((dense, "unmasked"), (masked, "masked")):
+    for specs, what in sets:
         pr, pt = plans(specs)
         for backend, ps in (("reference", pr), ("triton", pt)):
             mk.perturb_(ps[0], seed, eps, dist=dist, backend=backend)
@@ -637,6 +628,33 @@ def test_update_then_perturb_matches_reference(dtype, dist, monkeypatch, _big_bl
             for backend, ps in (("reference", pr), ("triton", pt)):   # back to -eps for the next round
                 mk.perturb_(ps[0], nxt, -eps, prior=eps, dist=dist, backend=backend)
             seed, nxt = nxt, nxt ^ 0x5555
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
+def test_update_then_perturb_matches_reference(dtype, dist, monkeypatch, _big_block):
+    """op 3 (update_ then the next step's perturbation in one pass): unmasked calls run it fused, in the fast blocks
+    and in the general ones (unaligned and short tensors beside dense ones); a masked call runs the two ops
+    (FUSE_MASKED off, the default)."""
+    monkeypatch.setattr(_big_block, "BLOCK", 128)
+    monkeypatch.setattr(_big_block, "FAST_BLOCK", 128 if dist == "gaussian" else 256)
+    monkeypatch.setattr(_big_block, "FUSE_MASKED", False)
+    g = gen(11 + 5 * DTYPES.index(dtype) + ["gaussian", "rademacher", "gaussian_fast"].index(dist))
+    dense = [s for s in fast_specs(dtype, g) if "mask" not in s]
+    _check_update_then_perturb(dtype, dist, ((dense, "unmasked"), (fast_specs(dtype, g), "masked")), g)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian_fast"])
+def test_update_then_perturb_fused_masked(dtype, dist, monkeypatch, _big_block):
+    """FUSE_MASKED: masked calls fused too, the next selection in the same pass (a threshold's on the updated values,
+    latched; packed bits and row indices keep theirs), in the fast blocks and in the general ones (masked tensors at
+    unaligned offsets)."""
+    monkeypatch.setattr(_big_block, "BLOCK", 128)
+    monkeypatch.setattr(_big_block, "FAST_BLOCK", 256)
+    monkeypatch.setattr(_big_block, "FUSE_MASKED", True)
+    g = gen(31 + 5 * DTYPES.index(dtype) + ["rademacher", "gaussian_fast"].index(dist))
+    _check_update_then_perturb(dtype, dist, ((fast_specs(dtype, g), "masked"), (mixed_specs(dtype, g), "mixed")), g)
 
 
 @pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
