@@ -846,12 +846,10 @@ constexpr int DENSE_SPEC = 64;
 // light passes keep 64 (6 blocks spill 136 B, 5 blocks 20 B); the other fp16 light passes 48 (5 blocks): without
 // the NaN branches their units overlap, and at 40 registers they spilled 8-36 B. update_ (one seed, straight-line):
 // 4 blocks with a prior (63-64 registers), 5 without (47-48), no spills.
-#ifndef MAZO_FUSED_MINBLOCKS
-#define MAZO_FUSED_MINBLOCKS 4
-#endif
+// update then perturb (op 3, restoring): update_'s 4 blocks (64 registers; bf16 no spills, fp16 4-8 bytes).
 constexpr int dense_minblocks(int dt, int spec) {
   if (spec / 8 == OP_UPDATE) return (spec & 4) ? 4 : 5;
-  if (spec / 8 == OP_UPDATE_PERTURB) return MAZO_FUSED_MINBLOCKS;
+  if (spec / 8 == OP_UPDATE_PERTURB) return 4;
   const bool light = (spec & 4) == 0;
   return light ? (dt == DT_F16_HW ? ((spec & 3) == DIST_GAUSSIAN ? 4 : 5) : 6) : 4;
 }

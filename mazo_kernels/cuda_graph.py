@@ -55,8 +55,7 @@ class GraphedZOStep:
         if opt.mode != "inplace":
             why.append("mode='inplace' (the transient mode's per-module copies are made by forward hooks)")
         if opt.lookahead:
-            raise ValueError("GraphedZOStep: a ZOSGD with lookahead=True is not supported (the captured step has "
-                             "the three passes of a plain step); build the optimizer with lookahead=False")
+            why.append("lookahead=False (the captured step has the three passes of a plain step)")
         if len(opt._parts) != 1:
             why.append("the trainable tensors on one device")
         if opt.loss_reduce is not None:

@@ -677,9 +677,8 @@ class ZOSGD(torch.optim.Optimizer):
             g, f = (gs, finite) if pt.device == self._device else (gs.to(pt.device), finite.to(pt.device))
             run_update(pt.tables, seeds, final, g, f, dist, ROUNDINGS[self.rounding], sr_seed, pt.backend, pt.lr_col,
                        next_seed=nxt)
-        if nxt is not None:
-            eps = record["eps"] if record is not None else [float(g["eps"]) for g in self.param_groups]
-            self._carry = (nxt, tuple(eps))
+        if nxt is not None:   # lookahead: step() passes the step's record, whose eps the carried +eps used
+            self._carry = (nxt, tuple(record["eps"]))
 
     def _reduce(self, vec: torch.Tensor) -> torch.Tensor:
         out = self.loss_reduce(vec)

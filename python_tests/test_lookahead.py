@@ -15,6 +15,9 @@ GPU = [b for b, ok in (("cuda", mk.has_cuda()), ("triton", mk.has_triton())) if 
 
 
 class Quad(nn.Module):
+    """test_optim.Quad's regression model at sizes that are multiples of 8 (CUDA's fused kernel takes only whole
+    units of 8), in bf16 (where the restores lose bits) and with small weights (near a threshold mask's tau)."""
+
     def __init__(self, dtype=torch.bfloat16, seed=0):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
