@@ -35,6 +35,11 @@ FAST_NUM_WARPS = 4
 # 15.05 threshold) and every update_ with prior 0 (2-15%) slower, so those and the restoring passes stay at 4.
 MASKED_NUM_WARPS = 8
 MASKED_NUM_WARPS_RAD = 4   # the same for Rademacher noise (a knob for the measurement in bench/NOTES.md, session 17)
+# Masked Rademacher in the fast kernel: the signs made in the mask's [BLOCK // 8, 8] row layout, one Philox call per
+# row of 8 (_rad8), instead of one call per 128 elements exchanged into that layout through shared memory (the
+# exchange's barriers; Triton's packed-bit Rademacher perturb_ ran 1.33x CUDA's). Same bits. A knob for the
+# measurement (bench/NOTES.md, session 19).
+RAD_ROWS8 = os.environ.get("MAZO_TRITON_RAD_ROWS8", "0") == "1"
 # Register cap (ptxas maxnreg) of the fast kernel for op 3 (update then perturb), 0: none. Uncapped it holds 96
 # registers (20 warps per SM) where CUDA's fused kernel holds 64 (32 warps) and runs 1.14x faster; offline
 # (bench/sass_count.py) 80 spills 96 bytes for +3% instructions, 64 spills 248 bytes for +7.5%. Unmeasured: a knob
@@ -571,23 +576,40 @@ def _halves8(row0, tid, STREAM: tl.constexpr, k0, k1, R: tl.constexpr):
 
 
 @triton.jit
+def _rad8(row0, tid, k0, k1, R: tl.constexpr):
+    """Signs of global elements 8*row0 .. 8*(row0 + R) - 1 as [R, 8], each row from its own Philox call (a call
+    covers 16 rows: 16x the Philox work of _rad_rows) so that the signs are born in the rows' layout: _rad_rows'
+    [R / 16, 4, 32] -> [R, 8] reshape is a layout exchange through shared memory with barriers."""
+    r = row0 + tl.arange(0, R).to(tl.int64)
+    x0, x1, x2, x3 = _words(r >> 4, tid, 1, k0, k1)
+    w = _select4(((r >> 2) & 3).to(tl.int32), x0, x1, x2, x3)
+    byte = (w >> ((r & 3) * 8).to(tl.uint32)) & 0xFF
+    bit = (byte[:, None] >> tl.arange(0, 8).to(tl.uint32)[None, :]) & 1
+    return (1 - 2 * bit.to(tl.int32)).to(tl.float32)
+
+
+@triton.jit
 def _rbits8(row0, tid, k0, k1, R: tl.constexpr):
     """Stochastic-rounding bits of elements 8*row0 .. as [R, 8] (uint32)."""
     return _halves8(row0, tid, 2, k0, k1, R)
 
 
 @triton.jit
-def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+                RAD8: tl.constexpr):
     """Noise of the aligned dense block starting at global index gstart: [BLOCK // 8, 8] Gaussian; signs as [BLOCK],
-    or as [BLOCK // 8, 8] when ROWS (the masked fast path's layout: one mask byte per row)."""
+    or as [BLOCK // 8, 8] when ROWS (the masked fast path's layout: one mask byte per row), by _rad8 when RAD8."""
     if DIST == 0:
         z = _gauss8(gstart >> 3, tid, k0, k1, BLOCK // 8)
     elif DIST == 2:
         z = _gauss_fast(_halves8(gstart >> 3, tid, 3, k0, k1, BLOCK // 8))
     else:
-        z = _rad_rows(gstart >> 7, tid, k0, k1, BLOCK)
-        if ROWS:
-            z = tl.reshape(z, [BLOCK // 8, 8])
+        if RAD8:
+            z = _rad8(gstart >> 3, tid, k0, k1, BLOCK // 8)
+        else:
+            z = _rad_rows(gstart >> 7, tid, k0, k1, BLOCK)
+            if ROWS:
+                z = tl.reshape(z, [BLOCK // 8, 8])
     return z
 
 
@@ -597,7 +619,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                 OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, DT: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
                 TMODE: tl.constexpr, MASKED: tl.constexpr, ROWIDX: tl.constexpr, SMALL: tl.constexpr,
-                ASM: tl.constexpr):
+                ASM: tl.constexpr, RAD8: tl.constexpr):
     """One aligned block of BLOCK elements, all inside the tensor. in_ptr/out_ptr point at the block's start.
     MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold, packed bits
     (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes) or row-index as element units (cols_ptr,
@@ -637,7 +659,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
     k0 = tl.load(call_ptr).to(tl.uint32)
     k1 = tl.load(call_ptr + 1).to(tl.uint32)
     if OP == 2:
-        z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS)
+        z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS, RAD8)
         res = _rne(x + s * z0, DT)
         if MASKED:
             res = tl.where(sel, res, raw)
@@ -645,7 +667,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
     else:
         if HAS_PRIOR:
             p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
-            z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS)
+            z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS, RAD8)
             if ASM >= 1:   # bf16 only (the host's choice)
                 base = _invert_rounding_bf16_asm(raw, x, p * z0, SMALL)
             else:
@@ -654,7 +676,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             base = x
         if OP == 0:
             if not HAS_PRIOR:
-                z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS)
+                z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS, RAD8)
             res = _rne(base + s * z0, DT)
         else:
             acc = tl.zeros(offs.shape, tl.float32)
@@ -666,13 +688,13 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                     gk = tl.load(gs_ptr + (k - 1)) * g_mult
                     kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
                     kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
-                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, ROWS)
+                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, ROWS, RAD8)
             else:
                 for k in range(1 + REUSE0, n_end):
                     gk = tl.load(gs_ptr + (k - 1)) * g_mult
                     kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
                     kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
-                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, ROWS)
+                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, ROWS, RAD8)
             step = acc + wd * base
             lr = _f32_arg(call_ptr, 2 * n_seeds + 4)
             new = base - (lr * lr_mult) * step
@@ -691,7 +713,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             if OP == 3:   # then the next step's perturbation (prior 0) of the values the update stored
                 nk0 = tl.load(call_ptr + 2 * (n_seeds - 1)).to(tl.uint32)
                 nk1 = tl.load(call_ptr + 2 * (n_seeds - 1) + 1).to(tl.uint32)
-                zn = _fast_noise(gstart, tid, nk0, nk1, DIST, BLOCK, ROWS)
+                zn = _fast_noise(gstart, tid, nk0, nk1, DIST, BLOCK, ROWS, RAD8)
                 if MASKED:
                     # its selection: a threshold's is evaluated on those values and latched (the latch rewritten,
                     # as perturb_ with prior 0 does); packed bits and row indices keep theirs
@@ -824,7 +846,8 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, TMODE: tl.constexpr, DT: tl.constexpr,
                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, MODE: tl.constexpr,
                FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr, MASKED: tl.constexpr = False,
-               ROWIDX: tl.constexpr = False, SMALL: tl.constexpr = False, ASM: tl.constexpr = 0):
+               ROWIDX: tl.constexpr = False, SMALL: tl.constexpr = False, ASM: tl.constexpr = 0,
+               RAD8: tl.constexpr = False):
     pid = tl.program_id(0).to(tl.int64)
     if MODE >= 3:   # [t, start, number of FBLOCK blocks]
         t = tl.load(prog_ptr + 3 * pid)
@@ -891,7 +914,8 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                 _fast_block(tl.multiple_of(in_ptr + st, 16), tl.multiple_of(out_ptr + st, 16), off + st, tid,
                             scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (st >> 3), kind,
                             tau, cols_i32p, kcols, row_len, nsteps, st,
-                            OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM)
+                            OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM,
+                            RAD8)
     elif MODE == 4:
         nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
         for q in range(nsub):
@@ -903,7 +927,8 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
             _fast_block(tl.multiple_of(in_ptr + start, 16), tl.multiple_of(out_ptr + start, 16), gstart0, tid,
                         scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (start >> 3), kind,
                         tau, cols_i32p, kcols, row_len, nsteps, start,
-                        OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM)
+                        OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM,
+                        RAD8)
     else:
         run = start >= 0
         if MODE == 1:   # FBLOCK is a multiple of BLOCK; the fast kernel's block holding `start` is full
@@ -1247,7 +1272,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
                   NSTAT=(n_upd_seeds if is_update and n_upd_seeds <= 4 else 0), NTAB=_NTAB,
                   SMALL=_small_shift(_DT[dtype], prior, fvals),
-                  ASM=(int(ASM) if dtype == torch.bfloat16 and HW_BF16 else 0), enable_fp_fusion=False)
+                  ASM=(int(ASM) if dtype == torch.bfloat16 and HW_BF16 else 0),
+                  RAD8=bool(RAD_ROWS8) and masked and dist == ref.DIST_RADEMACHER, enable_fp_fusion=False)
     light_masked = masked and prior == 0.0 and op == ref.OP_PERTURB
     fast_warps = (MASKED_NUM_WARPS if light_masked and dist == ref.DIST_GAUSSIAN_FAST
                   else MASKED_NUM_WARPS_RAD if light_masked and dist == ref.DIST_RADEMACHER else FAST_NUM_WARPS)

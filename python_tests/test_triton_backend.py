@@ -402,14 +402,17 @@ def step_fast_on_and_off(tk, monkeypatch, specs, dist, seed, eps, upd_seed, sr_s
     return results
 
 
-@pytest.mark.parametrize("dist,split", [("gaussian", True), ("rademacher", True), ("gaussian", False),
-                                        ("gaussian_fast", True)])
-def test_masked_fast_path_matches_general_and_reference(dist, split, monkeypatch, _big_block):
+@pytest.mark.parametrize("dist,split,rad8", [("gaussian", True, False), ("rademacher", True, False),
+                                             ("rademacher", True, True), ("gaussian", False, False),
+                                             ("gaussian_fast", True, False)])
+def test_masked_fast_path_matches_general_and_reference(dist, split, rad8, monkeypatch, _big_block):
     """Threshold (latch) and packed-bit masks take the fast path (MASKED_FAST): the host gives their full blocks to
     the fast kernel, and a whole ZO step (latch written, then read; restore; update with SR; a masked copy) gives
     the reference's bits and the general path's (MASKED_FAST off), latches included. A tensor whose size is not a
-    multiple of the block also runs its tail through the general kernel, writing the rest of the same latch."""
+    multiple of the block also runs its tail through the general kernel, writing the rest of the same latch.
+    rad8: Rademacher signs made in the rows' layout (RAD_ROWS8, _rad8) rather than exchanged into it."""
     tk = _big_block
+    monkeypatch.setattr(tk, "RAD_ROWS8", rad8)
     monkeypatch.setattr(tk, "BLOCK", 128)
     monkeypatch.setattr(tk, "FAST_BLOCK", 256)
     monkeypatch.setattr(tk, "SPLIT", split)   # False: the older two-launch layout (fast kernel, then general)
@@ -435,13 +438,14 @@ def test_masked_fast_path_matches_general_and_reference(dist, split, monkeypatch
         assert_same(a, b, "masked fast path vs general path")
 
 
-@pytest.mark.parametrize("dist", ["gaussian_fast", "rademacher"])
-def test_rowindex_element_units_fast_and_general(dist, monkeypatch, _big_block):
+@pytest.mark.parametrize("dist,rad8", [("gaussian_fast", False), ("rademacher", False), ("rademacher", True)])
+def test_rowindex_element_units_fast_and_general(dist, rad8, monkeypatch, _big_block):
     """Row-index masks with k * 8 >= row_len (rows a multiple of 8 long) run as element units: full blocks in the
     fast kernel (MASKED_FAST), tails and unaligned offsets in the general kernel, both finding each unit's selection
     by a binary search of its row's columns (_rowidx_bytes). Sparser masks and rows not a multiple of 8 keep entry
-    units. A whole step and a copy against the reference, with the fast path on and off."""
+    units. A whole step and a copy against the reference, with the fast path on and off (rad8: RAD_ROWS8)."""
     tk = _big_block
+    monkeypatch.setattr(tk, "RAD_ROWS8", rad8)
     monkeypatch.setattr(tk, "BLOCK", 128)
     monkeypatch.setattr(tk, "FAST_BLOCK", 256)
     monkeypatch.setattr(tk, "ROWIDX_ELEMENTS", True)   # every op (the default "auto" picks per op, dtype, noise)
@@ -645,11 +649,13 @@ def test_update_then_perturb_matches_reference(dtype, dist, monkeypatch, _big_bl
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("dist", ["rademacher", "gaussian_fast"])
+@pytest.mark.parametrize("dist", ["rademacher", "rademacher-rows8", "gaussian_fast"])
 def test_update_then_perturb_fused_masked(dtype, dist, monkeypatch, _big_block):
     """FUSE_MASKED: masked calls fused too, the next selection in the same pass (a threshold's on the updated values,
     latched; packed bits and row indices keep theirs), in the fast blocks and in the general ones (masked tensors at
-    unaligned offsets)."""
+    unaligned offsets). rademacher-rows8: with RAD_ROWS8."""
+    monkeypatch.setattr(_big_block, "RAD_ROWS8", dist == "rademacher-rows8")
+    dist = dist.replace("-rows8", "")
     monkeypatch.setattr(_big_block, "BLOCK", 128)
     monkeypatch.setattr(_big_block, "FAST_BLOCK", 256)
     monkeypatch.setattr(_big_block, "FUSE_MASKED", True)
