@@ -34,12 +34,18 @@ FAST_NUM_WARPS = 4
 # threshold 14.67 -> 12.99 ms, packed bits 18.00 -> 12.72. The same change made Rademacher's perturb_ (11.97 ->
 # 15.05 threshold) and every update_ with prior 0 (2-15%) slower, so those and the restoring passes stay at 4.
 MASKED_NUM_WARPS = 8
-MASKED_NUM_WARPS_RAD = 4   # the same for Rademacher noise (a knob for the measurement in bench/NOTES.md, session 17)
 # Masked Rademacher in the fast kernel: the signs made in the mask's [BLOCK // 8, 8] row layout, one Philox call per
 # row of 8 (_rad8), instead of one call per 128 elements exchanged into that layout through shared memory (the
-# exchange's barriers; Triton's packed-bit Rademacher perturb_ ran 1.33x CUDA's). Same bits. A knob for the
-# measurement (bench/NOTES.md, session 19).
-RAD_ROWS8 = os.environ.get("MAZO_TRITON_RAD_ROWS8", "0") == "1"
+# exchange's barriers). Same bits. "auto" where that was measured faster on an H200 over 7B bf16 (one process,
+# bench/results/h200_2026-12-03/s19/call5): perturb_ with prior 0 (threshold 20.27 -> 13.01 ms, packed bits 22.87 ->
+# 12.48, at MASKED_NUM_WARPS_RAD warps; CUDA 14.02 / 17.10) and update_ with a prior on calls with row-index
+# element units (59.42 -> 47.11); not the restoring perturb_ (12.08 -> 13.38) nor threshold / packed-bit update_ (+0-3%).
+# True: every masked Rademacher call; False: none.
+RAD_ROWS8 = {"auto": "auto", "1": True, "0": False}[os.environ.get("MAZO_TRITON_RAD_ROWS8", "auto")]
+# Warps of the fast kernel for the masked Rademacher perturb_ with prior 0 when it makes the signs by _rad8 (4: 13.80
+# / 13.79 ms against 8: 13.01 / 12.48, threshold / packed bits, s19/call5); without _rad8 it runs FAST_NUM_WARPS (8
+# was slower there: 11.97 -> 15.05 ms threshold, bench/NOTES.md session 12).
+MASKED_NUM_WARPS_RAD = 8
 # Register cap (ptxas maxnreg) of the fast kernel for op 3 (update then perturb), 0: none. Uncapped it holds 96
 # registers (20 warps per SM) where CUDA's fused kernel holds 64 (32 warps) and runs 1.14x faster; offline
 # (bench/sass_count.py) 80 spills 96 bytes for +3% instructions, 64 spills 248 bytes for +7.5%. Unmeasured: a knob
@@ -974,6 +980,16 @@ def _rowidx_element_policy(op: int, dist: int, dtype: torch.dtype, prior: float)
     return not (op == ref.OP_PERTURB and prior == 0.0 and dist == ref.DIST_RADEMACHER)
 
 
+def _rad8_choice(masked: bool, dist: int, op: int, prior: float, rowidx_el: bool) -> bool:
+    """RAD_ROWS8: does the masked fast path make this call's Rademacher signs in its rows' layout (_rad8)? "auto":
+    perturb_ with prior 0 (the light masked pass) and update_ with a prior on calls with row-index element units."""
+    if not (masked and dist == ref.DIST_RADEMACHER):
+        return False
+    if RAD_ROWS8 != "auto":
+        return bool(RAD_ROWS8)
+    return (op == ref.OP_PERTURB and prior == 0.0) or (op == ref.OP_UPDATE and prior != 0.0 and rowidx_el)
+
+
 def _rowidx_elements(theta, mask, ok: bool = True) -> bool:
     """Does a row-index mask run as element units (every element visited in order, the selection found per unit of
     8 by _rowidx_bytes) rather than entry units (only the listed elements, gathered)? From 1/8 of a row on (a 32-byte
@@ -1273,10 +1289,11 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   NSTAT=(n_upd_seeds if is_update and n_upd_seeds <= 4 else 0), NTAB=_NTAB,
                   SMALL=_small_shift(_DT[dtype], prior, fvals),
                   ASM=(int(ASM) if dtype == torch.bfloat16 and HW_BF16 else 0),
-                  RAD8=bool(RAD_ROWS8) and masked and dist == ref.DIST_RADEMACHER, enable_fp_fusion=False)
+                  enable_fp_fusion=False)
     light_masked = masked and prior == 0.0 and op == ref.OP_PERTURB
+    consts["RAD8"] = _rad8_choice(masked, dist, op, prior, rowidx_el)
     fast_warps = (MASKED_NUM_WARPS if light_masked and dist == ref.DIST_GAUSSIAN_FAST
-                  else MASKED_NUM_WARPS_RAD if light_masked and dist == ref.DIST_RADEMACHER else FAST_NUM_WARPS)
+                  else MASKED_NUM_WARPS_RAD if light_masked and consts["RAD8"] else FAST_NUM_WARPS)
     fast_opts = {}
     if op == ref.OP_UPDATE_PERTURB and int(FUSED_MAXNREG) > 0:
         fast_opts["maxnreg"] = int(FUSED_MAXNREG)

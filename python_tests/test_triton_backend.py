@@ -615,6 +615,27 @@ def test_small_shift_choice_follows_the_plan_table():
     assert not tk._small_shift(1, 1e-3, fv)
 
 
+def test_rad8_choice_follows_the_measured_policy(monkeypatch):
+    """RAD_ROWS8 "auto" (the default): Rademacher signs in the rows' layout only for masked perturb_ with prior 0 and
+    for update_ with a prior on calls with row-index element units (bench/NOTES.md, session 19); never unmasked or
+    for other noise; True / False force it on every masked Rademacher call / off."""
+    from mazo_kernels import triton_kernels as tk
+    R, G = ref.DIST_RADEMACHER, ref.DIST_GAUSSIAN_FAST
+    monkeypatch.setattr(tk, "RAD_ROWS8", "auto")
+    assert tk._rad8_choice(True, R, ref.OP_PERTURB, 0.0, False)
+    assert not tk._rad8_choice(True, R, ref.OP_PERTURB, 1e-3, False)      # the restoring pass: slower with it
+    assert not tk._rad8_choice(True, R, ref.OP_UPDATE, -1e-3, False)      # threshold / packed bits: no gain
+    assert tk._rad8_choice(True, R, ref.OP_UPDATE, -1e-3, True)           # row-index element units
+    assert not tk._rad8_choice(True, R, ref.OP_UPDATE, 0.0, True)         # update with prior 0: unmeasured
+    assert not tk._rad8_choice(False, R, ref.OP_PERTURB, 0.0, False)
+    assert not tk._rad8_choice(True, G, ref.OP_PERTURB, 0.0, False)
+    monkeypatch.setattr(tk, "RAD_ROWS8", True)
+    assert tk._rad8_choice(True, R, ref.OP_PERTURB, 1e-3, False)
+    assert not tk._rad8_choice(False, R, ref.OP_PERTURB, 0.0, False)
+    monkeypatch.setattr(tk, "RAD_ROWS8", False)
+    assert not tk._rad8_choice(True, R, ref.OP_PERTURB, 0.0, False)
+
+
 def _check_update_then_perturb(dtype, dist, sets, g):
     eps, seed, nxt = 1e-3, 0x0123456789ABCDEF, 2 ** 64 - 3
     for specs, what in sets:
