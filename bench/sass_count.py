@@ -62,7 +62,8 @@ def cases(which: str):
 
 
 def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
-    c = dict(TMODE=0, MASKED=False, ROWIDX=False, SMALL=False, MODE=3, FBLOCK=fblock, BLOCK=block, NTAB=tk._NTAB)
+    c = dict(TMODE=0, MASKED=False, ROWIDX=False, SMALL=False, RAD8=False, MODE=3, FBLOCK=fblock, BLOCK=block,
+             NTAB=tk._NTAB)
     c.update(consts)
     if "ASM" not in consts:   # the host's choice (zo_apply_): MAZO_TRITON_ASM=0/1/2 compares the forms
         c["ASM"] = int(tk.ASM) if c["DT"] == 2 and tk.HW_BF16 else 0
