@@ -478,6 +478,12 @@ def _bits(t):
     return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32)
 
 
+def variant_masks(args, sel) -> list:
+    """The masks whose cases also run the --triton-variants / --cuda-variants: --variant-masks, or every selected
+    mask (an earlier default of "none" alone let variants given for masked cases silently not run)."""
+    return list(sel["masks"]) if args.variant_masks is None else args.variant_masks.split(",")
+
+
 def check_variants(args, sel, plan, weights, outs, grads, model, dt, mask, checks):
     """Each variant must give the default's bits: one pass of every op from the same weights (and latches)."""
     import mazo_kernels as mk
@@ -566,10 +572,10 @@ def run_model_dtype(args, sel, timer, device, bw, model, dt, records, launch_cac
             torch.cuda.empty_cache()
             continue
         print(f"  mask {mask}: plan built in {time.time() - t0:.1f} s, mask bytes {mask_bytes}", flush=True)
-        if numel <= args.check_max_numel and mask in args.variant_masks.split(","):
+        if numel <= args.check_max_numel and mask in variant_masks(args, sel):
             check_variants(args, sel, plan, weights, outs, grads, model, dt, mask, checks)
         runs = [(b, args.variant, None) for b in sel["backends"]]
-        if mask in args.variant_masks.split(","):
+        if mask in variant_masks(args, sel):
             if "triton" in sel["backends"]:
                 runs += [("triton", label, opts) for label, opts in args.triton_variants]
             if "cuda" in sel["backends"]:
@@ -685,7 +691,7 @@ def print_record(r):
           f"baseline {bl}  extra {r['extra_bytes']} B  launches {r['launches']}", flush=True)
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--core", action="store_true", help="bf16; every distribution; masks none/threshold/bitmask; "
@@ -710,13 +716,18 @@ def main(argv=None):
     ap.add_argument("--cuda-variants", type=parse_variants, default=[],
                     help="extra CUDA runs, 'label:ENVVAR=int,...;...' (variables the extension reads per call, "
                          "e.g. 'w2:MAZO_CUDA_WAVES=2')")
-    ap.add_argument("--variant-masks", default="none", help="masks whose cases also run the variants")
+    ap.add_argument("--variant-masks", default=None,
+                    help="comma list: masks whose cases also run the variants (default: every selected mask)")
     ap.add_argument("--check-max-numel", type=int, default=300_000_000,
                     help="models up to this size check that every variant gives the default's bits")
     ap.add_argument("--tag", default=None, help="output file name: matrix_<tag>.json (default core/full/custom)")
     ap.add_argument("--out", default="bench/results/matrix", help="output directory")
     ap.add_argument("--dry-run", action="store_true", help="list the cases and exit")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     sel = select(args)
     if args.iters is None:
         args.iters = 3 if args.quick else 10

@@ -39,3 +39,12 @@ def test_cpu_smoke_run_writes_every_op(tmp_path):
     by = {(r["op"], r["mask"]): r for r in recs}
     assert by[("update0", "threshold")]["floor_ms"] < by[("update_", "threshold")]["floor_ms"]
     assert by[("update0", "none")]["floor_ms"] == pytest.approx(by[("update_", "none")]["floor_ms"])
+
+
+def test_variants_run_on_every_selected_mask_unless_narrowed():
+    """--triton-variants / --cuda-variants run on every selected mask by default (a default of "none" alone had let
+    variants asked for masked cases silently not run); --variant-masks narrows them."""
+    sel = {"masks": ["none", "threshold", "bitmask"]}
+    ap_args = lambda *a: bench_matrix.build_parser().parse_args(list(a))  # noqa: E731
+    assert bench_matrix.variant_masks(ap_args(), sel) == ["none", "threshold", "bitmask"]
+    assert bench_matrix.variant_masks(ap_args("--variant-masks", "bitmask"), sel) == ["bitmask"]
