@@ -39,7 +39,8 @@ MASKED_NUM_WARPS = 8
 # exchange's barriers). Same bits. "auto" where that was measured faster on an H200 over 7B bf16 (one process,
 # bench/results/h200_2026-12-03/s19/call5): perturb_ with prior 0 (threshold 20.27 -> 13.01 ms, packed bits 22.87 ->
 # 12.48, at MASKED_NUM_WARPS_RAD warps; CUDA 14.02 / 17.10) and update_ with a prior on calls with row-index
-# element units (59.42 -> 47.11); not the restoring perturb_ (12.08 -> 13.38) nor threshold / packed-bit update_ (+0-3%).
+# element units (59.42 -> 47.11); not the restoring perturb_ (12.08 -> 13.38) nor threshold / packed-bit update_
+# (+0-3%).
 # True: every masked Rademacher call; False: none.
 RAD_ROWS8 = {"auto": "auto", "1": True, "0": False}[os.environ.get("MAZO_TRITON_RAD_ROWS8", "auto")]
 # Warps of the fast kernel for the masked Rademacher perturb_ with prior 0 when it makes the signs by _rad8 (4: 13.80
