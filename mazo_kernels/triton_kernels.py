@@ -42,15 +42,18 @@ MASKED_NUM_WARPS = 8
 # element units (59.42 -> 47.11); not the restoring perturb_ (12.08 -> 13.38) nor threshold / packed-bit update_
 # (+0-3%).
 # True: every masked Rademacher call; False: none.
-RAD_ROWS8 = {"auto": "auto", "1": True, "0": False}[os.environ.get("MAZO_TRITON_RAD_ROWS8", "auto")]
+RAD_ROWS8 = {"auto": "auto", "1": True, "0": False}.get(os.environ.get("MAZO_TRITON_RAD_ROWS8", "auto"), None)
+if RAD_ROWS8 is None:
+    raise ValueError(f"MAZO_TRITON_RAD_ROWS8 must be auto, 1 or 0, got {os.environ['MAZO_TRITON_RAD_ROWS8']!r}")
 # Warps of the fast kernel for the masked Rademacher perturb_ with prior 0 when it makes the signs by _rad8 (4: 13.80
 # / 13.79 ms against 8: 13.01 / 12.48, threshold / packed bits, s19/call5); without _rad8 it runs FAST_NUM_WARPS (8
 # was slower there: 11.97 -> 15.05 ms threshold, bench/NOTES.md session 12).
 MASKED_NUM_WARPS_RAD = 8
 # Register cap (ptxas maxnreg) of the fast kernel for op 3 (update then perturb), 0: none. Uncapped it holds 96
 # registers (20 warps per SM) where CUDA's fused kernel holds 64 (32 warps) and runs 1.14x faster; offline
-# (bench/sass_count.py) 80 spills 96 bytes for +3% instructions, 64 spills 248 bytes for +7.5%. Unmeasured: a knob
-# for bench_matrix's --triton-variants (bench/NOTES.md, session 18).
+# (bench/sass_count.py) 80 spills 96 bytes for +3% instructions, 64 spills 248 bytes for +7.5%. On an H200 (7B bf16,
+# bench/results/h200_2026-12-03/s19/call3) 80 was slower with gaussian_fast (24.14 -> 25.18 ms) and 1.3% faster
+# with Rademacher, so the default stays uncapped (bench/NOTES.md, session 19).
 FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
 # Op 3 on masked calls fused too (the next selection in the same pass: a threshold's on the updated values, latched)
 # instead of the two ops. Off by default: offline (bench/sass_count.py, sm_90) the fused masked fast kernel compiles
@@ -583,6 +586,13 @@ def _halves8(row0, tid, STREAM: tl.constexpr, k0, k1, R: tl.constexpr):
 
 
 @triton.jit
+def _pack8(sel, BLOCK: tl.constexpr):
+    """A block's selection as BLOCK / 8 latch bytes (int32): bit j of byte r is element 8r + j."""
+    bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
+    return tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+
+
+@triton.jit
 def _rad8(row0, tid, k0, k1, R: tl.constexpr):
     """Signs of global elements 8*row0 .. 8*(row0 + R) - 1 as [R, 8], each row from its own Philox call (a call
     covers 16 rows: 16x the Philox work of _rad_rows) so that the signs are born in the rows' layout: _rad_rows'
@@ -659,8 +669,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             sel = sel & ((kind != 1) | (tl.abs(x) < tau))
         if TMODE == 1:
             if kind == 1:   # the threshold latch: this block's BLOCK / 8 bytes, every one rewritten
-                bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
-                packed = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+                packed = _pack8(sel, BLOCK)
                 tl.store(mask_ptr + tl.arange(0, BLOCK // 8), packed.to(tl.uint8))
     s = _f32_arg(call_ptr, 2 * n_seeds + 2) * scale_mult
     k0 = tl.load(call_ptr).to(tl.uint32)
@@ -728,8 +737,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                     upd_sel = sel
                     sel = tl.where(kind == 1, tl.abs(w) < tau, sel)
                     if kind == 1:
-                        bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
-                        packed = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+                        packed = _pack8(sel, BLOCK)
                         tl.store(mask_ptr + tl.arange(0, BLOCK // 8), packed.to(tl.uint8))
                     res = tl.where(sel, _rne(w + s * zn, DT), tl.where(upd_sel, res, raw))
                     sel = sel | upd_sel
@@ -783,8 +791,7 @@ def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entr
         sel = valid & tl.where(use_thr, thr, tl.where(use_bits, bit, True))
     if TMODE == 1:
         # threshold latch: this program owns bytes [start/8, start/8 + BLOCK/8); every byte is rewritten
-        bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
-        packed = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+        packed = _pack8(sel, BLOCK)
         bidx = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
         tl.store(mask_u8 + bidx, packed.to(tl.uint8), mask=(bidx < ((numel + 7) >> 3)) & (kind == 1) & (~entries))
 
@@ -837,8 +844,7 @@ def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entr
                 w = tl.where(sel, _to_f32(res, DT), x)
                 upd_sel = sel
                 sel = tl.where(kind == 1, valid & (tl.abs(w) < tau), sel)
-                bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
-                packed = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+                packed = _pack8(sel, BLOCK)
                 bidx = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
                 tl.store(mask_u8 + bidx, packed.to(tl.uint8),
                          mask=(bidx < ((numel + 7) >> 3)) & (kind == 1) & (~entries))
@@ -1290,9 +1296,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   NSTAT=(n_upd_seeds if is_update and n_upd_seeds <= 4 else 0), NTAB=_NTAB,
                   SMALL=_small_shift(_DT[dtype], prior, fvals),
                   ASM=(int(ASM) if dtype == torch.bfloat16 and HW_BF16 else 0),
-                  enable_fp_fusion=False)
+                  RAD8=_rad8_choice(masked, dist, op, prior, rowidx_el), enable_fp_fusion=False)
     light_masked = masked and prior == 0.0 and op == ref.OP_PERTURB
-    consts["RAD8"] = _rad8_choice(masked, dist, op, prior, rowidx_el)
     fast_warps = (MASKED_NUM_WARPS if light_masked and dist == ref.DIST_GAUSSIAN_FAST
                   else MASKED_NUM_WARPS_RAD if light_masked and consts["RAD8"] else FAST_NUM_WARPS)
     fast_opts = {}
