@@ -636,6 +636,18 @@ def test_rad8_choice_follows_the_measured_policy(monkeypatch):
     assert not tk._rad8_choice(True, R, ref.OP_PERTURB, 0.0, False)
 
 
+def test_bad_rad_rows8_setting_is_refused_at_import():
+    """MAZO_TRITON_RAD_ROWS8 takes auto, 1 or 0; anything else is a clear error when the backend is imported."""
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = dict(os.environ, MAZO_TRITON_RAD_ROWS8="yes")
+    res = subprocess.run([sys.executable, "-c", "import mazo_kernels.triton_kernels"], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode != 0
+    assert "MAZO_TRITON_RAD_ROWS8 must be auto, 1 or 0, got 'yes'" in res.stderr
+
+
 def _check_update_then_perturb(dtype, dist, sets, g):
     eps, seed, nxt = 1e-3, 0x0123456789ABCDEF, 2 ** 64 - 3
     for specs, what in sets:
