@@ -65,6 +65,8 @@ def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
     c = dict(TMODE=0, MASKED=False, ROWIDX=False, SMALL=False, RAD8=False, MODE=3, FBLOCK=fblock, BLOCK=block,
              NTAB=tk._NTAB)
     c.update(consts)
+    if "ROW_THREAD" not in consts:   # the host's choice (zo_apply_)
+        c["ROW_THREAD"] = bool(c["MASKED"] and c["DT"] == 0 and tk.FP32_ROW_THREAD)
     if "ASM" not in consts:   # the host's choice (zo_apply_): MAZO_TRITON_ASM=0/1/2 compares the forms
         c["ASM"] = int(tk.ASM) if c["DT"] == 2 and tk.HW_BF16 else 0
     sig = dict(SIGNATURE)

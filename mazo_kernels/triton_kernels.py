@@ -61,6 +61,11 @@ FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
 # masked perturb_'s ~30, so it is not expected to be faster; a knob for the measurement (bench/NOTES.md, session 18).
 # Same bits either way (python_tests/test_triton_backend.py runs both).
 FUSE_MASKED = os.environ.get("MAZO_TRITON_FUSE_MASKED", "0") == "1"
+# Masked float32 in the fast kernel as a [2, BLOCK // 8, 4] tile (a row of 8 elements, one mask byte, in one thread)
+# instead of [BLOCK // 8, 8], which splits a row of 8 float32 between two threads: offline (bench/sass_count.py,
+# sm_90) that split costs a shared-memory exchange of the rows' noise words and mask bytes with its barriers. Same
+# bits either way (python_tests/test_triton_backend.py runs both). 0: the [BLOCK // 8, 8] tile.
+FP32_ROW_THREAD = int(os.environ.get("MAZO_TRITON_FP32_ROW_THREAD", "1"))
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
@@ -570,62 +575,90 @@ def _words8(row0, tid, STREAM: tl.constexpr, k0, k1, R: tl.constexpr):
 
 
 @triton.jit
-def _gauss8(row0, tid, k0, k1, R: tl.constexpr):
-    """Normals of global elements 8*row0 .. 8*(row0 + R) - 1 as [R, 8]."""
+def _rows_tile(t, R: tl.constexpr, LAY: tl.constexpr):
+    """[R, 2, 2, 2] values of elements 8r + 4a + 2b + c (at [r, a, b, c]) as the fast path's tile: [R, 8] (LAY 1), or
+    [2, R, 4] with element 8r + 4h + j at [h, r, j] (LAY 2). The permute and reshape only rename registers: a row's
+    8 values stay in the thread that made them."""
+    if LAY == 2:
+        out = tl.reshape(tl.permute(t, (1, 0, 2, 3)), [2, R, 4])
+    else:
+        out = tl.reshape(t, [R, 8])
+    return out
+
+
+@triton.jit
+def _row_bits(byte, R: tl.constexpr, LAY: tl.constexpr):
+    """Bit j of each row's byte (int32 [R]) at the row's element j, in the tile of LAY (1: [R, 8]; 2: [2, R, 4])."""
+    if LAY == 2:
+        sh = tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, 4)[None, None, :]
+        out = (byte[None, :, None] >> sh) & 1
+    else:
+        out = (byte[:, None] >> tl.arange(0, 8)[None, :]) & 1
+    return out
+
+
+@triton.jit
+def _gauss8(row0, tid, k0, k1, R: tl.constexpr, LAY: tl.constexpr):
+    """Normals of global elements 8*row0 .. 8*(row0 + R) - 1 as the tile of LAY."""
     w = _words8(row0, tid, 0, k0, k1, R)
     r = _radius(w)
     c, s = _angle(w)
-    return tl.reshape(tl.join(r * c, r * s), [R, 8])     # [R, 2, 2, 2]: element 2 * word + (0 cos, 1 sin)
+    return _rows_tile(tl.join(r * c, r * s), R, LAY)     # [R, 2, 2, 2]: element 2 * word + (0 cos, 1 sin)
 
 
 @triton.jit
-def _halves8(row0, tid, STREAM: tl.constexpr, k0, k1, R: tl.constexpr):
-    """16 bits of elements 8*row0 .. as [R, 8] (uint32): half (i & 1) of pair word (i >> 1) & 3 of STREAM."""
+def _halves8(row0, tid, STREAM: tl.constexpr, k0, k1, R: tl.constexpr, LAY: tl.constexpr):
+    """16 bits of elements 8*row0 .. (uint32, the tile of LAY): half (i & 1) of pair word (i >> 1) & 3 of STREAM."""
     w = _words8(row0, tid, STREAM, k0, k1, R)
-    return tl.reshape(tl.join(w & 0xFFFF, w >> 16), [R, 8])
+    return _rows_tile(tl.join(w & 0xFFFF, w >> 16), R, LAY)
 
 
 @triton.jit
-def _pack8(sel, BLOCK: tl.constexpr):
-    """A block's selection as BLOCK / 8 latch bytes (int32): bit j of byte r is element 8r + j."""
-    bits8 = tl.reshape(sel.to(tl.int32), [BLOCK // 8, 8])
-    return tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+def _pack8(sel, R: tl.constexpr, LAY: tl.constexpr):
+    """A block's selection (the tile of LAY) as R latch bytes (int32): bit j of byte r is element 8r + j."""
+    if LAY == 2:
+        sh = tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, 4)[None, None, :]
+        out = tl.sum(tl.sum(sel.to(tl.int32) << sh, axis=2), axis=0)
+    else:
+        bits8 = tl.reshape(sel.to(tl.int32), [R, 8])
+        out = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
+    return out
 
 
 @triton.jit
-def _rad8(row0, tid, k0, k1, R: tl.constexpr):
-    """Signs of global elements 8*row0 .. 8*(row0 + R) - 1 as [R, 8], each row from its own Philox call (a call
-    covers 16 rows: 16x the Philox work of _rad_rows) so that the signs are born in the rows' layout: _rad_rows'
+def _rad8(row0, tid, k0, k1, R: tl.constexpr, LAY: tl.constexpr):
+    """Signs of global elements 8*row0 .. 8*(row0 + R) - 1 as the tile of LAY, each row from its own Philox call (a
+    call covers 16 rows: 16x the Philox work of _rad_rows) so that the signs are born in the rows' layout: _rad_rows'
     [R / 16, 4, 32] -> [R, 8] reshape is a layout exchange through shared memory with barriers."""
     r = row0 + tl.arange(0, R).to(tl.int64)
     x0, x1, x2, x3 = _words(r >> 4, tid, 1, k0, k1)
     w = _select4(((r >> 2) & 3).to(tl.int32), x0, x1, x2, x3)
-    byte = (w >> ((r & 3) * 8).to(tl.uint32)) & 0xFF
-    bit = (byte[:, None] >> tl.arange(0, 8).to(tl.uint32)[None, :]) & 1
-    return (1 - 2 * bit.to(tl.int32)).to(tl.float32)
+    byte = ((w >> ((r & 3) * 8).to(tl.uint32)) & 0xFF).to(tl.int32)
+    return (1 - 2 * _row_bits(byte, R, LAY)).to(tl.float32)
 
 
 @triton.jit
-def _rbits8(row0, tid, k0, k1, R: tl.constexpr):
-    """Stochastic-rounding bits of elements 8*row0 .. as [R, 8] (uint32)."""
-    return _halves8(row0, tid, 2, k0, k1, R)
+def _rbits8(row0, tid, k0, k1, R: tl.constexpr, LAY: tl.constexpr):
+    """Stochastic-rounding bits of elements 8*row0 .. (uint32, the tile of LAY)."""
+    return _halves8(row0, tid, 2, k0, k1, R, LAY)
 
 
 @triton.jit
-def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr,
+def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr, LAY: tl.constexpr,
                 RAD8: tl.constexpr):
-    """Noise of the aligned dense block starting at global index gstart: [BLOCK // 8, 8] Gaussian; signs as [BLOCK],
-    or as [BLOCK // 8, 8] when ROWS (the masked fast path's layout: one mask byte per row), by _rad8 when RAD8."""
+    """Noise of the aligned dense block starting at global index gstart: the tile of LAY (0: [BLOCK], Rademacher
+    only; 1: [BLOCK // 8, 8]; 2: [2, BLOCK // 8, 4]). Signs by _rad8 when RAD8 or LAY 2 (one row per thread: made
+    there or not at all), else by _rad_rows (one Philox call per 128 elements), reshaped to the rows for LAY 1."""
     if DIST == 0:
-        z = _gauss8(gstart >> 3, tid, k0, k1, BLOCK // 8)
+        z = _gauss8(gstart >> 3, tid, k0, k1, BLOCK // 8, LAY)
     elif DIST == 2:
-        z = _gauss_fast(_halves8(gstart >> 3, tid, 3, k0, k1, BLOCK // 8))
+        z = _gauss_fast(_halves8(gstart >> 3, tid, 3, k0, k1, BLOCK // 8, LAY))
     else:
-        if RAD8:
-            z = _rad8(gstart >> 3, tid, k0, k1, BLOCK // 8)
+        if RAD8 or LAY == 2:
+            z = _rad8(gstart >> 3, tid, k0, k1, BLOCK // 8, LAY)
         else:
             z = _rad_rows(gstart >> 7, tid, k0, k1, BLOCK)
-            if ROWS:
+            if LAY == 1:
                 z = tl.reshape(z, [BLOCK // 8, 8])
     return z
 
@@ -636,16 +669,28 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                 OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, DT: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
                 TMODE: tl.constexpr, MASKED: tl.constexpr, ROWIDX: tl.constexpr, SMALL: tl.constexpr,
-                ASM: tl.constexpr, RAD8: tl.constexpr):
+                ASM: tl.constexpr, RAD8: tl.constexpr, ROW_THREAD: tl.constexpr):
     """One aligned block of BLOCK elements, all inside the tensor. in_ptr/out_ptr point at the block's start.
     MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold, packed bits
     (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes) or row-index as element units (cols_ptr,
     kcols, row_len, nsteps; lstart the block's first local element); the selection as in _general_block, the
     threshold latch written in TMODE 1, and only selected elements stored (perturbed_copy stores them all). ROWIDX
     (constexpr): the call has row-index element units (compiled in only then: the search's registers)."""
-    ROWS: tl.constexpr = DIST != 1 or MASKED
-    if ROWS:
-        offs = tl.arange(0, BLOCK // 8)[:, None] * 8 + tl.arange(0, 8)[None, :]
+    # The tile's shape (LAY): [BLOCK] for unmasked Rademacher; [R, 8] rows, one mask byte and one Philox call each
+    # (R = BLOCK // 8); for masked fp32 with ROW_THREAD, [2, R, 4] (element 8r + 4h + j at [h, r, j]): a row of 8
+    # float32 is two 16-byte vectors, which [R, 8] gives to two threads, so that the row's noise words and mask
+    # byte, made or loaded one row per thread, go through shared memory; [2, R, 4] keeps a row in one thread.
+    R: tl.constexpr = BLOCK // 8
+    if MASKED and DT == 0 and ROW_THREAD:
+        LAY: tl.constexpr = 2
+    elif DIST != 1 or MASKED:
+        LAY: tl.constexpr = 1
+    else:
+        LAY: tl.constexpr = 0
+    if LAY == 2:
+        offs = tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, R)[None, :, None] * 8 + tl.arange(0, 4)[None, None, :]
+    elif LAY == 1:
+        offs = tl.arange(0, R)[:, None] * 8 + tl.arange(0, 8)[None, :]
     else:
         offs = tl.arange(0, BLOCK)
     raw = tl.load(in_ptr + offs)
@@ -664,18 +709,18 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                 byte = tl.load(mask_ptr + tl.arange(0, BLOCK // 8), mask=rd, other=255).to(tl.int32)
         else:
             byte = tl.load(mask_ptr + tl.arange(0, BLOCK // 8), mask=rd, other=255).to(tl.int32)   # one per row
-        sel = ((byte[:, None] >> tl.arange(0, 8)[None, :]) & 1) != 0
+        sel = _row_bits(byte, R, LAY) != 0
         if TMODE != 2:   # the threshold rule on the stored values (kind 1)
             sel = sel & ((kind != 1) | (tl.abs(x) < tau))
         if TMODE == 1:
             if kind == 1:   # the threshold latch: this block's BLOCK / 8 bytes, every one rewritten
-                packed = _pack8(sel, BLOCK)
+                packed = _pack8(sel, R, LAY)
                 tl.store(mask_ptr + tl.arange(0, BLOCK // 8), packed.to(tl.uint8))
     s = _f32_arg(call_ptr, 2 * n_seeds + 2) * scale_mult
     k0 = tl.load(call_ptr).to(tl.uint32)
     k1 = tl.load(call_ptr + 1).to(tl.uint32)
     if OP == 2:
-        z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS, RAD8)
+        z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, LAY, RAD8)
         res = _rne(x + s * z0, DT)
         if MASKED:
             res = tl.where(sel, res, raw)
@@ -683,7 +728,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
     else:
         if HAS_PRIOR:
             p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
-            z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS, RAD8)
+            z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, LAY, RAD8)
             if ASM >= 1:   # bf16 only (the host's choice)
                 base = _invert_rounding_bf16_asm(raw, x, p * z0, SMALL)
             else:
@@ -692,7 +737,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             base = x
         if OP == 0:
             if not HAS_PRIOR:
-                z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, ROWS, RAD8)
+                z0 = _fast_noise(gstart, tid, k0, k1, DIST, BLOCK, LAY, RAD8)
             res = _rne(base + s * z0, DT)
         else:
             acc = tl.zeros(offs.shape, tl.float32)
@@ -704,21 +749,21 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                     gk = tl.load(gs_ptr + (k - 1)) * g_mult
                     kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
                     kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
-                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, ROWS, RAD8)
+                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, LAY, RAD8)
             else:
                 for k in range(1 + REUSE0, n_end):
                     gk = tl.load(gs_ptr + (k - 1)) * g_mult
                     kk0 = tl.load(call_ptr + 2 * k).to(tl.uint32)
                     kk1 = tl.load(call_ptr + 2 * k + 1).to(tl.uint32)
-                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, ROWS, RAD8)
+                    acc = acc + gk * _fast_noise(gstart, tid, kk0, kk1, DIST, BLOCK, LAY, RAD8)
             step = acc + wd * base
             lr = _f32_arg(call_ptr, 2 * n_seeds + 4)
             new = base - (lr * lr_mult) * step
             if SR and DT != 0:
                 sk0 = tl.load(call_ptr + 2 * n_seeds).to(tl.uint32)
                 sk1 = tl.load(call_ptr + 2 * n_seeds + 1).to(tl.uint32)
-                rb = _rbits8(gstart >> 3, tid, sk0, sk1, BLOCK // 8)
-                if not ROWS:
+                rb = _rbits8(gstart >> 3, tid, sk0, sk1, R, 1 if LAY == 0 else LAY)
+                if LAY == 0:
                     rb = tl.reshape(rb, [BLOCK])
                 if ASM >= 2:
                     res = _sr_bf16_asm(new, rb)
@@ -729,7 +774,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             if OP == 3:   # then the next step's perturbation (prior 0) of the values the update stored
                 nk0 = tl.load(call_ptr + 2 * (n_seeds - 1)).to(tl.uint32)
                 nk1 = tl.load(call_ptr + 2 * (n_seeds - 1) + 1).to(tl.uint32)
-                zn = _fast_noise(gstart, tid, nk0, nk1, DIST, BLOCK, ROWS, RAD8)
+                zn = _fast_noise(gstart, tid, nk0, nk1, DIST, BLOCK, LAY, RAD8)
                 if MASKED:
                     # its selection: a threshold's is evaluated on those values and latched (the latch rewritten,
                     # as perturb_ with prior 0 does); packed bits and row indices keep theirs
@@ -737,7 +782,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                     upd_sel = sel
                     sel = tl.where(kind == 1, tl.abs(w) < tau, sel)
                     if kind == 1:
-                        packed = _pack8(sel, BLOCK)
+                        packed = _pack8(sel, R, LAY)
                         tl.store(mask_ptr + tl.arange(0, BLOCK // 8), packed.to(tl.uint8))
                     res = tl.where(sel, _rne(w + s * zn, DT), tl.where(upd_sel, res, raw))
                     sel = sel | upd_sel
@@ -791,7 +836,7 @@ def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entr
         sel = valid & tl.where(use_thr, thr, tl.where(use_bits, bit, True))
     if TMODE == 1:
         # threshold latch: this program owns bytes [start/8, start/8 + BLOCK/8); every byte is rewritten
-        packed = _pack8(sel, BLOCK)
+        packed = _pack8(sel, BLOCK // 8, 1)
         bidx = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
         tl.store(mask_u8 + bidx, packed.to(tl.uint8), mask=(bidx < ((numel + 7) >> 3)) & (kind == 1) & (~entries))
 
@@ -844,7 +889,7 @@ def _general_block(in_ptr, out_ptr, mask_addr, start, numel, nunits, kcols, entr
                 w = tl.where(sel, _to_f32(res, DT), x)
                 upd_sel = sel
                 sel = tl.where(kind == 1, valid & (tl.abs(w) < tau), sel)
-                packed = _pack8(sel, BLOCK)
+                packed = _pack8(sel, BLOCK // 8, 1)
                 bidx = (start >> 3) + tl.arange(0, BLOCK // 8).to(tl.int64)
                 tl.store(mask_u8 + bidx, packed.to(tl.uint8),
                          mask=(bidx < ((numel + 7) >> 3)) & (kind == 1) & (~entries))
@@ -860,7 +905,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, MODE: tl.constexpr,
                FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr, MASKED: tl.constexpr = False,
                ROWIDX: tl.constexpr = False, SMALL: tl.constexpr = False, ASM: tl.constexpr = 0,
-               RAD8: tl.constexpr = False):
+               RAD8: tl.constexpr = False, ROW_THREAD: tl.constexpr = False):
     pid = tl.program_id(0).to(tl.int64)
     if MODE >= 3:   # [t, start, number of FBLOCK blocks]
         t = tl.load(prog_ptr + 3 * pid)
@@ -928,7 +973,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                             scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (st >> 3), kind,
                             tau, cols_i32p, kcols, row_len, nsteps, st,
                             OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM,
-                            RAD8)
+                            RAD8, ROW_THREAD)
     elif MODE == 4:
         nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
         for q in range(nsub):
@@ -941,7 +986,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                         scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (start >> 3), kind,
                         tau, cols_i32p, kcols, row_len, nsteps, start,
                         OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM,
-                        RAD8)
+                        RAD8, ROW_THREAD)
     else:
         run = start >= 0
         if MODE == 1:   # FBLOCK is a multiple of BLOCK; the fast kernel's block holding `start` is full
@@ -1296,7 +1341,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   NSTAT=(n_upd_seeds if is_update and n_upd_seeds <= 4 else 0), NTAB=_NTAB,
                   SMALL=_small_shift(_DT[dtype], prior, fvals),
                   ASM=(int(ASM) if dtype == torch.bfloat16 and HW_BF16 else 0),
-                  RAD8=_rad8_choice(masked, dist, op, prior, rowidx_el), enable_fp_fusion=False)
+                  RAD8=_rad8_choice(masked, dist, op, prior, rowidx_el),
+                  ROW_THREAD=bool(masked and dtype == torch.float32 and FP32_ROW_THREAD), enable_fp_fusion=False)
     light_masked = masked and prior == 0.0 and op == ref.OP_PERTURB
     fast_warps = (MASKED_NUM_WARPS if light_masked and dist == ref.DIST_GAUSSIAN_FAST
                   else MASKED_NUM_WARPS_RAD if light_masked and consts["RAD8"] else FAST_NUM_WARPS)

@@ -402,27 +402,34 @@ def step_fast_on_and_off(tk, monkeypatch, specs, dist, seed, eps, upd_seed, sr_s
     return results
 
 
-@pytest.mark.parametrize("dist,split,rad8", [("gaussian", True, False), ("rademacher", True, False),
-                                             ("rademacher", True, True), ("gaussian", False, False),
-                                             ("gaussian_fast", True, False)])
-def test_masked_fast_path_matches_general_and_reference(dist, split, rad8, monkeypatch, _big_block):
+@pytest.mark.parametrize("dist,split,rad8,dtype,row_thread", [
+    ("gaussian", True, False, torch.bfloat16, 1), ("rademacher", True, False, torch.bfloat16, 1),
+    ("rademacher", True, True, torch.bfloat16, 1), ("gaussian", False, False, torch.bfloat16, 1),
+    ("gaussian_fast", True, False, torch.bfloat16, 1),
+    ("gaussian", True, False, torch.float32, 1), ("rademacher", True, False, torch.float32, 1),
+    ("gaussian_fast", True, False, torch.float32, 1), ("gaussian_fast", True, False, torch.float32, 0)],
+    ids=lambda v: str(v).replace("torch.", ""))
+def test_masked_fast_path_matches_general_and_reference(dist, split, rad8, dtype, row_thread, monkeypatch,
+                                                        _big_block):
     """Threshold (latch) and packed-bit masks take the fast path (MASKED_FAST): the host gives their full blocks to
     the fast kernel, and a whole ZO step (latch written, then read; restore; update with SR; a masked copy) gives
     the reference's bits and the general path's (MASKED_FAST off), latches included. A tensor whose size is not a
     multiple of the block also runs its tail through the general kernel, writing the rest of the same latch.
-    rad8: Rademacher signs made in the rows' layout (RAD_ROWS8, _rad8) rather than exchanged into it."""
+    rad8: Rademacher signs made in the rows' layout (RAD_ROWS8, _rad8) rather than exchanged into it. float32:
+    the [2, R, 4] tile (FP32_ROW_THREAD 1, signs always by _rad8) and the [R, 8] one (0)."""
     tk = _big_block
     monkeypatch.setattr(tk, "RAD_ROWS8", rad8)
+    monkeypatch.setattr(tk, "FP32_ROW_THREAD", row_thread)
     monkeypatch.setattr(tk, "BLOCK", 128)
     monkeypatch.setattr(tk, "FAST_BLOCK", 256)
     monkeypatch.setattr(tk, "SPLIT", split)   # False: the older two-launch layout (fast kernel, then general)
     g = gen(29 + (dist == "rademacher"))
-    specs = [dict(name="bits", tensor=weights((512,), torch.bfloat16, g), tid=31,
+    specs = [dict(name="bits", tensor=weights((512,), dtype, g), tid=31,
                   mask=("bits", torch.rand(512, generator=g) < 0.4), offset=256, full=4096),
-             dict(name="thr", tensor=weights((768 + 40,), torch.bfloat16, g), tid=32, mask=("thr", 0.04),
+             dict(name="thr", tensor=weights((768 + 40,), dtype, g), tid=32, mask=("thr", 0.04),
                   sm=0.5, lm=2.0, wd=0.1),
-             dict(name="dense", tensor=weights((256,), torch.bfloat16, g), tid=33),
-             dict(name="thr_odd", tensor=weights((512,), torch.bfloat16, g), tid=34, mask=("thr", 0.03), offset=3,
+             dict(name="dense", tensor=weights((256,), dtype, g), tid=33),
+             dict(name="thr_odd", tensor=weights((512,), dtype, g), tid=34, mask=("thr", 0.03), offset=3,
                   full=515)]   # an unaligned offset: its fast blocks fall back to the general path on the device
     # the host's split: with MASKED_FAST the masked tensors' full blocks are fast programs (2 + 3 + 1 + 2 blocks)
     _, pt = plans(specs)
@@ -438,28 +445,33 @@ def test_masked_fast_path_matches_general_and_reference(dist, split, rad8, monke
         assert_same(a, b, "masked fast path vs general path")
 
 
-@pytest.mark.parametrize("dist,rad8", [("gaussian_fast", False), ("rademacher", False), ("rademacher", True)])
-def test_rowindex_element_units_fast_and_general(dist, rad8, monkeypatch, _big_block):
+@pytest.mark.parametrize("dist,rad8,dtype", [("gaussian_fast", False, torch.bfloat16),
+                                             ("rademacher", False, torch.bfloat16),
+                                             ("rademacher", True, torch.bfloat16),
+                                             ("gaussian", False, torch.float32)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_rowindex_element_units_fast_and_general(dist, rad8, dtype, monkeypatch, _big_block):
     """Row-index masks with k * 8 >= row_len (rows a multiple of 8 long) run as element units: full blocks in the
     fast kernel (MASKED_FAST), tails and unaligned offsets in the general kernel, both finding each unit's selection
     by a binary search of its row's columns (_rowidx_bytes). Sparser masks and rows not a multiple of 8 keep entry
-    units. A whole step and a copy against the reference, with the fast path on and off (rad8: RAD_ROWS8)."""
+    units. A whole step and a copy against the reference, with the fast path on and off (rad8: RAD_ROWS8; float32
+    in the [2, R, 4] tile)."""
     tk = _big_block
     monkeypatch.setattr(tk, "RAD_ROWS8", rad8)
     monkeypatch.setattr(tk, "BLOCK", 128)
     monkeypatch.setattr(tk, "FAST_BLOCK", 256)
     monkeypatch.setattr(tk, "ROWIDX_ELEMENTS", True)   # every op (the default "auto" picks per op, dtype, noise)
     g = gen(41 + (dist == "rademacher"))
-    specs = [dict(name="r64", tensor=weights((8, 64), torch.bfloat16, g), tid=51, mask=("rows", rowidx(8, 64, 32, g)),
+    specs = [dict(name="r64", tensor=weights((8, 64), dtype, g), tid=51, mask=("rows", rowidx(8, 64, 32, g)),
                   offset=1024, full=4096),
-             dict(name="r48", tensor=weights((6, 48), torch.bfloat16, g), tid=52, mask=("rows", rowidx(6, 48, 6, g)),
+             dict(name="r48", tensor=weights((6, 48), dtype, g), tid=52, mask=("rows", rowidx(6, 48, 6, g)),
                   sm=0.5, lm=2.0, wd=0.1),
-             dict(name="r40_sparse", tensor=weights((5, 40), torch.bfloat16, g), tid=53,
+             dict(name="r40_sparse", tensor=weights((5, 40), dtype, g), tid=53,
                   mask=("rows", rowidx(5, 40, 3, g))),
-             dict(name="r36", tensor=weights((9, 36), torch.bfloat16, g), tid=54, mask=("rows", rowidx(9, 36, 20, g))),
-             dict(name="r64_odd", tensor=weights((4, 64), torch.bfloat16, g), tid=55,
+             dict(name="r36", tensor=weights((9, 36), dtype, g), tid=54, mask=("rows", rowidx(9, 36, 20, g))),
+             dict(name="r64_odd", tensor=weights((4, 64), dtype, g), tid=55,
                   mask=("rows", rowidx(4, 64, 40, g)), offset=5, full=300),
-             dict(name="dense", tensor=weights((256,), torch.bfloat16, g), tid=56)]
+             dict(name="dense", tensor=weights((256,), dtype, g), tid=56)]
     _, pt = plans(specs)
     grp = pt[0].groups[0]
     modes = [bool(tk._table_row(t, t, m)[6]) for t, m in zip(grp.tensors, grp.masks)]
@@ -681,8 +693,10 @@ def test_update_then_perturb_matches_reference(dtype, dist, monkeypatch, _big_bl
     _check_update_then_perturb(dtype, dist, ((dense, "unmasked"), (fast_specs(dtype, g), "masked")), g)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("dist", ["rademacher", "rademacher-rows8", "gaussian_fast"])
+@pytest.mark.parametrize("dtype,dist", [(dt, d) for dt in (torch.bfloat16, torch.float16)
+                                        for d in ("rademacher", "rademacher-rows8", "gaussian_fast")]
+                         + [(torch.float32, "rademacher"), (torch.float32, "gaussian_fast")],   # the [2, R, 4] tile
+                         ids=lambda v: str(v).replace("torch.", ""))
 def test_update_then_perturb_fused_masked(dtype, dist, monkeypatch, _big_block):
     """FUSE_MASKED: masked calls fused too, the next selection in the same pass (a threshold's on the updated values,
     latched; packed bits and row indices keep theirs), in the fast blocks and in the general ones (masked tensors at
