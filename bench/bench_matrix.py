@@ -467,6 +467,8 @@ def header(device, bw, copy_ms, copy_bytes):
                                       "cases: mask = |p| < tau materialised, p.add_(z * mask * eps)); update_: "
                                       "restore pass + update pass",
                        "baseline_as_written_ms": "MeZO as written: p.data = p.data + scale * z * eps"}}
+    if os.environ.get("MAZO_RUN_COMMIT"):   # the commit that ran, where the device copy's git metadata lags
+        h["git_commit_as_run"] = os.environ["MAZO_RUN_COMMIT"]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         h.update(sm_count=props.multi_processor_count, total_memory_bytes=props.total_memory,
