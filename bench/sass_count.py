@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 
@@ -66,7 +67,8 @@ def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
              NTAB=tk._NTAB)
     c.update(consts)
     if "ROW_THREAD" not in consts:   # the host's choice (zo_apply_)
-        c["ROW_THREAD"] = bool(c["MASKED"] and c["DT"] == 0 and tk.FP32_ROW_THREAD)
+        c["ROW_THREAD"] = tk._row_thread_choice(bool(c["MASKED"]), torch.float32 if c["DT"] == 0 else torch.bfloat16,
+                                                c["DIST"], c["OP"], 1.0 if c["HAS_PRIOR"] else 0.0, bool(c["RAD8"]))
     if "ASM" not in consts:   # the host's choice (zo_apply_): MAZO_TRITON_ASM=0/1/2 compares the forms
         c["ASM"] = int(tk.ASM) if c["DT"] == 2 and tk.HW_BF16 else 0
     sig = dict(SIGNATURE)

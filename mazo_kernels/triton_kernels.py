@@ -61,11 +61,18 @@ FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
 # masked perturb_'s ~30, so it is not expected to be faster; a knob for the measurement (bench/NOTES.md, session 18).
 # Same bits either way (python_tests/test_triton_backend.py runs both).
 FUSE_MASKED = os.environ.get("MAZO_TRITON_FUSE_MASKED", "0") == "1"
-# Masked float32 in the fast kernel as a [2, BLOCK // 8, 4] tile (a row of 8 elements, one mask byte, in one thread)
-# instead of [BLOCK // 8, 8], which splits a row of 8 float32 between two threads: offline (bench/sass_count.py,
-# sm_90) that split costs a shared-memory exchange of the rows' noise words and mask bytes with its barriers. Same
-# bits either way (python_tests/test_triton_backend.py runs both). 0: the [BLOCK // 8, 8] tile.
-FP32_ROW_THREAD = int(os.environ.get("MAZO_TRITON_FP32_ROW_THREAD", "1"))
+# Masked float32 in the fast kernel as a [2, BLOCK // 8, 4] tile (a row of 8 elements and its mask byte in one
+# thread) instead of [BLOCK // 8, 8], which splits a row of 8 float32 between two threads: offline (bench/sass_count.py,
+# sm_90) that split costs a shared-memory exchange of the rows' noise words and mask bytes with its barriers (6-22
+# BAR per block; none in the [2, R, 4] tile). In that tile Rademacher signs are always made by _rad8 (16x the Philox
+# work), so "auto" (_row_thread_choice) keeps Rademacher on it only where _rad8 paid: on an H200 over 7B fp32 masks
+# (bench/results/h200_2026-12-03/s20/call1, one process) gaussian_fast passes took 0.79-1.06x the [R, 8] tile's time,
+# Rademacher perturb_ with prior 0 0.78-0.81x and op 3 0.86-0.96x, its restoring passes and copies 1.10-1.24x.
+# 1: every masked float32 call; 0: none. Same bits either way (python_tests/test_triton_backend.py runs both).
+FP32_ROW_THREAD = {"auto": "auto", "1": 1, "0": 0}.get(os.environ.get("MAZO_TRITON_FP32_ROW_THREAD", "auto"), None)
+if FP32_ROW_THREAD is None:
+    raise ValueError("MAZO_TRITON_FP32_ROW_THREAD must be auto, 1 or 0, got "
+                     f"{os.environ['MAZO_TRITON_FP32_ROW_THREAD']!r}")
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
@@ -1042,6 +1049,19 @@ def _rad8_choice(masked: bool, dist: int, op: int, prior: float, rowidx_el: bool
     return (op == ref.OP_PERTURB and prior == 0.0) or (op == ref.OP_UPDATE and prior != 0.0 and rowidx_el)
 
 
+def _row_thread_choice(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rad8: bool) -> bool:
+    """FP32_ROW_THREAD: does this masked float32 call run the fast path in the [2, R, 4] tile? "auto": Gaussian
+    noise always; Rademacher where its signs by _rad8 were measured faster (perturb_ with prior 0, op 3, and the
+    calls _rad8_choice gives _rad8)."""
+    if not (masked and dtype == torch.float32):
+        return False
+    if FP32_ROW_THREAD != "auto":
+        return bool(FP32_ROW_THREAD)
+    if dist != ref.DIST_RADEMACHER:
+        return True
+    return rad8 or (op == ref.OP_PERTURB and prior == 0.0) or op == ref.OP_UPDATE_PERTURB
+
+
 def _rowidx_elements(theta, mask, ok: bool = True) -> bool:
     """Does a row-index mask run as element units (every element visited in order, the selection found per unit of
     8 by _rowidx_bytes) rather than entry units (only the listed elements, gathered)? From 1/8 of a row on (a 32-byte
@@ -1341,8 +1361,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   NSTAT=(n_upd_seeds if is_update and n_upd_seeds <= 4 else 0), NTAB=_NTAB,
                   SMALL=_small_shift(_DT[dtype], prior, fvals),
                   ASM=(int(ASM) if dtype == torch.bfloat16 and HW_BF16 else 0),
-                  RAD8=_rad8_choice(masked, dist, op, prior, rowidx_el),
-                  ROW_THREAD=bool(masked and dtype == torch.float32 and FP32_ROW_THREAD), enable_fp_fusion=False)
+                  RAD8=_rad8_choice(masked, dist, op, prior, rowidx_el), enable_fp_fusion=False)
+    consts["ROW_THREAD"] = _row_thread_choice(masked, dtype, dist, op, prior, consts["RAD8"])
     light_masked = masked and prior == 0.0 and op == ref.OP_PERTURB
     fast_warps = (MASKED_NUM_WARPS if light_masked and dist == ref.DIST_GAUSSIAN_FAST
                   else MASKED_NUM_WARPS_RAD if light_masked and consts["RAD8"] else FAST_NUM_WARPS)

@@ -407,7 +407,8 @@ def step_fast_on_and_off(tk, monkeypatch, specs, dist, seed, eps, upd_seed, sr_s
     ("rademacher", True, True, torch.bfloat16, 1), ("gaussian", False, False, torch.bfloat16, 1),
     ("gaussian_fast", True, False, torch.bfloat16, 1),
     ("gaussian", True, False, torch.float32, 1), ("rademacher", True, False, torch.float32, 1),
-    ("gaussian_fast", True, False, torch.float32, 1), ("gaussian_fast", True, False, torch.float32, 0)],
+    ("gaussian_fast", True, False, torch.float32, 1), ("gaussian_fast", True, False, torch.float32, 0),
+    ("rademacher", True, False, torch.float32, "auto")],   # the latch written in [2, R, 4], read in [R, 8]
     ids=lambda v: str(v).replace("torch.", ""))
 def test_masked_fast_path_matches_general_and_reference(dist, split, rad8, dtype, row_thread, monkeypatch,
                                                         _big_block):
@@ -416,7 +417,8 @@ def test_masked_fast_path_matches_general_and_reference(dist, split, rad8, dtype
     the reference's bits and the general path's (MASKED_FAST off), latches included. A tensor whose size is not a
     multiple of the block also runs its tail through the general kernel, writing the rest of the same latch.
     rad8: Rademacher signs made in the rows' layout (RAD_ROWS8, _rad8) rather than exchanged into it. float32:
-    the [2, R, 4] tile (FP32_ROW_THREAD 1, signs always by _rad8) and the [R, 8] one (0)."""
+    the [2, R, 4] tile (FP32_ROW_THREAD 1, signs always by _rad8), the [R, 8] one (0), and both in one step
+    ("auto": Rademacher perturb_ with prior 0 in the first, the restoring passes in the second)."""
     tk = _big_block
     monkeypatch.setattr(tk, "RAD_ROWS8", rad8)
     monkeypatch.setattr(tk, "FP32_ROW_THREAD", row_thread)
@@ -658,6 +660,45 @@ def test_bad_rad_rows8_setting_is_refused_at_import():
                          text=True)
     assert res.returncode != 0
     assert "MAZO_TRITON_RAD_ROWS8 must be auto, 1 or 0, got 'yes'" in res.stderr
+
+
+def test_row_thread_choice_follows_the_measured_policy(monkeypatch):
+    """FP32_ROW_THREAD "auto" (the default): masked float32 calls run the [2, R, 4] tile with Gaussian noise always,
+    with Rademacher noise where _rad8 was measured faster (perturb_ with prior 0, op 3, the calls given _rad8;
+    bench/NOTES.md, session 20); never unmasked or 16-bit calls; 1 / 0 force it on every masked float32 call / off."""
+    from mazo_kernels import triton_kernels as tk
+    R, G, V1 = ref.DIST_RADEMACHER, ref.DIST_GAUSSIAN_FAST, ref.DIST_GAUSSIAN
+    f32, bf16 = torch.float32, torch.bfloat16
+    monkeypatch.setattr(tk, "FP32_ROW_THREAD", "auto")
+    for op in (ref.OP_PERTURB, ref.OP_UPDATE, ref.OP_COPY, ref.OP_UPDATE_PERTURB):
+        for prior in (0.0, 1e-3):
+            assert tk._row_thread_choice(True, f32, G, op, prior, False)
+            assert tk._row_thread_choice(True, f32, V1, op, prior, False)
+            assert not tk._row_thread_choice(False, f32, G, op, prior, False)
+            assert not tk._row_thread_choice(True, bf16, G, op, prior, False)
+            assert tk._row_thread_choice(True, f32, R, op, prior, True)          # signs by _rad8 anyway
+    assert tk._row_thread_choice(True, f32, R, ref.OP_PERTURB, 0.0, False)
+    assert tk._row_thread_choice(True, f32, R, ref.OP_UPDATE_PERTURB, -1e-3, False)
+    assert not tk._row_thread_choice(True, f32, R, ref.OP_PERTURB, 1e-3, False)   # restoring: slower with _rad8
+    assert not tk._row_thread_choice(True, f32, R, ref.OP_UPDATE, -1e-3, False)
+    assert not tk._row_thread_choice(True, f32, R, ref.OP_COPY, 0.0, False)
+    monkeypatch.setattr(tk, "FP32_ROW_THREAD", 1)
+    assert tk._row_thread_choice(True, f32, R, ref.OP_COPY, 0.0, False)
+    assert not tk._row_thread_choice(True, bf16, R, ref.OP_COPY, 0.0, False)
+    monkeypatch.setattr(tk, "FP32_ROW_THREAD", 0)
+    assert not tk._row_thread_choice(True, f32, G, ref.OP_PERTURB, 0.0, False)
+
+
+def test_bad_fp32_row_thread_setting_is_refused_at_import():
+    """MAZO_TRITON_FP32_ROW_THREAD takes auto, 1 or 0; anything else is a clear error when the backend is imported."""
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = dict(os.environ, MAZO_TRITON_FP32_ROW_THREAD="on")
+    res = subprocess.run([sys.executable, "-c", "import mazo_kernels.triton_kernels"], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode != 0
+    assert "MAZO_TRITON_FP32_ROW_THREAD must be auto, 1 or 0, got 'on'" in res.stderr
 
 
 def _check_update_then_perturb(dtype, dist, sets, g):
