@@ -540,7 +540,7 @@ def _f32_arg(bits_ptr, i):
 
 # ------------------------------------------------------------------------------------------------ row-index units
 @triton.jit
-def _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, numel, NU: tl.constexpr):
+def _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, numel, NU: tl.constexpr, LAY: tl.constexpr = 1):
     """Selection bytes (int32 [NU]) of the units of 8 local elements starting at lstart (a multiple of 8) under a
     row-index mask (int32 [rows, kcols]: sorted, distinct columns per row) whose rows are a multiple of 8 long, so
     that a unit lies in one row. Per unit: a binary search of its first column in its row's columns (nsteps rounds:
@@ -561,11 +561,19 @@ def _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, numel, NU: tl.conste
         less = act & (v < c)
         lo = tl.where(less, mid + 1, lo)
         hi = tl.where(act & (~less), mid, hi)
-    j = lo[:, None] + tl.arange(0, 8)[None, :]
-    v = tl.load(row[:, None] + j, mask=ok[:, None] & (j < kcols), other=-1)
-    d = v - c[:, None]
-    hit = (d >= 0) & (d < 8)
-    return tl.sum(tl.where(hit, 1 << tl.where(hit, d, 0), 0), axis=1)
+    if LAY == 2:   # [2, NU, 4], as the float32 tile: a unit's 8 columns in one thread, so the sum stays in it
+        j = lo[None, :, None] + (tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, 4)[None, None, :])
+        v = tl.load(row[None, :, None] + j, mask=ok[None, :, None] & (j < kcols), other=-1)
+        d = v - c[None, :, None]
+        hit = (d >= 0) & (d < 8)
+        out = tl.sum(tl.sum(tl.where(hit, 1 << tl.where(hit, d, 0), 0), axis=2), axis=0)
+    else:
+        j = lo[:, None] + tl.arange(0, 8)[None, :]
+        v = tl.load(row[:, None] + j, mask=ok[:, None] & (j < kcols), other=-1)
+        d = v - c[:, None]
+        hit = (d >= 0) & (d < 8)
+        out = tl.sum(tl.where(hit, 1 << tl.where(hit, d, 0), 0), axis=1)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ fast path
@@ -711,7 +719,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             rd = kind == 2
         if ROWIDX:
             if kind == 3:
-                byte = _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, lstart + BLOCK, BLOCK // 8)
+                byte = _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, lstart + BLOCK, BLOCK // 8, LAY)
             else:
                 byte = tl.load(mask_ptr + tl.arange(0, BLOCK // 8), mask=rd, other=255).to(tl.int32)
         else:
