@@ -67,11 +67,42 @@ def require(backend: str):
             "reinstall with `pip install --no-build-isolation -e .` (MAZO_SKIP_CUDA must be unset).")
     if backend == "triton" and not has_triton():
         raise BackendUnavailable("the 'triton' backend needs `pip install triton` (ships with CUDA builds of torch)")
+    if backend == "fastest":
+        for b in ("cuda", "triton"):
+            try:
+                require(b)
+            except BackendUnavailable as exc:
+                raise BackendUnavailable(f"the 'fastest' backend picks cuda or triton per pass and needs both: {exc}")
+
+
+_PASS_NAMES = {(0, False): "perturb_", (0, True): "perturb_prior", (1, False): "update0", (1, True): "update_",
+               (2, False): "perturbed_copy", (2, True): "perturbed_copy", (3, False): "update_next",
+               (3, True): "update_next"}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+_DIST_NAMES = {0: "gaussian", 1: "rademacher", 2: "gaussian_fast"}
+
+
+def pass_backend(op: int, dist: int, prior: float, dtype: torch.dtype, masks) -> str:
+    """The backend that runs this pass under backend="fastest": triton where backend_policy.TRITON lists its
+    (dtype, mask class, pass, noise), else cuda. A call with a row-index mask is of class "rowindex", else one with
+    any other mask tensor "bytes" (threshold latch or packed bits), else "none"."""
+    from .backend_policy import TRITON
+    cls = "none"
+    for m in masks:
+        if m.numel():
+            if m.dtype == torch.int32 and m.dim() == 2:
+                cls = "rowindex"
+                break
+            cls = "bytes"
+    key = (_DTYPE_NAMES.get(dtype), cls, _PASS_NAMES.get((int(op), prior != 0.0)), _DIST_NAMES.get(int(dist)))
+    return "triton" if key in TRITON else "cuda"
 
 
 def resolve(backend: str, device: torch.device) -> str:
-    if backend not in ("auto", "reference", "cpu", "triton", "cuda"):
-        raise ValueError(f"unknown backend {backend!r}; choose auto, reference, cpu, triton or cuda")
+    if backend not in ("auto", "reference", "cpu", "triton", "cuda", "fastest"):
+        raise ValueError(f"unknown backend {backend!r}; choose auto, reference, cpu, triton, cuda or fastest")
+    if backend == "fastest" and device.type != "cuda":
+        raise ValueError(f"backend 'fastest' (cuda or triton per pass) runs on CUDA tensors; these are on {device}")
     if backend == "auto":
         if device.type == "cuda":
             return "cuda" if has_cuda() else "triton"

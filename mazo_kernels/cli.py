@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--forward-mode", choices=["eval", "train"], default="eval")
     t.add_argument("--rounding", choices=["stochastic", "nearest"], default=None,
                    help="bf16/fp16 update rounding (default stochastic)")
-    t.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda"], default="auto")
+    t.add_argument("--backend", choices=["auto", "reference", "cpu", "triton", "cuda", "fastest"], default="auto")
     t.add_argument("--seed", type=_nonneg_int, default=0, help="seeds the ZO noise, the data order and random init")
 
     e = p.add_argument_group("evaluation and output")

@@ -16,7 +16,7 @@ lives in device memory that the captured kernels read:
 The seed log gets the same record as an eager step, with the projected gradient copied out of the graph's output
 on the device (no host synchronisation), so `mazo_kernels.replay` reproduces the run.
 Limits (checked, with a message): in-place mode, one device, forward_mode="eval", no loss_reduce (data parallel),
-no FSDP, the cuda or triton backend. A non-finite loss skips the update on the device, as in an eager step; an
+no FSDP, the cuda, triton or fastest backend. A non-finite loss skips the update on the device, as in an eager step; an
 exception inside a replay cannot happen in Python, and a closure that fails during warm-up or capture leaves the
 weights restored (the warm-up steps are eager ZOSGD steps).
 """
@@ -67,8 +67,8 @@ class GraphedZOStep:
         if use_graph:
             if opt._device.type != "cuda":
                 why.append("CUDA tensors")
-            if opt.backend not in ("cuda", "triton"):
-                why.append("the cuda or triton backend")
+            if opt.backend not in ("cuda", "triton", "fastest"):
+                why.append("the cuda, triton or fastest backend")
         if why:
             raise ValueError("GraphedZOStep needs " + "; ".join(why))
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < (1 if use_graph else 0):
