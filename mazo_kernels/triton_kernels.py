@@ -1037,9 +1037,13 @@ def _rowidx_element_policy(op: int, dist: int, dtype: torch.dtype, prior: float)
     (masks of half of each row; bench/results/h200_2026-12-02/s13/call7 against the entry units of s12's full
     matrix) element units were faster for perturbed_copy and update_ with prior 0 in every dtype (1.0-1.75x), and in
     bf16/fp16 for every pass (1.06-1.70x; perturb_ with a prior 0.97-1.09x) except perturb_ with prior 0 and
-    Rademacher noise (0.73-0.76x); in fp32 the other passes were slower (0.52-0.97x)."""
+    Rademacher noise (0.73-0.76x); in fp32 the other passes were slower (0.52-0.97x). Re-timed for fp32 with its
+    [2, R, 4] tile (bench/results/h200_2026-12-03/s20/call3, one process): the same, but for v1 Gaussian
+    perturbed_copy, where element units took 112.4 ms against the entry units' 74.6."""
     if ROWIDX_ELEMENTS != "auto":
         return bool(ROWIDX_ELEMENTS)
+    if op == ref.OP_COPY and dtype == torch.float32 and dist == ref.DIST_GAUSSIAN:
+        return False
     if op == ref.OP_COPY or (op == ref.OP_UPDATE and prior == 0.0):
         return True
     if dtype == torch.float32:

@@ -488,9 +488,10 @@ def test_rowindex_element_units_fast_and_general(dist, rad8, dtype, monkeypatch,
 
 
 def test_rowindex_element_policy(_big_block):
-    """ROWIDX_ELEMENTS "auto": row-index element units for the transient mode's passes in every dtype, for the other
-    16-bit passes except perturb_ with prior 0 and Rademacher noise, and for no other fp32 pass (the measured
-    outcome, see _rowidx_element_policy); True / False force either."""
+    """ROWIDX_ELEMENTS "auto": row-index element units for the transient mode's passes in every dtype (but fp32
+    perturbed_copy with v1 Gaussian noise), for the other 16-bit passes except perturb_ with prior 0 and Rademacher
+    noise, and for no other fp32 pass (the measured outcome, see _rowidx_element_policy); True / False force
+    either."""
     tk = _big_block
     pol = tk._rowidx_element_policy
     for dt in (torch.float32, torch.float16, torch.bfloat16):
@@ -500,6 +501,8 @@ def test_rowindex_element_policy(_big_block):
         assert pol(ref.OP_PERTURB, ref.DIST_GAUSSIAN_FAST, dt, 0.0) == (dt != torch.float32)
         assert pol(ref.OP_UPDATE, ref.DIST_RADEMACHER, dt, 1e-3) == (dt != torch.float32)
         assert pol(ref.OP_PERTURB, ref.DIST_RADEMACHER, dt, 1e-3) == (dt != torch.float32)
+        assert pol(ref.OP_COPY, ref.DIST_GAUSSIAN, dt, 0.0) == (dt != torch.float32)   # fp32 v1 copy: entries
+        assert pol(ref.OP_COPY, ref.DIST_GAUSSIAN_FAST, dt, 0.0)
     w = torch.zeros(4, 64, dtype=torch.bfloat16)
     m = torch.arange(32, dtype=torch.int32).repeat(4, 1)
     assert tk._table_row(w, w, m, True)[6] == 0 and tk._table_row(w, w, m, False)[6] == 1
