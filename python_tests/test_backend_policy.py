@@ -123,3 +123,65 @@ def test_fastest_on_cpu_plan_is_refused_before_any_write():
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
         mk.perturb_(plan, 1, 1e-3, backend="fastest")
     assert torch.equal(plan.entries[0].tensor, before)
+
+
+def _step_plan(dtype, gen):
+    """bf16 / fp32 weights with every mask kind, block-sized so the fast paths run (interpreter: small blocks)."""
+    def w(*shape):
+        x = torch.randn(*shape, generator=gen) * 0.05
+        x.view(-1)[::7] *= 20.0
+        return x.to(dtype)
+    sel = torch.rand(512, generator=gen) < 0.4
+    cols = torch.stack([torch.randperm(64, generator=gen)[:40].sort().values for _ in range(8)]).to(torch.int32)
+    entries = [mk.PlanEntry("thr", w(768 + 40), 11, mask=mk.ThresholdMask(0.04)),
+               mk.PlanEntry("bits", w(512), 12, mask=mk.BitMask.from_bool(sel)),
+               mk.PlanEntry("rows", w(8, 64), 13, mask=mk.RowIndexMask(cols)),
+               mk.PlanEntry("dense", w(256), 14)]
+    return mk.ZOPlan(entries)
+
+
+@pytest.mark.parametrize("first", ["cpu", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_fastest_dispatch_mixes_backends_within_a_step_bit_exactly(first, dtype, monkeypatch):
+    """The mechanism "fastest" relies on, run on this machine's two CPU-capable kernels: each pass of a masked ZO
+    step (threshold latch written, read; restore; update with stochastic rounding; op 3) goes to the C++ CPU backend
+    or to Triton's interpreter in turn, through zo_apply_'s per-pass dispatch, and the weights and latches end
+    bit-identical to the reference's. first: which backend takes the step's first pass (so the latch is written
+    by one and read by the other, both ways)."""
+    if not _backends.has_cpu():
+        pytest.skip("needs the C++ CPU extension")
+    if not _backends.has_triton() or not _backends.triton_interpreted():
+        pytest.skip("needs triton under TRITON_INTERPRET=1")
+    from mazo_kernels import triton_kernels as tk
+    monkeypatch.setattr(tk, "BLOCK", 128)
+    monkeypatch.setattr(tk, "FAST_BLOCK", 256)
+    other = "triton" if first == "cpu" else "cpu"
+    used = []
+
+    def policy(op, dist, prior, dt, masks):   # alternate per pass, starting with `first`
+        b = (first, other)[len(used) % 2]
+        used.append(b)
+        return b
+
+    monkeypatch.setattr(_backends, "pass_backend", policy)
+    real_resolve = _backends.resolve
+    monkeypatch.setattr(_backends, "resolve", lambda b, dev: b if b == "fastest" else real_resolve(b, dev))
+    monkeypatch.setattr(_backends, "require", lambda b: None)
+    p_ref, p_mix = (_step_plan(dtype, torch.Generator().manual_seed(7)) for _ in range(2))
+    seed, eps, nxt = 0xFEDCBA9876543210, 1e-3, 12345
+    for dist in ("gaussian_fast", "rademacher"):
+        for plan, b in ((p_ref, "reference"), (p_mix, "fastest")):
+            mk.perturb_(plan, seed, eps, dist=dist, backend=b)
+            mk.perturb_(plan, seed, -eps, prior=eps, dist=dist, backend=b)
+            mk.update_(plan, [seed, 99], [0.7, -1.3], lr=1e-2, restore_seed=seed, prior=-eps, sr_seed=5,
+                       dist=dist, backend=b, next_seed=nxt, next_scale=eps)
+            mk.perturb_(plan, nxt, -eps, prior=eps, dist=dist, backend=b)
+            mk.update_(plan, [nxt], [0.5], lr=1e-2, restore_seed=nxt, prior=-eps, sr_seed=6, dist=dist, backend=b)
+        for a, c in zip(p_ref.entries, p_mix.entries):
+            assert torch.equal(a.tensor.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                               c.tensor.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)), (dist, a.name)
+        for ga, gc in zip(p_ref.groups, p_mix.groups):
+            for ma, mc in zip(ga.masks, gc.masks):
+                assert torch.equal(ma, mc), (dist, "latch")
+        seed, nxt = nxt, nxt + 1
+    assert set(used) == {"cpu", "triton"} and used[0] == first and len(used) == 10
