@@ -894,7 +894,7 @@ def build_parser():
                     help=f"comma list of {list(METHODS)} or all / dense / masked")
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--backend", default="auto", help="ZOSGD backend (auto, cuda, triton, cpu, reference)")
+    ap.add_argument("--backend", default="auto", help="ZOSGD backend (auto, cuda, triton, fastest, cpu, reference)")
     ap.add_argument("--steps", type=int, default=5, help="timed repetitions of each measurement")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-6)
