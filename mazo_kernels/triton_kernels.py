@@ -67,7 +67,7 @@ FUSE_MASKED = os.environ.get("MAZO_TRITON_FUSE_MASKED", "0") == "1"
 # BAR per block; none in the [2, R, 4] tile). In that tile Rademacher signs are always made by _rad8 (16x the Philox
 # work), so "auto" (_row_thread_choice) keeps Rademacher on it only where _rad8 paid: on an H200 over 7B fp32 masks
 # (bench/results/h200_2026-12-03/s20/call1, one process) gaussian_fast passes took 0.79-1.06x the [R, 8] tile's time,
-# Rademacher perturb_ with prior 0 0.78-0.81x and op 3 0.86-0.96x, its restoring passes and copies 1.10-1.24x.
+# Rademacher perturb_ with prior 0 0.78-0.81x and op 3 0.86-0.96x, perturb_prior and perturbed_copy 1.10-1.24x.
 # 1: every masked float32 call; 0: none. Same bits either way (python_tests/test_triton_backend.py runs both).
 FP32_ROW_THREAD = {"auto": "auto", "1": 1, "0": 0}.get(os.environ.get("MAZO_TRITON_FP32_ROW_THREAD", "auto"), None)
 if FP32_ROW_THREAD is None:
