@@ -13,6 +13,11 @@ lives in device memory that the captured kernels read:
 - the closure must read its batch from tensors it owns and refills before `step()` (the usual CUDA-graph rule:
   a replay reads the same addresses).
 
+With `ZOSGD(lookahead=True)` the captured step starts at its first forward: the previous step's update applied the
++eps pass, and the captured update applies the next step's (its seed is one more device value). Where the weights do
+not carry it (the first step; a step after an eps change, which settles the carried pass), it is applied eagerly
+before the replay. So a lookahead step replays two passes and two forwards.
+
 The seed log gets the same record as an eager step, with the projected gradient copied out of the graph's output
 on the device (no host synchronisation), so `mazo_kernels.replay` reproduces the run.
 Limits (checked, with a message): in-place mode, one device, forward_mode="eval", no loss_reduce (data parallel),
@@ -54,8 +59,6 @@ class GraphedZOStep:
         why = []
         if opt.mode != "inplace":
             why.append("mode='inplace' (the transient mode's per-module copies are made by forward hooks)")
-        if opt.lookahead:
-            why.append("lookahead=False (the captured step has the three passes of a plain step)")
         if len(opt._parts) != 1:
             why.append("the trainable tensors on one device")
         if opt.loss_reduce is not None:
@@ -76,11 +79,12 @@ class GraphedZOStep:
         self.opt, self.closure, self.use_graph = opt, closure, bool(use_graph)
         dev = opt._device
         q = opt.num_perturbations
-        # [restore seed, direction seeds..., sr seed]: the update reads all of it, pass j reads [1 + j, 2 + j]
-        self._seed_dev = torch.zeros(q + 2, dtype=torch.int64, device=dev)
+        # [restore seed, direction seeds..., (next step's first seed: lookahead), sr seed]: the update reads all of
+        # it, pass j reads [1 + j, 2 + j]
+        self._seed_dev = torch.zeros(q + 2 + opt.lookahead, dtype=torch.int64, device=dev)
         self._eps_ref = torch.ones((), dtype=torch.float32, device=dev)
         pin = dev.type == "cuda"
-        self._ring = [torch.zeros(q + 2, dtype=torch.int64, pin_memory=pin) for _ in range(_RING)]
+        self._ring = [torch.zeros(q + 2 + opt.lookahead, dtype=torch.int64, pin_memory=pin) for _ in range(_RING)]
         self._events = [None] * _RING
         self._graph = None
         self._out = None
@@ -90,13 +94,29 @@ class GraphedZOStep:
             self._capture()
 
     # ------------------------------------------------------------------ host side of a step
+    def _next_seed(self, k: int):
+        """lookahead: the first direction seed of step k + 1, which step k's update applies; else None."""
+        if not self.opt.lookahead:
+            return None
+        return step_seeds(self.opt._base_seed, k + 1, self.opt.num_perturbations)[0][0]
+
     def _prepare(self):
-        """Validate the groups, write multipliers and this step's seeds to the device; return the log record."""
+        """Validate the groups, write multipliers and this step's seeds to the device; return the log record.
+        lookahead: where the weights do not carry this step's first perturbation (the first step, or after an eps
+        change settled it), apply it here, eagerly; the captured step starts at its first forward."""
         opt = self.opt
         seeds, sr_seed, _, eps_ref, record = opt._begin_step()
         k = record["step"]
         self._eps_ref.fill_(eps_ref)
-        vals_dev = [_seed_bits(seeds[-1])] + [_seed_bits(s) for s in seeds] + [_seed_bits(sr_seed)]
+        nxt = self._next_seed(k)
+        if opt.lookahead:
+            if opt._carry is None:
+                first = schedule("inplace", opt.estimator, seeds)[0][0]
+                pt = opt._parts[0]
+                run_pass(pt.tables, first, DISTS[opt.dist], pt.backend, pt.empty)
+            opt._carry = None       # consumed by this step (as ZOSGD.step does)
+        vals_dev = ([_seed_bits(seeds[-1])] + [_seed_bits(s) for s in seeds]
+                    + ([_seed_bits(nxt)] if nxt is not None else []) + [_seed_bits(sr_seed)])
         slot = k % _RING
         if self._events[slot] is not None:
             self._events[slot].synchronize()   # the copy that last used this buffer has been done
@@ -118,6 +138,8 @@ class GraphedZOStep:
         dist = DISTS[opt.dist]
         q = opt.num_perturbations
         items, final = schedule("inplace", opt.estimator, seeds)
+        if opt.lookahead:
+            items = items[1:]       # the first pass: carried from the previous step's update, or made in _prepare
         index = {s: j for j, s in enumerate(seeds)}
         losses = {}
         with opt._forward_mode():
@@ -141,12 +163,18 @@ class GraphedZOStep:
         finite = torch.isfinite(g_raw).all()
         gs = kernel_grads(g_raw, finite, opt.sign)
         run_update(pt.tables, seeds, final, gs, finite, dist, ROUNDINGS[opt.rounding], sr_seed, pt.backend,
-                   pt.lr_col, self._seed_dev)
+                   pt.lr_col, self._seed_dev, next_seed=self._next_seed(opt._step_count))
         return estimate, g_raw, finite
+
+    def _carry_next(self, record):
+        """lookahead: the update applied step k + 1's first perturbation with this step's eps (as ZOSGD does)."""
+        if self.opt.lookahead:
+            self.opt._carry = (self._next_seed(record["step"]), tuple(record["eps"]))
 
     def _finish(self, record, out):
         estimate, g_raw, finite = out
         self.opt._step_count += 1
+        self._carry_next(record)
         self.opt._log.append({**record, "error": None}, g_raw=g_raw, finite=finite)
         return estimate
 
@@ -180,6 +208,8 @@ class GraphedZOStep:
                 raise
             dist = DISTS[opt.dist]
             items, final = schedule("inplace", opt.estimator, seeds)
+            if opt.lookahead:
+                items = items[1:]
             index = {s: j for j, s in enumerate(seeds)}
             for item in items[len(progress):]:
                 if item[0] == "P":
@@ -188,7 +218,8 @@ class GraphedZOStep:
             zero = torch.zeros(q, dtype=torch.float32, device=opt._device)
             no = torch.zeros((), dtype=torch.bool, device=opt._device)
             run_update(pt.tables, seeds, final, zero, no, dist, ROUNDINGS[opt.rounding], sr_seed, pt.backend,
-                       pt.lr_col, self._seed_dev)
+                       pt.lr_col, self._seed_dev, next_seed=self._next_seed(record["step"]))
+            self._carry_next(record)
             opt._log.append({**record, "g_bits": [0x7FC00000] * q, "skipped": True,
                              "error": f"{type(exc).__name__}: {exc}"[:200]})
             raise

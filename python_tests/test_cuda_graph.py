@@ -191,6 +191,89 @@ def test_device_seeded_step_restores_weights_when_the_closure_fails(fail_at):
         assert torch.equal(p.detach(), r.detach()), n
 
 
+@pytest.mark.parametrize("warmup", [0, 2])
+@pytest.mark.parametrize("dtype,mask,q", [(torch.bfloat16, None, 1), (torch.float32, None, 2),
+                                          (torch.bfloat16, "threshold", 1)])
+def test_device_seeded_lookahead_step_is_the_eager_lookahead_step(warmup, dtype, mask, q):
+    """ZOSGD(lookahead=True) under GraphedZOStep: the step starts at its first forward (the previous update applied
+    the +eps pass; the first step, and a step after an eps change, apply it eagerly), the update applies the next
+    step's +eps pass from the device seeds; weights, losses, the log and settle() match the eager lookahead steps bit
+    for bit, and replay rebuilds the settled weights."""
+    backend = "cpu" if mk.has_cpu() else "reference"
+    kw = dict(lr=0.05, eps=1e-2, weight_decay=0.1, seed=17, backend=backend, num_perturbations=q, lookahead=True)
+    ma, mb = Quad(dtype), Quad(dtype)
+    start = {n: p.detach().clone() for n, p in mb.named_parameters()}
+    if mask:
+        tau = float(ma.lin.weight.detach().float().abs().median())
+        kw["masks"] = {"lin.weight": mk.ThresholdMask(tau)}
+    oa = mk.ZOSGD(ma.named_parameters(), module=ma, **kw)
+    ob = mk.ZOSGD(mb.named_parameters(), module=mb, **kw)
+    step = mk.GraphedZOStep(ob, mb, warmup=warmup, use_graph=False)
+    for _ in range(warmup):
+        oa.step(ma)
+    for k in range(5):
+        if k == 2:                                  # an eps change: the carried +eps pass is settled, then redone
+            for o in (oa, ob):
+                o.param_groups[0]["eps"] = 2e-2
+        if k == 3:
+            for o in (oa, ob):
+                o.param_groups[0]["lr"] = 0.02
+        la, lb = oa.step(ma), step()
+        assert torch.equal(la, lb), k
+        assert oa.carries_perturbation and ob.carries_perturbation
+        for (n, p), (_, r) in zip(ma.named_parameters(), mb.named_parameters()):
+            assert torch.equal(p.detach(), r.detach()), (k, n)
+    oa.settle()
+    ob.settle()
+    for (n, p), (_, r) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.equal(p.detach(), r.detach()), n
+    assert _log_view(oa) == _log_view(ob)
+    assert [r.get("settled_seed") for r in oa.seed_log.steps] == [r.get("settled_seed") for r in ob.seed_log.steps]
+    fresh = Quad(dtype)
+    with torch.no_grad():
+        for n, p in fresh.named_parameters():
+            p.copy_(start[n])
+    mk.replay(fresh, ob.state_dict()["seed_log"], backend=backend)
+    for (n, p), (_, r) in zip(fresh.named_parameters(), mb.named_parameters()):
+        assert torch.equal(p.detach(), r.detach()), n
+
+
+def test_device_seeded_lookahead_step_restores_weights_when_the_closure_fails():
+    """A closure failing in a lookahead step under GraphedZOStep: the remaining pass and an lr = 0 update run, the
+    next step's +eps is still applied (as the eager step does), and the next step is the eager one again."""
+    backend = "cpu" if mk.has_cpu() else "reference"
+    kw = dict(lr=0.05, eps=1e-2, seed=9, backend=backend, lookahead=True)
+    ma, mb = Quad(torch.bfloat16), Quad(torch.bfloat16)
+    oa = mk.ZOSGD(ma.named_parameters(), module=ma, **kw)
+    ob = mk.ZOSGD(mb.named_parameters(), module=mb, **kw)
+    step = mk.GraphedZOStep(ob, lambda: mb(), warmup=1, use_graph=False)
+    oa.step(ma)
+
+    def failing(model):
+        calls = [0]
+
+        def closure():
+            calls[0] += 1
+            if calls[0] == 2:
+                raise RuntimeError("boom")
+            return model()
+        return closure
+
+    with pytest.raises(RuntimeError, match="boom"):
+        oa.step(failing(ma))
+    step.closure = failing(mb)
+    with pytest.raises(RuntimeError, match="boom"):
+        step()
+    assert oa.carries_perturbation and ob.carries_perturbation
+    for (n, p), (_, r) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.equal(p.detach(), r.detach()), n
+    step.closure = lambda: mb()
+    assert torch.equal(oa.step(ma), step())
+    for (n, p), (_, r) in zip(ma.named_parameters(), mb.named_parameters()):
+        assert torch.equal(p.detach(), r.detach()), n
+    assert _log_view(oa) == _log_view(ob)
+
+
 def test_graphed_step_refuses_what_it_cannot_capture():
     m = Quad(torch.float32)
     backend = "cpu" if mk.has_cpu() else "reference"
@@ -209,11 +292,15 @@ def test_graphed_step_refuses_what_it_cannot_capture():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", [b for b in ("cuda", "triton")
                                      if (b == "cuda" and mk.has_cuda()) or (b == "triton" and mk.has_triton())])
-@pytest.mark.parametrize("dtype,mask,q", [(torch.float32, None, 1), (torch.bfloat16, None, 1),
-                                          (torch.bfloat16, "threshold", 1), (torch.bfloat16, None, 2)])
-def test_gpu_cuda_graph_replays_the_eager_steps(backend, dtype, mask, q):
-    """Captured and replayed: every replay is the eager step of the same index, weights and log bit for bit."""
-    kw = dict(lr=0.05, eps=1e-2, weight_decay=0.1, seed=33, backend=backend, num_perturbations=q)
+@pytest.mark.parametrize("dtype,mask,q,lookahead", [(torch.float32, None, 1, False), (torch.bfloat16, None, 1, False),
+                                                    (torch.bfloat16, "threshold", 1, False),
+                                                    (torch.bfloat16, None, 2, False), (torch.bfloat16, None, 1, True),
+                                                    (torch.bfloat16, "threshold", 1, True)])
+def test_gpu_cuda_graph_replays_the_eager_steps(backend, dtype, mask, q, lookahead):
+    """Captured and replayed: every replay is the eager step of the same index, weights and log bit for bit
+    (lookahead: the replay starts at the first forward and its update applies the next step's +eps pass)."""
+    kw = dict(lr=0.05, eps=1e-2, weight_decay=0.1, seed=33, backend=backend, num_perturbations=q,
+              lookahead=lookahead)
     ma, mb = Quad(dtype).cuda(), Quad(dtype).cuda()
     if mask:
         tau = float(ma.lin.weight.detach().float().abs().median())
