@@ -701,7 +701,8 @@ def cuda_graph_experiment(model, ids, args, clock, write, res=None):
     """Eager ZOSGD step vs the same step captured in a CUDA graph (and two forwards eager vs captured). Fills `res`
     in place (so that `write()` saves what is known before a risky call)."""
     res = {} if res is None else res
-    res.update(method="zosgd", semantics=GRAPH_SEMANTICS, attempts=[])
+    la = bool(getattr(args, "graph_lookahead", False))
+    res.update(method="zosgd-lookahead" if la else "zosgd", semantics=GRAPH_SEMANTICS, attempts=[], lookahead=la)
     init_weights(model, args.seed)
 
     def closure():
@@ -714,7 +715,7 @@ def cuda_graph_experiment(model, ids, args, clock, write, res=None):
 
     def new_opt():
         return mk.ZOSGD(model.named_parameters(), lr=args.lr, eps=args.eps, module=model, backend=args.backend,
-                        seed=args.seed, dist=args.dist)
+                        seed=args.seed, dist=args.dist, lookahead=la)
 
     opt = new_opt()
     res["backend"] = opt.backend
@@ -911,6 +912,8 @@ def build_parser():
     ap.add_argument("--memory-cap", default="none",
                     help="none | h100-80gb | GiB: cap the allocator to emulate a smaller card (CUDA)")
     ap.add_argument("--cuda-graph", action="store_true", help="also capture a ZOSGD step in a CUDA graph")
+    ap.add_argument("--graph-lookahead", action="store_true",
+                    help="--cuda-graph with ZOSGD(lookahead=True): two passes per captured step")
     ap.add_argument("--check-weights", dest="check_weights", action="store_true", default=None)
     ap.add_argument("--no-check-weights", dest="check_weights", action="store_false")
     ap.add_argument("--label", default="", help="free text stored in the JSON")

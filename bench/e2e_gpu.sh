@@ -10,6 +10,7 @@
 #          allocator capped at an H100 80GB's memory (--memory-cap h100-80gb)
 #   125m   a 134M LLaMA at 16x256 and 1x512, the dense methods
 #   graph  the 125m model at 1x512 (and 16x256), zosgd, plus the CUDA-graph capture attempt (own process)
+#   graphla  as graph with ZOSGD(lookahead=True) captured (not in the default PHASES)
 #   7bgraph  LLaMA-7B at 1x512: zosgd and mezo eager (M7G overrides), then the CUDA-graph step (mk.GraphedZOStep)
 #          against the eager one, bit for bit (not in the default PHASES); 7bgrapht the same with --backend triton
 #   13b    LLaMA-13B bf16 at 16x256 and 1x512, dense methods (not in the default PHASES)
@@ -71,9 +72,11 @@ for p in $PHASES; do
              --out "$OUT/e2e_7b_graph.json" ;;
     7bgrapht) phase 7bgrapht 200 --model-shape 7b --batch 1 --seq 512 --method "${M7G:-zosgd,mezo}" --cuda-graph \
              --backend triton --out "$OUT/e2e_7b_graph_triton.json" ;;
+    graphla) phase graphla 70 --model-shape 125m --batch 1,16 --seq 512,256 --method zosgd --cuda-graph \
+             --graph-lookahead --out "$OUT/e2e_125m_graph_lookahead.json" ;;
     graph) phase graph 70 --model-shape 125m --batch 1,16 --seq 512,256 --method zosgd --cuda-graph \
              --out "$OUT/e2e_125m_graph.json" ;;
-    *) echo "unknown phase $p (7b 7bt 7bf 7bgraph 7bgrapht 30b 13b 125m graph)"; exit 2 ;;
+    *) echo "unknown phase $p (7b 7bt 7bf 7bgraph 7bgrapht 30b 13b 125m graph graphla)"; exit 2 ;;
   esac
 done
 
