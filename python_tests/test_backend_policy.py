@@ -1,7 +1,8 @@
 """backend="fastest": each pass of a CUDA call on cuda or triton, from the measured table
 mazo_kernels/backend_policy.py (bench/make_backend_policy.py). The bits are the backends' own (python_tests/
 test_gpu_backends.py runs the step with it on a GPU); here: the table is the generator's output for its sources, a
-pass maps to the table's key, the op dispatches to the chosen backend, and the errors."""
+pass maps to the table's key, the op dispatches to the chosen backend, the errors, and a masked step whose passes
+alternate between this machine's two CPU-capable kernels (C++ and Triton's interpreter) through that dispatch."""
 import os
 import re
 import subprocess
@@ -30,7 +31,7 @@ def test_policy_table_is_the_generators_output_for_its_sources(tmp_path):
         assert out.read_text() == f.read()
 
 
-def test_generator_keeps_cuda_unless_triton_wins_every_measurement(tmp_path):
+def test_generator_keeps_cuda_unless_triton_wins_every_measurement():
     """Triton is chosen for a key only where every model and both byte masks had it at most --ratio of CUDA."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     try:
@@ -54,7 +55,6 @@ def test_generator_keeps_cuda_unless_triton_wins_every_measurement(tmp_path):
                                            (ref.OP_COPY, 0.0, "perturbed_copy"),
                                            (ref.OP_UPDATE_PERTURB, -1e-3, "update_next")])
 def test_pass_backend_reads_the_table_key(op, prior, name, monkeypatch):
-    t = torch.zeros(64, dtype=torch.bfloat16)
     none, latch = torch.zeros(0, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)
     rows = torch.zeros((8, 4), dtype=torch.int32)
     monkeypatch.setattr(backend_policy, "TRITON", frozenset({("bf16", "bytes", name, "gaussian_fast"),
@@ -66,7 +66,6 @@ def test_pass_backend_reads_the_table_key(op, prior, name, monkeypatch):
     assert _backends.pass_backend(op, G, prior, torch.float16, [latch]) == "cuda"                # other dtype
     assert _backends.pass_backend(op, R, prior, torch.float32, [latch, rows]) == "triton"        # row-index wins
     assert _backends.pass_backend(op, G, prior, torch.bfloat16, [latch, rows]) == "cuda"
-    del t
 
 
 def test_the_measured_table_mixes_backends_in_a_masked_bf16_step():
