@@ -62,6 +62,35 @@ def cases(which: str):
     return out
 
 
+def fp32_tile_cases():
+    """Masked fp32 in both fast-path tiles (ROW_THREAD False: [R, 8], True: [2, R, 4]): the shared-memory exchange
+    (BAR / STS / LDS / SHFL) and the instructions of each pass (bench/NOTES.md, session 20)."""
+    passes = (("perturb_ (latch write)", dict(OP=0, SR=0, HAS_PRIOR=False, REUSE0=0, NSTAT=0, TMODE=1)),
+              ("perturb_prior", dict(OP=0, SR=0, HAS_PRIOR=True, REUSE0=0, NSTAT=0, TMODE=2)),
+              ("update_", dict(OP=1, SR=1, HAS_PRIOR=True, REUSE0=1, NSTAT=2, TMODE=2)),
+              ("update_next", dict(OP=3, SR=1, HAS_PRIOR=True, REUSE0=1, NSTAT=3, TMODE=2)),
+              ("perturbed_copy", dict(OP=2, SR=0, HAS_PRIOR=False, REUSE0=0, NSTAT=0, TMODE=0)))
+    out = []
+    for dist, dname in ((0, "gaussian"), (1, "rademacher"), (2, "gaussian_fast")):
+        for rowidx in (False, True):
+            for pname, c in passes:
+                for rt in (False, True):
+                    label = f"fp32 {dname} {pname}{' row-index' if rowidx else ''} {'[2,R,4]' if rt else '[R,8]'}"
+                    out.append((label, dict(c, DIST=dist, DT=0, MASKED=True, ROWIDX=rowidx, ROW_THREAD=rt,
+                                            RAD8=dist == 1 and c["OP"] == 0 and not c["HAS_PRIOR"])))
+    return out
+
+
+def host_warps(consts) -> int:
+    """The fast kernel's warps as zo_apply_ launches these constexprs (masked perturb_ with prior 0: more)."""
+    light = consts.get("MASKED") and consts["OP"] == 0 and not consts["HAS_PRIOR"]
+    if light and consts["DIST"] == 2:
+        return int(tk.MASKED_NUM_WARPS)
+    if light and consts.get("RAD8"):
+        return int(tk.MASKED_NUM_WARPS_RAD)
+    return int(tk.FAST_NUM_WARPS)
+
+
 def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
     c = dict(TMODE=0, MASKED=False, ROWIDX=False, SMALL=False, RAD8=False, MODE=3, FBLOCK=fblock, BLOCK=block,
              NTAB=tk._NTAB)
@@ -99,7 +128,8 @@ def sass_stats(cubin: bytes) -> dict:
         k = o.split(".")[0]
         by_class[k] = by_class.get(k, 0) + 1
     alu = sum(n for k, n in by_class.items() if k in ALU_OPCODES)
-    return {"instructions": len(ops), "alu_instructions": alu,
+    exchange = {k: by_class.get(k, 0) for k in ("BAR", "STS", "LDS", "SHFL")}
+    return {"instructions": len(ops), "alu_instructions": alu, "exchange": exchange,
             "registers": int(regs.group(1)) if regs else None,
             "stack_bytes": int(stack.group(1)) if stack else None,
             "top_opcodes": dict(sorted(by_class.items(), key=lambda kv: -kv[1])[:int(os.environ.get("TOPN", 12))])}
@@ -170,7 +200,8 @@ def cuda_kernels(cuda_home: str) -> list:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="core", choices=("core", "all"))
+    ap.add_argument("--cases", default="core", choices=("core", "all", "fp32-tiles"),
+                    help="fp32-tiles: masked fp32 in both tiles, at the host's warps")
     ap.add_argument("--out", default=None, help="JSON output (default: print only)")
     ap.add_argument("--cuda", action="store_true", help="also ptxas -v of the CUDA kernels (needs nvcc; ~2 min)")
     args = ap.parse_args(argv)
@@ -184,8 +215,11 @@ def main(argv=None):
     fblock, warps = int(tk.FAST_BLOCK), int(tk.FAST_NUM_WARPS)
     per_thread = fblock // (32 * warps)
     recs = []
-    for label, consts in cases(args.cases):
+    for label, consts in (fp32_tile_cases() if args.cases == "fp32-tiles" else cases(args.cases)):
         t0 = time.time()
+        if args.cases == "fp32-tiles":
+            warps = host_warps(consts)
+            per_thread = fblock // (32 * warps)
         k = compile_fast(consts, warps, fblock, int(tk.BLOCK))
         st = sass_stats(k.asm["cubin"])
         # the issue budget per element scales with the bytes an element moves (fp32: twice bf16's)
@@ -199,11 +233,12 @@ def main(argv=None):
                   issue_budget_per_element_h200=budget,
                   predicted_fraction_of_h200_floor=round(min(1.0, 0.79 * budget / (st["instructions"] / per_thread)),
                                                          3),
-                  compile_s=round(time.time() - t0, 1), constexprs=consts)
+                  compile_s=round(time.time() - t0, 1), num_warps=warps, constexprs=consts)
         recs.append(st)
         print(f"{label:36s} {st['instructions_per_element']:7.2f} instr/elem ({st['alu_instructions_per_element']:5.2f} "
               f"ALU)  {st['registers']} regs  "
-              f"stack {st['stack_bytes']} B  -> ~{100 * st['predicted_fraction_of_h200_floor']:.0f}% of H200 floor",
+              f"stack {st['stack_bytes']} B  exchange {st['exchange']}  "
+              f"-> ~{100 * st['predicted_fraction_of_h200_floor']:.0f}% of H200 floor",
               flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
