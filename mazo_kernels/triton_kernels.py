@@ -23,6 +23,14 @@ import triton.language as tl
 
 from . import reference as ref
 
+def _auto_knob(var: str):
+    """A policy knob read at import: "auto" (the default, the measured policy), "1" (True) or "0" (False)."""
+    val = {"auto": "auto", "1": True, "0": False}.get(os.environ.get(var, "auto"))
+    if val is None:
+        raise ValueError(f"{var} must be auto, 1 or 0, got {os.environ[var]!r}")
+    return val
+
+
 BLOCK = 1024          # elements (or mask entries) per program; power of two, >= 128. Tests vary it.
 NUM_WARPS = 4
 FAST = True          # dense aligned blocks of unmasked tensors take the [FAST_BLOCK // 8, 8] fast path
@@ -42,9 +50,7 @@ MASKED_NUM_WARPS = 8
 # element units (59.42 -> 47.11); not the restoring perturb_ (12.08 -> 13.38) nor threshold / packed-bit update_
 # (+0-3%).
 # True: every masked Rademacher call; False: none.
-RAD_ROWS8 = {"auto": "auto", "1": True, "0": False}.get(os.environ.get("MAZO_TRITON_RAD_ROWS8", "auto"), None)
-if RAD_ROWS8 is None:
-    raise ValueError(f"MAZO_TRITON_RAD_ROWS8 must be auto, 1 or 0, got {os.environ['MAZO_TRITON_RAD_ROWS8']!r}")
+RAD_ROWS8 = _auto_knob("MAZO_TRITON_RAD_ROWS8")
 # Warps of the fast kernel for the masked Rademacher perturb_ with prior 0 when it makes the signs by _rad8 (4: 13.80
 # / 13.79 ms against 8: 13.01 / 12.48, threshold / packed bits, s19/call5); without _rad8 it runs FAST_NUM_WARPS (8
 # was slower there: 11.97 -> 15.05 ms threshold, bench/NOTES.md session 12).
@@ -69,10 +75,7 @@ FUSE_MASKED = os.environ.get("MAZO_TRITON_FUSE_MASKED", "0") == "1"
 # (bench/results/h200_2026-12-03/s20/call1, one process) gaussian_fast passes took 0.79-1.06x the [R, 8] tile's time,
 # Rademacher perturb_ with prior 0 0.78-0.81x and op 3 0.86-0.96x, perturb_prior and perturbed_copy 1.10-1.24x.
 # 1: every masked float32 call; 0: none. Same bits either way (python_tests/test_triton_backend.py runs both).
-FP32_ROW_THREAD = {"auto": "auto", "1": 1, "0": 0}.get(os.environ.get("MAZO_TRITON_FP32_ROW_THREAD", "auto"), None)
-if FP32_ROW_THREAD is None:
-    raise ValueError("MAZO_TRITON_FP32_ROW_THREAD must be auto, 1 or 0, got "
-                     f"{os.environ['MAZO_TRITON_FP32_ROW_THREAD']!r}")
+FP32_ROW_THREAD = _auto_knob("MAZO_TRITON_FP32_ROW_THREAD")
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
@@ -540,6 +543,12 @@ def _f32_arg(bits_ptr, i):
 
 # ------------------------------------------------------------------------------------------------ row-index units
 @triton.jit
+def _tile2_cols():
+    """[2, 1, 4]: the element of its row (0-7) that each position of the [2, R, 4] tile (LAY 2) holds, 4h + j."""
+    return tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, 4)[None, None, :]
+
+
+@triton.jit
 def _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, numel, NU: tl.constexpr, LAY: tl.constexpr = 1):
     """Selection bytes (int32 [NU]) of the units of 8 local elements starting at lstart (a multiple of 8) under a
     row-index mask (int32 [rows, kcols]: sorted, distinct columns per row) whose rows are a multiple of 8 long, so
@@ -562,7 +571,7 @@ def _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, numel, NU: tl.conste
         lo = tl.where(less, mid + 1, lo)
         hi = tl.where(act & (~less), mid, hi)
     if LAY == 2:   # [2, NU, 4], as the float32 tile: a unit's 8 columns in one thread, so the sum stays in it
-        j = lo[None, :, None] + (tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, 4)[None, None, :])
+        j = lo[None, :, None] + _tile2_cols()
         v = tl.load(row[None, :, None] + j, mask=ok[None, :, None] & (j < kcols), other=-1)
         d = v - c[None, :, None]
         hit = (d >= 0) & (d < 8)
@@ -605,8 +614,7 @@ def _rows_tile(t, R: tl.constexpr, LAY: tl.constexpr):
 def _row_bits(byte, R: tl.constexpr, LAY: tl.constexpr):
     """Bit j of each row's byte (int32 [R]) at the row's element j, in the tile of LAY (1: [R, 8]; 2: [2, R, 4])."""
     if LAY == 2:
-        sh = tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, 4)[None, None, :]
-        out = (byte[None, :, None] >> sh) & 1
+        out = (byte[None, :, None] >> _tile2_cols()) & 1
     else:
         out = (byte[:, None] >> tl.arange(0, 8)[None, :]) & 1
     return out
@@ -632,8 +640,7 @@ def _halves8(row0, tid, STREAM: tl.constexpr, k0, k1, R: tl.constexpr, LAY: tl.c
 def _pack8(sel, R: tl.constexpr, LAY: tl.constexpr):
     """A block's selection (the tile of LAY) as R latch bytes (int32): bit j of byte r is element 8r + j."""
     if LAY == 2:
-        sh = tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, 4)[None, None, :]
-        out = tl.sum(tl.sum(sel.to(tl.int32) << sh, axis=2), axis=0)
+        out = tl.sum(tl.sum(sel.to(tl.int32) << _tile2_cols(), axis=2), axis=0)
     else:
         bits8 = tl.reshape(sel.to(tl.int32), [R, 8])
         out = tl.sum(bits8 << tl.arange(0, 8)[None, :], axis=1)
@@ -703,7 +710,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
     else:
         LAY: tl.constexpr = 0
     if LAY == 2:
-        offs = tl.arange(0, 2)[:, None, None] * 4 + tl.arange(0, R)[None, :, None] * 8 + tl.arange(0, 4)[None, None, :]
+        offs = tl.arange(0, R)[None, :, None] * 8 + _tile2_cols()
     elif LAY == 1:
         offs = tl.arange(0, R)[:, None] * 8 + tl.arange(0, 8)[None, :]
     else:

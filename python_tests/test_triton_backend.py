@@ -653,16 +653,18 @@ def test_rad8_choice_follows_the_measured_policy(monkeypatch):
     assert not tk._rad8_choice(True, R, ref.OP_PERTURB, 0.0, False)
 
 
-def test_bad_rad_rows8_setting_is_refused_at_import():
-    """MAZO_TRITON_RAD_ROWS8 takes auto, 1 or 0; anything else is a clear error when the backend is imported."""
+@pytest.mark.parametrize("var,bad", [("MAZO_TRITON_RAD_ROWS8", "yes"), ("MAZO_TRITON_FP32_ROW_THREAD", "on")])
+def test_bad_auto_knob_setting_is_refused_at_import(var, bad):
+    """MAZO_TRITON_RAD_ROWS8 and MAZO_TRITON_FP32_ROW_THREAD take auto, 1 or 0; anything else is a clear error when
+    the backend is imported."""
     import subprocess
     import sys
     pytest.importorskip("triton")
-    env = dict(os.environ, MAZO_TRITON_RAD_ROWS8="yes")
+    env = dict(os.environ, **{var: bad})
     res = subprocess.run([sys.executable, "-c", "import mazo_kernels.triton_kernels"], env=env, capture_output=True,
                          text=True)
     assert res.returncode != 0
-    assert "MAZO_TRITON_RAD_ROWS8 must be auto, 1 or 0, got 'yes'" in res.stderr
+    assert f"{var} must be auto, 1 or 0, got {bad!r}" in res.stderr
 
 
 def test_row_thread_choice_follows_the_measured_policy(monkeypatch):
@@ -690,18 +692,6 @@ def test_row_thread_choice_follows_the_measured_policy(monkeypatch):
     assert not tk._row_thread_choice(True, bf16, R, ref.OP_COPY, 0.0, False)
     monkeypatch.setattr(tk, "FP32_ROW_THREAD", 0)
     assert not tk._row_thread_choice(True, f32, G, ref.OP_PERTURB, 0.0, False)
-
-
-def test_bad_fp32_row_thread_setting_is_refused_at_import():
-    """MAZO_TRITON_FP32_ROW_THREAD takes auto, 1 or 0; anything else is a clear error when the backend is imported."""
-    import subprocess
-    import sys
-    pytest.importorskip("triton")
-    env = dict(os.environ, MAZO_TRITON_FP32_ROW_THREAD="on")
-    res = subprocess.run([sys.executable, "-c", "import mazo_kernels.triton_kernels"], env=env, capture_output=True,
-                         text=True)
-    assert res.returncode != 0
-    assert "MAZO_TRITON_FP32_ROW_THREAD must be auto, 1 or 0, got 'on'" in res.stderr
 
 
 def _check_update_then_perturb(dtype, dist, sets, g):
