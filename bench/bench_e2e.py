@@ -628,7 +628,8 @@ def run_method(rec, model, ids, args, clock, mem, cache, snapshot):
     return rec
 
 
-def safe_run_method(method, model, ids, args, clock, mem, cache, snapshot):
+def safe_run_method(method, model, ids, args, clock, mem, cache, snapshot, label=None):
+    """`label` names the record when it is not the method itself (a method run on --compare-backend)."""
     rec = {"method": method}
     try:
         run_method(rec, model, ids, args, clock, mem, cache, snapshot)
@@ -642,11 +643,29 @@ def safe_run_method(method, model, ids, args, clock, mem, cache, snapshot):
         if clock.cuda:
             rec["mem_peak_bytes_at_failure"] = int(torch.cuda.max_memory_allocated())
         del exc
+    if label is not None:
+        rec.update(method=label, base_method=method)
     gc.collect()
     if clock.cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
     return rec
+
+
+def backend_ab(results, other):
+    """Each of our methods against itself on --compare-backend (records `<method>@<other>`), in one process."""
+    ok = {r["method"]: r for r in results if r.get("status") == "ok"}
+    out = []
+    for name, r in ok.items():
+        b = ok.get(f"{name}@{other}")
+        if b is None:
+            continue
+        out.append({"method": name, "backend": r.get("backend"), "other_backend": b.get("backend"),
+                    "step_ms": r["step_ms"], "other_step_ms": b["step_ms"],
+                    "passes_ms": r["passes_ms"], "other_passes_ms": b["passes_ms"],
+                    "passes_ratio": r["passes_ms"] / b["passes_ms"] if b["passes_ms"] else None,
+                    "step_ratio": r["step_ms"] / b["step_ms"]})
+    return out
 
 
 # ---------------------------------------------------------------- comparisons and targets
@@ -841,6 +860,9 @@ def print_config(cfg):
               f"{'-' if pk is None else f'{pk / 2**30:.2f}':>9}")
     for c in cfg.get("comparisons", []):
         print(f"  {c['ours']} vs {c['baseline']}: step x{c['step_speedup']:.2f}")
+    for c in cfg.get("backend_ab", []):
+        print(f"  {c['method']} {c['backend']} / {c['other_backend']}: passes x{c['passes_ratio']:.3f}, "
+              f"step x{c['step_ratio']:.3f}")
     for t in cfg.get("targets", []):
         print(f"  target {t['what']}: {t['value']:.2f} ({t['target']}) {'met' if t['met'] else 'NOT met'}")
 
@@ -896,6 +918,8 @@ def build_parser():
     ap.add_argument("--dtype", choices=list(DTYPES), default="bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", default="auto", help="ZOSGD backend (auto, cuda, triton, fastest, cpu, reference)")
+    ap.add_argument("--compare-backend", default=None,
+                    help="also run each of our methods on this backend, in the same process (records <method>@<it>)")
     ap.add_argument("--steps", type=int, default=5, help="timed repetitions of each measurement")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-6)
@@ -994,20 +1018,30 @@ def main(argv=None):
     batches = {(b, s): make_batch(fields["vocab_size"], b, s, device, args.seed + 1) for b, s in shapes}
     cache = MaskCache()
     stamp = lambda: time.strftime("%H:%M:%S")  # noqa: E731
+    other = args.compare_backend
+    if other:
+        other_args = argparse.Namespace(**dict(vars(args), backend=other))
     for method in methods:                    # method outer: a mask kind is built once and dropped after
         for ci, (b, s) in enumerate(shapes):
-            print(f"[{stamp()}] {args.model_shape} {b}x{s} {method} ...", flush=True)
-            rec = safe_run_method(method, model, batches[(b, s)], args, clock, mem, cache, snapshot)
-            doc["configs"][ci]["results"].append(rec)
-            msg = (f"step {rec['step_ms']:.2f} ms, fwd2 {rec['fwd2_ms']:.2f}, passes {rec['passes_ms']:.2f}"
-                   if rec.get("status") == "ok" else f"{rec['status']}: {rec.get('error', '')[:200]}")
-            print(f"[{stamp()}]   {msg}", flush=True)
-            write()
+            runs = [(args, None)]
+            if other and METHODS[method][0] == "ours":     # the A/B of backends, one after the other per shape
+                runs.append((other_args, f"{method}@{other}"))
+            for run_args, label in runs:
+                name = label or method
+                print(f"[{stamp()}] {args.model_shape} {b}x{s} {name} ...", flush=True)
+                rec = safe_run_method(method, model, batches[(b, s)], run_args, clock, mem, cache, snapshot, label)
+                doc["configs"][ci]["results"].append(rec)
+                msg = (f"step {rec['step_ms']:.2f} ms, fwd2 {rec['fwd2_ms']:.2f}, passes {rec['passes_ms']:.2f}"
+                       if rec.get("status") == "ok" else f"{rec['status']}: {rec.get('error', '')[:200]}")
+                print(f"[{stamp()}]   {msg}", flush=True)
+                write()
         nxt = methods[methods.index(method) + 1] if method != methods[-1] else None
         if nxt is None or METHODS[nxt][1] != METHODS[method][1]:
             cache.clear()
     for cfg_rec in doc["configs"]:
         cfg_rec["comparisons"] = compare(cfg_rec["results"])
+        if other:
+            cfg_rec["backend_ab"] = backend_ab(cfg_rec["results"], other)
         cfg_rec["targets"] = targets(args.model_shape, cfg_rec["batch"], cfg_rec["seq"], cfg_rec["results"],
                                      cfg_rec["comparisons"])
         ok = [r for r in cfg_rec["results"] if r.get("status") == "ok"]

@@ -15,8 +15,9 @@
 #          against the eager one, bit for bit (not in the default PHASES); 7bgrapht the same with --backend triton
 #   13b    LLaMA-13B bf16 at 16x256 and 1x512, dense methods (not in the default PHASES)
 #   7bt    LLaMA-7B as in 7b with --backend triton: zosgd, mezo, mezo-inplace (M7T overrides; not in the default)
-#   7bf    LLaMA-7B as in 7b with --backend fastest (cuda or triton per pass): sparse-zosgd, mazo-zosgd, zosgd
-#          (M7F overrides; not in the default)
+#   7bf    LLaMA-7B as in 7b with --backend fastest (cuda or triton per pass) and each method again on cuda in the
+#          same process (--compare-backend): sparse-zosgd, mazo-zosgd, zosgd, zosgd-lookahead with gaussian_fast
+#          noise (M7F, D7F override; not in the default)
 # Knobs: STEPS (5), WARMUP (2), DEADLINE_S (560: total wall budget; each phase gets at most its own budget and
 #   what is left), SKIP_BUILD=1 (use the installed package; otherwise the package is built when the CUDA extension
 #   is missing), E2E_ARGS (extra bench_e2e.py arguments for every phase).
@@ -62,8 +63,8 @@ for p in $PHASES; do
     7b)    phase 7b 260 --model-shape 7b --batch 16,1 --seq 256,512 --method "${M7:-all}" --out "$OUT/e2e_7b.json" ;;
     7bt)   phase 7bt 200 --model-shape 7b --batch 16,1 --seq 256,512 --method "${M7T:-zosgd,mezo,mezo-inplace}" \
              --backend triton --out "$OUT/e2e_7b_triton.json" ;;
-    7bf)   phase 7bf 200 --model-shape 7b --batch 16,1 --seq 256,512 --method "${M7F:-sparse-zosgd,mazo-zosgd,zosgd}" \
-             --backend fastest --out "$OUT/e2e_7b_fastest.json" ;;
+    7bf)   phase 7bf 240 --model-shape 7b --batch 16,1 --seq 256,512 --method "${M7F:-sparse-zosgd,mazo-zosgd,zosgd,zosgd-lookahead}" \
+             --backend fastest --compare-backend cuda --dist "${D7F:-gaussian_fast}" --out "$OUT/e2e_7b_fastest.json" ;;
     30b)   phase 30b 200 --model-shape 30b --batch 1,4 --seq 512,256 --method "${M30:-zosgd,zosgd-transient,mezo-inplace,mezo}" \
              --memory-cap h100-80gb --out "$OUT/e2e_30b.json" ;;
     13b)   phase 13b 150 --model-shape 13b --batch 16,1 --seq 256,512 --method dense --out "$OUT/e2e_13b.json" ;;

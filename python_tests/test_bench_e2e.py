@@ -214,3 +214,30 @@ def test_noise_tag_only_on_our_methods():
     for method in ("mezo", "mezo-inplace", "sparse-mezo", "sparse-mezo-inplace", "mazo-mezo", "mazo-mezo-inplace"):
         assert make_e2e_table._dist_tag({"method": method}, h) == "", method
     assert make_e2e_table._dist_tag({"method": "zosgd"}, {"dist": "gaussian"}) == ""
+
+
+def test_compare_backend_runs_each_of_our_methods_twice(tmp_path):
+    """--compare-backend: each of our methods once more on the other backend in the same process, under
+    `<method>@<backend>`, the baselines once; backend_ab pairs them, and the table and plot take the extra rows."""
+    out = tmp_path / "ab.json"
+    rc = bench_e2e.main(["--model-shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch", "2", "--seq", "8",
+                         "--steps", "1", "--warmup", "0", "--method", "zosgd,mezo,sparse-zosgd",
+                         "--backend", "cpu" if mk.has_cpu() else "reference", "--compare-backend", "reference",
+                         "--out", str(out)])
+    assert rc == 0
+    doc = json.loads(out.read_text())
+    (cfg,) = doc["configs"]
+    names = [r["method"] for r in cfg["results"]]
+    assert names == ["zosgd", "zosgd@reference", "mezo", "sparse-zosgd", "sparse-zosgd@reference"]
+    recs = {r["method"]: r for r in cfg["results"]}
+    assert all(r["status"] == "ok" for r in recs.values())
+    assert recs["zosgd@reference"]["backend"] == "reference" and recs["zosgd@reference"]["base_method"] == "zosgd"
+    assert recs["sparse-zosgd@reference"]["mask"] == "threshold"
+    ab = {c["method"]: c for c in cfg["backend_ab"]}
+    assert sorted(ab) == ["sparse-zosgd", "zosgd"]
+    for m, c in ab.items():
+        assert c["other_backend"] == "reference"
+        assert c["step_ratio"] == pytest.approx(recs[m]["step_ms"] / recs[f"{m}@reference"]["step_ms"])
+    assert [c["ours"] for c in cfg["comparisons"]] == ["zosgd"]     # the @ rows are not compared with MeZO
+    text = make_e2e_table.render(make_e2e_table.load([str(out)]))
+    assert "`zosgd@reference`" in text and "`sparse-zosgd@reference`" in text
