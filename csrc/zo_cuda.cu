@@ -224,11 +224,11 @@ void zo_apply_cuda(at::TensorList params, at::TensorList outs, at::TensorList ma
   // (the ZO step's update): their update is that seed's alone, straight-line (fast_oct's ONE_SEED). Other update_
   // calls (several seeds) run the specialisations' seed loop. With seeds in device memory (seed_dev: a captured
   // mk.GraphedZOStep) the int seeds carry their equality pattern (the op's contract, docs/API.md), so the same test
-  // holds; the dense-only kernels still take no such call (unmeasured there).
+  // holds, for the dense-only kernels too: a captured lookahead step's op 3 is then one fused launch.
   const bool one_seed_update = P.nupd == 1 && (!prior_nz || seeds[1] == seeds[0]);
   const bool one_seed_ok = op != OP_UPDATE || one_seed_update;  // (no masked kernel runs OP_UPDATE_PERTURB)
   const bool is_update = op == OP_UPDATE || op == OP_UPDATE_PERTURB;
-  const bool one_seed_ok_dense = !is_update || (one_seed_update && !has_seed_dev);
+  const bool one_seed_ok_dense = !is_update || one_seed_update;
   // Calls with a threshold, packed-bit or row-index mask: the masked specialisation (default storage kernels; fp32
   // without the exchange), whose fast path handles masked units; MAZO_CUDA_MASKED_FAST=0 (read per call) keeps the
   // dense kernel, where masked tensors run element units (same bits). nullptr where a family has none.

@@ -455,6 +455,53 @@ def test_cuda_dense_kernels_match_reference(dtype, dist, variant, monkeypatch):
     assert not bad, f"perturbed_copy: tensors {bad} differ from the reference"
 
 
+@pytest.mark.skipif(not mk.has_cuda(), reason="needs the CUDA extension")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "gaussian_fast"])
+def test_cuda_dense_kernels_take_device_seeds(dtype, dist):
+    """The ZO step's update_ (restore, one update seed: the restored one) and op 3 (that update and the next +eps
+    pass, a captured lookahead step's last pass) with their seeds in device memory (seed_dev) on a dense-aligned
+    plan: the dense-only kernels run them where they are kept (16-bit, gaussian_fast / Rademacher; op 3 one fused
+    launch), bit for bit the reference given the int seeds. The op's int arguments carry other seeds with the same
+    equality pattern, so the kernels must read seed_dev's."""
+    from mazo_kernels.api import _seed_bits
+    from mazo_kernels.ops import zo_apply_
+    gen = torch.Generator().manual_seed(hash((str(dtype), dist, "seed_dev")) % 2 ** 31)
+    w_gpu = _weights(gen, [70000, 3 * 8192, 8 * 1001], dtype, "cuda")
+    w_cpu = [t.cpu().clone() for t in w_gpu]
+    p_gpu, p_cpu = _plan(w_gpu), _plan(w_cpu)
+    assert p_gpu.groups[0].dense_aligned
+    dense = dtype != torch.float32 and dist != "gaussian"
+    d = {"gaussian": ref.DIST_GAUSSIAN, "gaussian_fast": ref.DIST_GAUSSIAN_FAST, "rademacher": ref.DIST_RADEMACHER}[dist]
+    seed, nxt, eps, sr = 2 ** 63 + 99, 2 ** 40 + 7, 1e-3, 2 ** 62 + 5
+    for op, tail, what in ((ref.OP_UPDATE, [], "update_"), (ref.OP_UPDATE_PERTURB, [nxt], "op 3")):
+        for p, b in ((p_gpu, "cuda"), (p_cpu, "reference")):   # a step's two passes, then its last
+            mk.perturb_(p, seed, eps, dist=dist, backend=b)
+            mk.perturb_(p, seed, -2 * eps, prior=eps, dist=dist, backend=b)
+        seeds = [_seed_bits(seed), _seed_bits(seed)] + [_seed_bits(t) for t in tail]
+        gs = torch.tensor([0.7])
+        g = p_cpu.groups[0]
+        zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, seeds, gs, op, d, ref.ROUND_STOCHASTIC, _seed_bits(sr),
+                  ref.THRESH_LATCH_READ, eps if tail else 0.0, -eps, 1e-2, "reference", dense_aligned=True)
+        g = p_gpu.groups[0]
+        dev = torch.tensor(seeds + [_seed_bits(sr)], dtype=torch.int64, device="cuda")
+        fake = [_seed_bits(seed ^ 0x5555)] * 2 + [_seed_bits(t ^ 0x3333) for t in tail]
+
+        def call():
+            zo_apply_(g.tensors, [], g.masks, g.meta, g.fvals, fake, gs.cuda(), op, d, ref.ROUND_STOCHASTIC, 77,
+                      ref.THRESH_LATCH_READ, eps if tail else 0.0, -eps, 1e-2, "cuda", dev, dense_aligned=True)
+        names = _cuda_kernel_names(call)
+        bad = [i for i, (a, c) in enumerate(zip(w_gpu, w_cpu)) if not torch.equal(_bits(a).cpu(), _bits(c))]
+        assert not bad, f"{what}: tensors {bad} differ from the reference"
+        assert names and all(_is_dense_kernel(n) == dense for n in names), (what, names)
+        if tail:
+            assert len(names) == (1 if dense else 2), names
+    for p, b in ((p_gpu, "cuda"), (p_cpu, "reference")):   # and that carry is the reference's
+        mk.perturb_(p, nxt, -2 * eps, prior=eps, dist=dist, backend=b)
+    bad = [i for i, (a, c) in enumerate(zip(w_gpu, w_cpu)) if not torch.equal(_bits(a).cpu(), _bits(c))]
+    assert not bad, f"after op 3: tensors {bad} differ from the reference"
+
+
 _BROKEN_PROMISE = """
 import torch, mazo_kernels as mk
 from mazo_kernels import reference as ref
