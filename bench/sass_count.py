@@ -83,12 +83,9 @@ def fp32_tile_cases():
 
 def host_warps(consts) -> int:
     """The fast kernel's warps as zo_apply_ launches these constexprs (masked perturb_ with prior 0: more)."""
-    light = consts.get("MASKED") and consts["OP"] == 0 and not consts["HAS_PRIOR"]
-    if light and consts["DIST"] == 2:
-        return int(tk.MASKED_NUM_WARPS)
-    if light and consts.get("RAD8"):
-        return int(tk.MASKED_NUM_WARPS_RAD)
-    return int(tk.FAST_NUM_WARPS)
+    return int(tk._fast_warps(bool(consts.get("MASKED")), torch.float32 if consts["DT"] == 0 else torch.bfloat16,
+                              consts["DIST"], consts["OP"], 1.0 if consts["HAS_PRIOR"] else 0.0,
+                              bool(consts.get("RAD8"))))
 
 
 def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):

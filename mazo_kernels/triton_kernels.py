@@ -76,6 +76,18 @@ FUSE_MASKED = os.environ.get("MAZO_TRITON_FUSE_MASKED", "0") == "1"
 # Rademacher perturb_ with prior 0 0.78-0.81x and op 3 0.86-0.96x, perturb_prior and perturbed_copy 1.10-1.24x.
 # 1: every masked float32 call; 0: none. Same bits either way (python_tests/test_triton_backend.py runs both).
 FP32_ROW_THREAD = _auto_knob("MAZO_TRITON_FP32_ROW_THREAD")
+# Masked float32 in the fast kernel: its own warps and Rademacher form ("auto", _fast_warps / _rad8_choice). The
+# warps above were chosen on bf16; on an H200 over 7B fp32 threshold / packed-bit masks (bench/results/
+# h200_2026-12-03/s21/call2, one process per comparison) 4 warps ran the latch-writing gaussian_fast perturb_ in
+# 14.49 / 15.74 ms against 8 warps' 22.11 / 26.45 (CUDA 15.62 / 16.26), 8 warps the restoring gaussian_fast
+# perturb_prior in 13.51 / 16.13 against 15.86 / 19.03 and the v1 Gaussian perturbed_copy in 22.89 / 24.69 against
+# 32.37 / 32.40, and Rademacher's perturb_ with prior 0 took 16.59 / 16.74 ms with its signs exchanged into the
+# [R, 8] tile (no _rad8, 4 warps) against 25.90 / 21.45 by _rad8 in the [2, R, 4] tile at 8 warps. False: session
+# 20's choices (MASKED_NUM_WARPS / MASKED_NUM_WARPS_RAD and _rad8 as for bf16). Same bits either way.
+FP32_MASKED_TUNED = _auto_knob("MAZO_TRITON_FP32_MASKED_TUNED")
+# (op, prior != 0, noise) of the masked float32 fast calls that run 8 warps under FP32_MASKED_TUNED (others:
+# FAST_NUM_WARPS)
+_FP32_MASKED_8_WARPS = {(ref.OP_PERTURB, True, ref.DIST_GAUSSIAN_FAST), (ref.OP_COPY, False, ref.DIST_GAUSSIAN)}
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)
@@ -1058,14 +1070,30 @@ def _rowidx_element_policy(op: int, dist: int, dtype: torch.dtype, prior: float)
     return not (op == ref.OP_PERTURB and prior == 0.0 and dist == ref.DIST_RADEMACHER)
 
 
-def _rad8_choice(masked: bool, dist: int, op: int, prior: float, rowidx_el: bool) -> bool:
+def _rad8_choice(masked: bool, dist: int, op: int, prior: float, rowidx_el: bool,
+                 dtype: torch.dtype = torch.bfloat16) -> bool:
     """RAD_ROWS8: does the masked fast path make this call's Rademacher signs in its rows' layout (_rad8)? "auto":
-    perturb_ with prior 0 (the light masked pass) and update_ with a prior on calls with row-index element units."""
+    perturb_ with prior 0 (the light masked pass; not in float32 under FP32_MASKED_TUNED) and update_ with a prior
+    on calls with row-index element units."""
     if not (masked and dist == ref.DIST_RADEMACHER):
         return False
     if RAD_ROWS8 != "auto":
         return bool(RAD_ROWS8)
-    return (op == ref.OP_PERTURB and prior == 0.0) or (op == ref.OP_UPDATE and prior != 0.0 and rowidx_el)
+    if op == ref.OP_PERTURB and prior == 0.0:
+        return not (dtype == torch.float32 and FP32_MASKED_TUNED)
+    return op == ref.OP_UPDATE and prior != 0.0 and rowidx_el
+
+
+def _fast_warps(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rad8: bool) -> int:
+    """The fast kernel's warps for this call: masked float32 under FP32_MASKED_TUNED by _FP32_MASKED_8_WARPS; else
+    the latch-writing / packed-bit perturb_ with prior 0 more (MASKED_NUM_WARPS for gaussian_fast,
+    MASKED_NUM_WARPS_RAD with _rad8), the rest FAST_NUM_WARPS."""
+    if masked and dtype == torch.float32 and FP32_MASKED_TUNED:
+        return 8 if (int(op), prior != 0.0, int(dist)) in _FP32_MASKED_8_WARPS else FAST_NUM_WARPS
+    light = masked and prior == 0.0 and op == ref.OP_PERTURB
+    if light and dist == ref.DIST_GAUSSIAN_FAST:
+        return MASKED_NUM_WARPS
+    return MASKED_NUM_WARPS_RAD if light and rad8 else FAST_NUM_WARPS
 
 
 def _row_thread_choice(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rad8: bool) -> bool:
@@ -1078,6 +1106,8 @@ def _row_thread_choice(masked: bool, dtype: torch.dtype, dist: int, op: int, pri
         return bool(FP32_ROW_THREAD)
     if dist != ref.DIST_RADEMACHER:
         return True
+    if op == ref.OP_PERTURB and prior == 0.0 and FP32_MASKED_TUNED:
+        return rad8   # (not by default: _rad8_choice) the exchange into [R, 8] measured faster here
     return rad8 or (op == ref.OP_PERTURB and prior == 0.0) or op == ref.OP_UPDATE_PERTURB
 
 
@@ -1380,11 +1410,9 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   NSTAT=(n_upd_seeds if is_update and n_upd_seeds <= 4 else 0), NTAB=_NTAB,
                   SMALL=_small_shift(_DT[dtype], prior, fvals),
                   ASM=(int(ASM) if dtype == torch.bfloat16 and HW_BF16 else 0),
-                  RAD8=_rad8_choice(masked, dist, op, prior, rowidx_el), enable_fp_fusion=False)
+                  RAD8=_rad8_choice(masked, dist, op, prior, rowidx_el, dtype), enable_fp_fusion=False)
     consts["ROW_THREAD"] = _row_thread_choice(masked, dtype, dist, op, prior, consts["RAD8"])
-    light_masked = masked and prior == 0.0 and op == ref.OP_PERTURB
-    fast_warps = (MASKED_NUM_WARPS if light_masked and dist == ref.DIST_GAUSSIAN_FAST
-                  else MASKED_NUM_WARPS_RAD if light_masked and consts["RAD8"] else FAST_NUM_WARPS)
+    fast_warps = _fast_warps(masked, dtype, dist, op, prior, consts["RAD8"])
     fast_opts = {}
     if op == ref.OP_UPDATE_PERTURB and int(FUSED_MAXNREG) > 0:
         fast_opts["maxnreg"] = int(FUSED_MAXNREG)

@@ -646,6 +646,11 @@ def test_rad8_choice_follows_the_measured_policy(monkeypatch):
     assert not tk._rad8_choice(True, R, ref.OP_UPDATE, 0.0, True)         # update with prior 0: unmeasured
     assert not tk._rad8_choice(False, R, ref.OP_PERTURB, 0.0, False)
     assert not tk._rad8_choice(True, G, ref.OP_PERTURB, 0.0, False)
+    monkeypatch.setattr(tk, "FP32_MASKED_TUNED", "auto")   # float32's light pass exchanges its signs instead
+    assert not tk._rad8_choice(True, R, ref.OP_PERTURB, 0.0, False, torch.float32)
+    assert tk._rad8_choice(True, R, ref.OP_UPDATE, -1e-3, True, torch.float32)
+    monkeypatch.setattr(tk, "FP32_MASKED_TUNED", False)
+    assert tk._rad8_choice(True, R, ref.OP_PERTURB, 0.0, False, torch.float32)
     monkeypatch.setattr(tk, "RAD_ROWS8", True)
     assert tk._rad8_choice(True, R, ref.OP_PERTURB, 1e-3, False)
     assert not tk._rad8_choice(False, R, ref.OP_PERTURB, 0.0, False)
@@ -653,10 +658,11 @@ def test_rad8_choice_follows_the_measured_policy(monkeypatch):
     assert not tk._rad8_choice(True, R, ref.OP_PERTURB, 0.0, False)
 
 
-@pytest.mark.parametrize("var,bad", [("MAZO_TRITON_RAD_ROWS8", "yes"), ("MAZO_TRITON_FP32_ROW_THREAD", "on")])
+@pytest.mark.parametrize("var,bad", [("MAZO_TRITON_RAD_ROWS8", "yes"), ("MAZO_TRITON_FP32_ROW_THREAD", "on"),
+                                     ("MAZO_TRITON_FP32_MASKED_TUNED", "2")])
 def test_bad_auto_knob_setting_is_refused_at_import(var, bad):
-    """MAZO_TRITON_RAD_ROWS8 and MAZO_TRITON_FP32_ROW_THREAD take auto, 1 or 0; anything else is a clear error when
-    the backend is imported."""
+    """MAZO_TRITON_RAD_ROWS8, MAZO_TRITON_FP32_ROW_THREAD and MAZO_TRITON_FP32_MASKED_TUNED take auto, 1 or 0;
+    anything else is a clear error when the backend is imported."""
     import subprocess
     import sys
     pytest.importorskip("triton")
@@ -675,6 +681,7 @@ def test_row_thread_choice_follows_the_measured_policy(monkeypatch):
     R, G, V1 = ref.DIST_RADEMACHER, ref.DIST_GAUSSIAN_FAST, ref.DIST_GAUSSIAN
     f32, bf16 = torch.float32, torch.bfloat16
     monkeypatch.setattr(tk, "FP32_ROW_THREAD", "auto")
+    monkeypatch.setattr(tk, "FP32_MASKED_TUNED", False)   # session 20's rule first
     for op in (ref.OP_PERTURB, ref.OP_UPDATE, ref.OP_COPY, ref.OP_UPDATE_PERTURB):
         for prior in (0.0, 1e-3):
             assert tk._row_thread_choice(True, f32, G, op, prior, False)
@@ -687,11 +694,48 @@ def test_row_thread_choice_follows_the_measured_policy(monkeypatch):
     assert not tk._row_thread_choice(True, f32, R, ref.OP_PERTURB, 1e-3, False)   # restoring: slower with _rad8
     assert not tk._row_thread_choice(True, f32, R, ref.OP_UPDATE, -1e-3, False)
     assert not tk._row_thread_choice(True, f32, R, ref.OP_COPY, 0.0, False)
+    monkeypatch.setattr(tk, "FP32_MASKED_TUNED", "auto")   # Rademacher's light pass: the [R, 8] tile's exchange
+    assert not tk._row_thread_choice(True, f32, R, ref.OP_PERTURB, 0.0, False)
+    assert tk._row_thread_choice(True, f32, R, ref.OP_PERTURB, 0.0, True)     # _rad8 forced: the row tile
+    assert tk._row_thread_choice(True, f32, R, ref.OP_UPDATE_PERTURB, -1e-3, False)
+    assert tk._row_thread_choice(True, f32, G, ref.OP_PERTURB, 0.0, False)
     monkeypatch.setattr(tk, "FP32_ROW_THREAD", 1)
     assert tk._row_thread_choice(True, f32, R, ref.OP_COPY, 0.0, False)
     assert not tk._row_thread_choice(True, bf16, R, ref.OP_COPY, 0.0, False)
     monkeypatch.setattr(tk, "FP32_ROW_THREAD", 0)
     assert not tk._row_thread_choice(True, f32, G, ref.OP_PERTURB, 0.0, False)
+
+
+def test_fast_warps_follow_the_measured_policy(monkeypatch):
+    """The fast kernel's warps: masked float32 under FP32_MASKED_TUNED 8 for the restoring gaussian_fast perturb_
+    and the v1 Gaussian perturbed_copy, FAST_NUM_WARPS otherwise (bench/NOTES.md, session 21); 16-bit calls (and
+    float32 with the knob off) the latch-writing perturb_'s MASKED_NUM_WARPS / MASKED_NUM_WARPS_RAD (with _rad8)."""
+    from mazo_kernels import triton_kernels as tk
+    R, G, V1 = ref.DIST_RADEMACHER, ref.DIST_GAUSSIAN_FAST, ref.DIST_GAUSSIAN
+    f32, bf16 = torch.float32, torch.bfloat16
+    monkeypatch.setattr(tk, "FAST_NUM_WARPS", 4)
+    monkeypatch.setattr(tk, "MASKED_NUM_WARPS", 8)
+    monkeypatch.setattr(tk, "MASKED_NUM_WARPS_RAD", 8)
+    monkeypatch.setattr(tk, "FP32_MASKED_TUNED", "auto")
+    assert tk._fast_warps(True, f32, G, ref.OP_PERTURB, 0.0, False) == 4
+    assert tk._fast_warps(True, f32, R, ref.OP_PERTURB, 0.0, True) == 4
+    assert tk._fast_warps(True, f32, G, ref.OP_PERTURB, 1e-3, False) == 8
+    assert tk._fast_warps(True, f32, R, ref.OP_PERTURB, 1e-3, False) == 4
+    assert tk._fast_warps(True, f32, V1, ref.OP_COPY, 0.0, False) == 8
+    assert tk._fast_warps(True, f32, G, ref.OP_COPY, 0.0, False) == 4
+    assert tk._fast_warps(True, f32, G, ref.OP_UPDATE, -1e-3, False) == 4
+    assert tk._fast_warps(False, f32, V1, ref.OP_COPY, 0.0, False) == 4          # unmasked: FAST_NUM_WARPS
+    assert tk._fast_warps(True, bf16, G, ref.OP_PERTURB, 0.0, False) == 8
+    assert tk._fast_warps(True, bf16, R, ref.OP_PERTURB, 0.0, True) == 8
+    assert tk._fast_warps(True, bf16, R, ref.OP_PERTURB, 0.0, False) == 4
+    assert tk._fast_warps(True, bf16, G, ref.OP_PERTURB, 1e-3, False) == 4
+    assert tk._fast_warps(False, bf16, G, ref.OP_PERTURB, 0.0, False) == 4
+    monkeypatch.setattr(tk, "FP32_MASKED_TUNED", False)
+    assert tk._fast_warps(True, f32, G, ref.OP_PERTURB, 0.0, False) == 8
+    assert tk._fast_warps(True, f32, V1, ref.OP_COPY, 0.0, False) == 4
+    monkeypatch.setattr(tk, "FP32_MASKED_TUNED", "auto")
+    monkeypatch.setattr(tk, "FAST_NUM_WARPS", 8)      # the knob the bench's variants set
+    assert tk._fast_warps(True, f32, G, ref.OP_UPDATE, -1e-3, False) == 8
 
 
 def _check_update_then_perturb(dtype, dist, sets, g):
