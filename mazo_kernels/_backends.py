@@ -105,7 +105,10 @@ def resolve(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend 'fastest' (cuda or triton per pass) runs on CUDA tensors; these are on {device}")
     if backend == "auto":
         if device.type == "cuda":
-            return "cuda" if has_cuda() else "triton"
+            # both GPU backends: each pass on the one measured faster for it ("fastest"; the same bits either way)
+            if has_cuda():
+                return "fastest" if has_triton() else "cuda"
+            return "triton"
         return "cpu" if has_cpu() else "reference"
     if backend == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' runs on CUDA tensors; these are on {device}")
