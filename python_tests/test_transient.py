@@ -8,12 +8,14 @@ from torch import nn
 import mazo_kernels as mk
 
 BACKEND = "cpu" if mk.has_cpu() else "reference"
-# (device, backend): the block-grouping tests also run on a GPU through both GPU backends (skipped without one)
+# (device, backend): the block-grouping tests also run on a GPU through both GPU backends and "fastest", the
+# default there (skipped without one)
 _GPU = torch.cuda.is_available()
+_HAS = {"cuda": mk.has_cuda, "triton": mk.has_triton, "fastest": lambda: mk.has_cuda() and mk.has_triton()}
 DEVICE_BACKENDS = [pytest.param("cpu", BACKEND, id="cpu")] + [
     pytest.param("cuda", b, id=f"cuda-{b}", marks=pytest.mark.skipif(
-        not (_GPU and (mk.has_cuda() if b == "cuda" else mk.has_triton())), reason=f"needs a GPU and the {b} backend"))
-    for b in ("cuda", "triton")]
+        not (_GPU and _HAS[b]()), reason=f"needs a GPU and the {b} backend"))
+    for b in ("cuda", "triton", "fastest")]
 
 
 @pytest.fixture(autouse=True)
