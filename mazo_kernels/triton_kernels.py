@@ -78,7 +78,7 @@ FUSE_MASKED = os.environ.get("MAZO_TRITON_FUSE_MASKED", "0") == "1"
 FP32_ROW_THREAD = _auto_knob("MAZO_TRITON_FP32_ROW_THREAD")
 # Masked float32 in the fast kernel: its own warps and Rademacher form ("auto", _fast_warps / _rad8_choice). The
 # warps above were chosen on bf16; on an H200 over 7B fp32 threshold / packed-bit masks (bench/results/
-# h200_2026-12-03/s21/call2, one process per comparison) 4 warps ran the latch-writing gaussian_fast perturb_ in
+# h200_2026-12-03/s21/call2 and call3, one process per comparison) 4 warps ran the latch-writing gaussian_fast perturb_ in
 # 14.49 / 15.74 ms against 8 warps' 22.11 / 26.45 (CUDA 15.62 / 16.26), 8 warps the restoring gaussian_fast
 # perturb_prior in 13.51 / 16.13 against 15.86 / 19.03 and the v1 Gaussian perturbed_copy in 22.89 / 24.69 against
 # 32.37 / 32.40, and Rademacher's perturb_ with prior 0 took 16.59 / 16.74 ms with its signs exchanged into the
@@ -86,8 +86,10 @@ FP32_ROW_THREAD = _auto_knob("MAZO_TRITON_FP32_ROW_THREAD")
 # 20's choices (MASKED_NUM_WARPS / MASKED_NUM_WARPS_RAD and _rad8 as for bf16). Same bits either way.
 FP32_MASKED_TUNED = _auto_knob("MAZO_TRITON_FP32_MASKED_TUNED")
 # (op, prior != 0, noise) of the masked float32 fast calls that run 8 warps under FP32_MASKED_TUNED (others:
-# FAST_NUM_WARPS)
-_FP32_MASKED_8_WARPS = {(ref.OP_PERTURB, True, ref.DIST_GAUSSIAN_FAST), (ref.OP_COPY, False, ref.DIST_GAUSSIAN)}
+# FAST_NUM_WARPS). update_ with a prior joined after s21/call3 (8 warps against 4, one process: gaussian_fast
+# 19.16 / 24.21 -> 14.78 / 16.82 ms, v1 Gaussian 22.64 / 23.82 -> 20.28 / 23.45; Rademacher slower, 16.58 -> 20.70).
+_FP32_MASKED_8_WARPS = {(ref.OP_PERTURB, True, ref.DIST_GAUSSIAN_FAST), (ref.OP_COPY, False, ref.DIST_GAUSSIAN),
+                        (ref.OP_UPDATE, True, ref.DIST_GAUSSIAN_FAST), (ref.OP_UPDATE, True, ref.DIST_GAUSSIAN)}
 SPLIT = True         # the host splits the work: full FBLOCK blocks of unmasked tensors -> fast kernel, the rest ->
                      # general kernel (a dense call is one launch); False: the fast kernel + a general kernel that
                      # skips the fast blocks on the device (two launches, one general program per BLOCK)

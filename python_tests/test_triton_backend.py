@@ -707,8 +707,8 @@ def test_row_thread_choice_follows_the_measured_policy(monkeypatch):
 
 
 def test_fast_warps_follow_the_measured_policy(monkeypatch):
-    """The fast kernel's warps: masked float32 under FP32_MASKED_TUNED 8 for the restoring gaussian_fast perturb_
-    and the v1 Gaussian perturbed_copy, FAST_NUM_WARPS otherwise (bench/NOTES.md, session 21); 16-bit calls (and
+    """The fast kernel's warps: masked float32 under FP32_MASKED_TUNED 8 for the restoring gaussian_fast perturb_,
+    the v1 Gaussian perturbed_copy and Gaussian update_ with a prior, FAST_NUM_WARPS otherwise (bench/NOTES.md, session 21); 16-bit calls (and
     float32 with the knob off) the latch-writing perturb_'s MASKED_NUM_WARPS / MASKED_NUM_WARPS_RAD (with _rad8)."""
     from mazo_kernels import triton_kernels as tk
     R, G, V1 = ref.DIST_RADEMACHER, ref.DIST_GAUSSIAN_FAST, ref.DIST_GAUSSIAN
@@ -723,7 +723,10 @@ def test_fast_warps_follow_the_measured_policy(monkeypatch):
     assert tk._fast_warps(True, f32, R, ref.OP_PERTURB, 1e-3, False) == 4
     assert tk._fast_warps(True, f32, V1, ref.OP_COPY, 0.0, False) == 8
     assert tk._fast_warps(True, f32, G, ref.OP_COPY, 0.0, False) == 4
-    assert tk._fast_warps(True, f32, G, ref.OP_UPDATE, -1e-3, False) == 4
+    assert tk._fast_warps(True, f32, G, ref.OP_UPDATE, -1e-3, False) == 8
+    assert tk._fast_warps(True, f32, V1, ref.OP_UPDATE, -1e-3, False) == 8
+    assert tk._fast_warps(True, f32, R, ref.OP_UPDATE, -1e-3, False) == 4
+    assert tk._fast_warps(True, f32, G, ref.OP_UPDATE, 0.0, False) == 4          # update0: slower at 8
     assert tk._fast_warps(False, f32, V1, ref.OP_COPY, 0.0, False) == 4          # unmasked: FAST_NUM_WARPS
     assert tk._fast_warps(True, bf16, G, ref.OP_PERTURB, 0.0, False) == 8
     assert tk._fast_warps(True, bf16, R, ref.OP_PERTURB, 0.0, True) == 8
@@ -735,7 +738,7 @@ def test_fast_warps_follow_the_measured_policy(monkeypatch):
     assert tk._fast_warps(True, f32, V1, ref.OP_COPY, 0.0, False) == 4
     monkeypatch.setattr(tk, "FP32_MASKED_TUNED", "auto")
     monkeypatch.setattr(tk, "FAST_NUM_WARPS", 8)      # the knob the bench's variants set
-    assert tk._fast_warps(True, f32, G, ref.OP_UPDATE, -1e-3, False) == 8
+    assert tk._fast_warps(True, f32, R, ref.OP_UPDATE, -1e-3, False) == 8
 
 
 def _check_update_then_perturb(dtype, dist, sets, g):
