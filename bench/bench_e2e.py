@@ -962,6 +962,8 @@ def main(argv=None):
     t_start = time.perf_counter()
 
     header = environment(str(device))
+    if os.environ.get("MAZO_RUN_COMMIT"):   # the commit that ran, where the device copy's git metadata lags
+        header["git_commit_as_run"] = os.environ["MAZO_RUN_COMMIT"]
     header.update({"model_shape": args.model_shape, "dtype": args.dtype, "args": vars(args), "methods": methods,
                    "shapes": [list(s) for s in shapes], "label": args.label, "dist": args.dist})
     memory = {}
