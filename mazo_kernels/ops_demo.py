@@ -160,7 +160,7 @@ def section_drift(backend, device, steps=200, n=1 << 14, eps=1e-3):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", default="auto", help="auto (default), reference, cpu, triton or cuda")
+    p.add_argument("--backend", default="auto", help="auto (default), reference, cpu, triton, cuda or fastest")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--steps", type=int, default=50, help="ZO steps in (b)")
     p.add_argument("--drift-steps", type=int, default=200, help="steps in (c)")
