@@ -78,10 +78,10 @@ FUSE_MASKED = os.environ.get("MAZO_TRITON_FUSE_MASKED", "0") == "1"
 FP32_ROW_THREAD = _auto_knob("MAZO_TRITON_FP32_ROW_THREAD")
 # Masked float32 in the fast kernel: its own warps and Rademacher form ("auto", _fast_warps / _rad8_choice). The
 # warps above were chosen on bf16; on an H200 over 7B fp32 threshold / packed-bit masks (bench/results/
-# h200_2026-12-03/s21/call2 and call3, one process per comparison) 4 warps ran the latch-writing gaussian_fast perturb_ in
-# 14.49 / 15.74 ms against 8 warps' 22.11 / 26.45 (CUDA 15.62 / 16.26), 8 warps the restoring gaussian_fast
-# perturb_prior in 13.51 / 16.13 against 15.86 / 19.03 and the v1 Gaussian perturbed_copy in 22.89 / 24.69 against
-# 32.37 / 32.40, and Rademacher's perturb_ with prior 0 took 16.59 / 16.74 ms with its signs exchanged into the
+# h200_2026-12-03/s21/call2, one process per comparison) 4 warps ran the latch-writing gaussian_fast perturb_ in
+# 14.49 / 15.74 ms against 8 warps' 22.11 / 26.45 (call 3, both backends: 14.82 / 15.74, CUDA 15.33 / 16.38), 8
+# warps the restoring gaussian_fast perturb_prior in 13.51 / 16.13 against 15.86 / 19.03 and the v1 Gaussian
+# perturbed_copy in 22.89 / 24.69 against 32.37 / 32.40, and Rademacher's perturb_ with prior 0 took 16.59 / 16.74 ms with its signs exchanged into the
 # [R, 8] tile (no _rad8, 4 warps) against 25.90 / 21.45 by _rad8 in the [2, R, 4] tile at 8 warps. False: session
 # 20's choices (MASKED_NUM_WARPS / MASKED_NUM_WARPS_RAD and _rad8 as for bf16). Same bits either way.
 FP32_MASKED_TUNED = _auto_knob("MAZO_TRITON_FP32_MASKED_TUNED")
