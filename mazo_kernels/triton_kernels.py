@@ -61,6 +61,11 @@ MASKED_NUM_WARPS_RAD = 8
 # bench/results/h200_2026-12-03/s19/call3) 80 was slower with gaussian_fast (24.14 -> 25.18 ms) and 1.3% faster
 # with Rademacher, so the default stays uncapped (bench/NOTES.md, session 19).
 FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
+# Register cap of the fast kernel for masked perturb_ with prior 0 (the latch-writing / packed-bit light pass), 0:
+# none. Unmeasured; a knob for the next measurement (bench/NOTES.md, session 21): offline (bench/sass_count.py,
+# sm_90) the bf16 v1 Gaussian pass holds 128 registers at 4 warps (16 warps per SM) and runs 1.25x CUDA's time; 80
+# registers (24 warps per SM) spill 136 bytes for +6.5% instructions.
+MASKED_LIGHT_MAXNREG = int(os.environ.get("MAZO_TRITON_MASKED_LIGHT_MAXNREG", "0"))
 # Op 3 on masked calls fused too (the next selection in the same pass: a threshold's on the updated values, latched)
 # instead of the two ops. Off by default: offline (bench/sass_count.py, sm_90) the fused masked fast kernel compiles
 # to 111 instructions per element at 185 registers (8 warps per SM) against the masked update's 64 at 121 and a
@@ -1418,6 +1423,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     fast_opts = {}
     if op == ref.OP_UPDATE_PERTURB and int(FUSED_MAXNREG) > 0:
         fast_opts["maxnreg"] = int(FUSED_MAXNREG)
+    if masked and op == ref.OP_PERTURB and prior == 0.0 and int(MASKED_LIGHT_MAXNREG) > 0:
+        fast_opts["maxnreg"] = int(MASKED_LIGHT_MAXNREG)
     if split:
         if nf:
             _zo_kernel[(nf,)](tab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=3, FBLOCK=fblock, BLOCK=block,

@@ -408,7 +408,9 @@ def step_fast_on_and_off(tk, monkeypatch, specs, dist, seed, eps, upd_seed, sr_s
     ("gaussian_fast", True, False, torch.bfloat16, 1),
     ("gaussian", True, False, torch.float32, 1), ("rademacher", True, False, torch.float32, 1),
     ("gaussian_fast", True, False, torch.float32, 1), ("gaussian_fast", True, False, torch.float32, 0),
-    ("rademacher", True, False, torch.float32, "auto")],   # the latch written in [2, R, 4], read in [R, 8]
+    ("rademacher", True, False, torch.float32, "auto"),
+    ("rademacher", True, False, torch.float32, "auto-untuned"),   # the latch written in [2, R, 4], read in [R, 8]
+    ("gaussian", True, False, torch.bfloat16, "maxnreg80")],
     ids=lambda v: str(v).replace("torch.", ""))
 def test_masked_fast_path_matches_general_and_reference(dist, split, rad8, dtype, row_thread, monkeypatch,
                                                         _big_block):
@@ -418,9 +420,16 @@ def test_masked_fast_path_matches_general_and_reference(dist, split, rad8, dtype
     multiple of the block also runs its tail through the general kernel, writing the rest of the same latch.
     rad8: Rademacher signs made in the rows' layout (RAD_ROWS8, _rad8) rather than exchanged into it. float32:
     the [2, R, 4] tile (FP32_ROW_THREAD 1, signs always by _rad8), the [R, 8] one (0), and both in one step
-    ("auto": Rademacher perturb_ with prior 0 in the first, the restoring passes in the second)."""
+    ("auto-untuned", FP32_MASKED_TUNED off: Rademacher perturb_ with prior 0 in the first, the restoring passes in
+    the second). "maxnreg80": MASKED_LIGHT_MAXNREG (a compile option; the interpreter ignores it)."""
     tk = _big_block
     monkeypatch.setattr(tk, "RAD_ROWS8", rad8)
+    if row_thread == "auto-untuned":
+        monkeypatch.setattr(tk, "FP32_MASKED_TUNED", False)
+        row_thread = "auto"
+    if row_thread == "maxnreg80":
+        monkeypatch.setattr(tk, "MASKED_LIGHT_MAXNREG", 80)
+        row_thread = "auto"
     monkeypatch.setattr(tk, "FP32_ROW_THREAD", row_thread)
     monkeypatch.setattr(tk, "BLOCK", 128)
     monkeypatch.setattr(tk, "FAST_BLOCK", 256)
@@ -708,8 +717,9 @@ def test_row_thread_choice_follows_the_measured_policy(monkeypatch):
 
 def test_fast_warps_follow_the_measured_policy(monkeypatch):
     """The fast kernel's warps: masked float32 under FP32_MASKED_TUNED 8 for the restoring gaussian_fast perturb_,
-    the v1 Gaussian perturbed_copy and Gaussian update_ with a prior, FAST_NUM_WARPS otherwise (bench/NOTES.md, session 21); 16-bit calls (and
-    float32 with the knob off) the latch-writing perturb_'s MASKED_NUM_WARPS / MASKED_NUM_WARPS_RAD (with _rad8)."""
+    the v1 Gaussian perturbed_copy and Gaussian update_ with a prior, FAST_NUM_WARPS otherwise (bench/NOTES.md,
+    session 21); 16-bit calls (and float32 with the knob off) the latch-writing perturb_'s MASKED_NUM_WARPS /
+    MASKED_NUM_WARPS_RAD (with _rad8)."""
     from mazo_kernels import triton_kernels as tk
     R, G, V1 = ref.DIST_RADEMACHER, ref.DIST_GAUSSIAN_FAST, ref.DIST_GAUSSIAN
     f32, bf16 = torch.float32, torch.bfloat16
