@@ -98,6 +98,10 @@ def pass_backend(op: int, dist: int, prior: float, dtype: torch.dtype, masks) ->
     return "triton" if key in TRITON else "cuda"
 
 
+def _capability(device: torch.device) -> tuple:
+    return tuple(torch.cuda.get_device_capability(device))
+
+
 def resolve(backend: str, device: torch.device) -> str:
     if backend not in ("auto", "reference", "cpu", "triton", "cuda", "fastest"):
         raise ValueError(f"unknown backend {backend!r}; choose auto, reference, cpu, triton, cuda or fastest")
@@ -105,9 +109,10 @@ def resolve(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend 'fastest' (cuda or triton per pass) runs on CUDA tensors; these are on {device}")
     if backend == "auto":
         if device.type == "cuda":
-            # both GPU backends: each pass on the one measured faster for it ("fastest"; the same bits either way)
+            # both GPU backends: each pass on the one measured faster for it ("fastest"; the same bits either way).
+            # The table was measured on Hopper; before Ampere (sm_80) the CUDA extension alone.
             if has_cuda():
-                return "fastest" if has_triton() else "cuda"
+                return "fastest" if has_triton() and _capability(device) >= (8, 0) else "cuda"
             return "triton"
         return "cpu" if has_cpu() else "reference"
     if backend == "cuda" and device.type != "cuda":

@@ -116,13 +116,16 @@ def test_fastest_needs_cuda_tensors_and_both_backends(monkeypatch):
         _backends.require("fastest")
 
 
-@pytest.mark.parametrize("cuda,triton,want", [(True, True, "fastest"), (True, False, "cuda"), (False, True, "triton")])
-def test_auto_on_cuda_tensors_is_fastest_where_both_backends_are(cuda, triton, want, monkeypatch):
-    """backend="auto" on CUDA tensors: "fastest" with the extension and triton (measured on an H200: the same steps'
-    passes 0.87-0.89x cuda's with masks, 1.00x dense; bench/NOTES.md session 21), else the one there is. CPU
-    tensors keep cpu / reference."""
+@pytest.mark.parametrize("cuda,triton,cap,want", [(True, True, (9, 0), "fastest"), (True, True, (8, 0), "fastest"),
+                                                  (True, True, (7, 5), "cuda"), (True, False, (9, 0), "cuda"),
+                                                  (False, True, (9, 0), "triton")])
+def test_auto_on_cuda_tensors_is_fastest_where_both_backends_are(cuda, triton, cap, want, monkeypatch):
+    """backend="auto" on CUDA tensors: "fastest" with the extension and triton on sm_80 and later (measured on an
+    H200: the same steps' passes 0.87-0.89x cuda's with masks, 1.00x dense; bench/NOTES.md session 21), cuda on
+    older GPUs, else the backend there is. CPU tensors keep cpu / reference."""
     monkeypatch.setattr(_backends, "has_cuda", lambda: cuda)
     monkeypatch.setattr(_backends, "has_triton", lambda: triton)
+    monkeypatch.setattr(_backends, "_capability", lambda device: cap)
     assert _backends.resolve("auto", torch.device("cuda", 0)) == want
     monkeypatch.setattr(_backends, "has_cpu", lambda: True)
     assert _backends.resolve("auto", torch.device("cpu")) == "cpu"
