@@ -601,7 +601,18 @@ def run_method(rec, model, ids, args, clock, mem, cache, snapshot):
     last = losses[-1]
     rec["loss_last"] = float(last) if isinstance(last, torch.Tensor) else float(last)
     rec["losses_finite"] = all(math.isfinite(float(x)) for x in losses)
-    del losses
+
+    # 4. (--paired) the two forwards and a step in one round, n rounds: the overhead as the median of each round's
+    # step minus its own forwards, so drift between the separate loops above (clocks, other processes) cancels
+    if getattr(args, "paired", False):
+        rec["phase"] = "paired"
+        per, _ = clock.sequence([fwd, fwd, step], args.steps, args.warmup)
+        diffs = [s_ - (a + b) for a, b, s_ in zip(*per)]
+        ovh = median(diffs)
+        rec["paired"] = {"rounds": args.steps, "fwd2_ms": median([a + b for a, b in zip(per[0], per[1])]),
+                         "step_ms": median(per[2]), "overhead_ms": ovh, "overhead_ms_all": diffs,
+                         "overhead_over_one_pass": ovh / rec["one_pass_ms"] if rec["one_pass_ms"] else None}
+        del losses[:]
 
     # breakdown and ratios
     fw, ps, st = rec["fwd2_ms"], rec["passes_ms"], rec["step_ms"]
@@ -860,6 +871,11 @@ def print_config(cfg):
               f"{'-' if pk is None else f'{pk / 2**30:.2f}':>9}")
     for c in cfg.get("comparisons", []):
         print(f"  {c['ours']} vs {c['baseline']}: step x{c['step_speedup']:.2f}")
+    for r in cfg["results"]:
+        pr = r.get("paired")
+        if r.get("status") == "ok" and pr and pr.get("overhead_over_one_pass") is not None:
+            print(f"  {r['method']} paired: step - its own 2 forwards {pr['overhead_ms']:.2f} ms = "
+                  f"{pr['overhead_over_one_pass']:.2f} passes ({pr['rounds']} rounds)")
     for c in cfg.get("backend_ab", []):
         print(f"  {c['method']} {c['backend']} / {c['other_backend']}: passes x{c['passes_ratio']:.3f}, "
               f"step x{c['step_ratio']:.3f}")
@@ -920,6 +936,9 @@ def build_parser():
     ap.add_argument("--backend", default="auto", help="ZOSGD backend (auto, cuda, triton, fastest, cpu, reference)")
     ap.add_argument("--compare-backend", default=None,
                     help="also run each of our methods on this backend, in the same process (records <method>@<it>)")
+    ap.add_argument("--paired", action="store_true",
+                    help="also time rounds of (forward, forward, step): the overhead as each step minus its own "
+                         "forwards (record['paired'])")
     ap.add_argument("--steps", type=int, default=5, help="timed repetitions of each measurement")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--lr", type=float, default=1e-6)

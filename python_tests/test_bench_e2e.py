@@ -241,3 +241,19 @@ def test_compare_backend_runs_each_of_our_methods_twice(tmp_path):
     assert [c["ours"] for c in cfg["comparisons"]] == ["zosgd"]     # the @ rows are not compared with MeZO
     text = make_e2e_table.render(make_e2e_table.load([str(out)]))
     assert "`zosgd@reference`" in text and "`sparse-zosgd@reference`" in text
+
+
+def test_paired_rounds_time_each_step_against_its_own_forwards(tmp_path):
+    """--paired: rounds of (forward, forward, step); record['paired'] holds each round's step minus its forwards and
+    their median over one pass."""
+    out = tmp_path / "paired.json"
+    rc = bench_e2e.main(["--model-shape", "tiny", "--device", "cpu", "--dtype", "fp32", "--batch", "2", "--seq", "8",
+                         "--steps", "3", "--warmup", "0", "--method", "zosgd,mezo", "--paired", "--out", str(out)])
+    assert rc == 0
+    (cfg,) = json.loads(out.read_text())["configs"]
+    for r in cfg["results"]:
+        pr = r["paired"]
+        assert pr["rounds"] == 3 and len(pr["overhead_ms_all"]) == 3
+        assert pr["overhead_ms"] == pytest.approx(sorted(pr["overhead_ms_all"])[1])
+        assert pr["overhead_over_one_pass"] == pytest.approx(pr["overhead_ms"] / r["one_pass_ms"])
+        assert pr["step_ms"] > 0 and pr["fwd2_ms"] > 0
