@@ -612,7 +612,7 @@ def run_method(rec, model, ids, args, clock, mem, cache, snapshot):
         rec["paired"] = {"rounds": args.steps, "fwd2_ms": median([a + b for a, b in zip(per[0], per[1])]),
                          "step_ms": median(per[2]), "overhead_ms": ovh, "overhead_ms_all": diffs,
                          "overhead_over_one_pass": ovh / rec["one_pass_ms"] if rec["one_pass_ms"] else None}
-        del losses[:]
+    losses.clear()
 
     # breakdown and ratios
     fw, ps, st = rec["fwd2_ms"], rec["passes_ms"], rec["step_ms"]

@@ -81,11 +81,16 @@ def fp32_tile_cases():
     return out
 
 
+def _host_args(c) -> tuple:
+    """(masked, dtype, dist, op, prior) as the host's policy functions take them, from the kernel's constexprs (the
+    16-bit types share every policy, so DT 1 and 2 both read as bfloat16)."""
+    return (bool(c.get("MASKED")), torch.float32 if c["DT"] == 0 else torch.bfloat16, c["DIST"], c["OP"],
+            1.0 if c["HAS_PRIOR"] else 0.0)
+
+
 def host_warps(consts) -> int:
     """The fast kernel's warps as zo_apply_ launches these constexprs (masked perturb_ with prior 0: more)."""
-    return int(tk._fast_warps(bool(consts.get("MASKED")), torch.float32 if consts["DT"] == 0 else torch.bfloat16,
-                              consts["DIST"], consts["OP"], 1.0 if consts["HAS_PRIOR"] else 0.0,
-                              bool(consts.get("RAD8"))))
+    return int(tk._fast_warps(*_host_args(consts), bool(consts.get("RAD8"))))
 
 
 def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
@@ -93,8 +98,7 @@ def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
              NTAB=tk._NTAB)
     c.update(consts)
     if "ROW_THREAD" not in consts:   # the host's choice (zo_apply_)
-        c["ROW_THREAD"] = tk._row_thread_choice(bool(c["MASKED"]), torch.float32 if c["DT"] == 0 else torch.bfloat16,
-                                                c["DIST"], c["OP"], 1.0 if c["HAS_PRIOR"] else 0.0, bool(c["RAD8"]))
+        c["ROW_THREAD"] = tk._row_thread_choice(*_host_args(c), bool(c["RAD8"]))
     if "ASM" not in consts:   # the host's choice (zo_apply_): MAZO_TRITON_ASM=0/1/2 compares the forms
         c["ASM"] = int(tk.ASM) if c["DT"] == 2 and tk.HW_BF16 else 0
     sig = dict(SIGNATURE)

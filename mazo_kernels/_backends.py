@@ -1,10 +1,13 @@
 """Find the backends. Importing this module never fails; asking for a missing backend says what to install."""
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
 import torch
+
+from . import backend_policy
 
 _cache: dict = {}
 
@@ -86,7 +89,6 @@ def pass_backend(op: int, dist: int, prior: float, dtype: torch.dtype, masks) ->
     """The backend that runs this pass under backend="fastest": triton where backend_policy.TRITON lists its
     (dtype, mask class, pass, noise), else cuda. A call with a row-index mask is of class "rowindex", else one with
     any other mask tensor "bytes" (threshold latch or packed bits), else "none"."""
-    from .backend_policy import TRITON
     cls = "none"
     for m in masks:
         if m.numel():
@@ -95,9 +97,10 @@ def pass_backend(op: int, dist: int, prior: float, dtype: torch.dtype, masks) ->
                 break
             cls = "bytes"
     key = (_DTYPE_NAMES.get(dtype), cls, _PASS_NAMES.get((int(op), prior != 0.0)), _DIST_NAMES.get(int(dist)))
-    return "triton" if key in TRITON else "cuda"
+    return "triton" if key in backend_policy.TRITON else "cuda"
 
 
+@functools.lru_cache(maxsize=None)
 def _capability(device: torch.device) -> tuple:
     return tuple(torch.cuda.get_device_capability(device))
 

@@ -111,9 +111,7 @@ class GraphedZOStep:
         nxt = self._next_seed(k)
         if opt.lookahead:
             if opt._carry is None:
-                first = schedule("inplace", opt.estimator, seeds)[0][0]
-                pt = opt._parts[0]
-                run_pass(pt.tables, first, DISTS[opt.dist], pt.backend, pt.empty)
+                opt._run_pass(schedule("inplace", opt.estimator, seeds)[0][0], DISTS[opt.dist])
             opt._carry = None       # consumed by this step (as ZOSGD.step does)
         vals_dev = ([_seed_bits(seeds[-1])] + [_seed_bits(s) for s in seeds]
                     + ([_seed_bits(nxt)] if nxt is not None else []) + [_seed_bits(sr_seed)])
