@@ -93,7 +93,7 @@ def host_warps(consts) -> int:
     return int(tk._fast_warps(*_host_args(consts), bool(consts.get("RAD8"))))
 
 
-def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
+def compile_fast(consts: dict, num_warps: int, fblock: int, block: int, maxnreg: int = 0):
     c = dict(TMODE=0, MASKED=False, ROWIDX=False, SMALL=False, RAD8=False, MODE=3, FBLOCK=fblock, BLOCK=block,
              NTAB=tk._NTAB)
     c.update(consts)
@@ -104,8 +104,10 @@ def compile_fast(consts: dict, num_warps: int, fblock: int, block: int):
     sig = dict(SIGNATURE)
     sig.update({k: "constexpr" for k in c})
     src = triton.compiler.ASTSource(fn=tk._zo_kernel, signature=sig, constexprs=c)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "enable_fp_fusion": False})
+    opts = {"num_warps": num_warps, "enable_fp_fusion": False}
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def sass_stats(cubin: bytes) -> dict:
@@ -203,6 +205,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cases", default="core", choices=("core", "all", "fp32-tiles"),
                     help="fp32-tiles: masked fp32 in both tiles, at the host's warps")
+    ap.add_argument("--warps", type=int, default=0, help="compile every case at these warps (default: the host's "
+                    "for fp32-tiles, FAST_NUM_WARPS otherwise)")
+    ap.add_argument("--maxnreg", type=int, default=0, help="a register cap for every case (ptxas maxnreg; 0: none)")
+    ap.add_argument("--match", default="", help="only the cases whose label contains this text")
     ap.add_argument("--out", default=None, help="JSON output (default: print only)")
     ap.add_argument("--cuda", action="store_true", help="also ptxas -v of the CUDA kernels (needs nvcc; ~2 min)")
     args = ap.parse_args(argv)
@@ -213,15 +219,17 @@ def main(argv=None):
         for r in cuda_recs:
             print(f"CUDA {r['kernel']:32s} {r['dtype']:5s} min_blocks {r['min_blocks']}  {r['registers']} registers  "
                   f"spills {r['spill_store_bytes']} / {r['spill_load_bytes']} B", flush=True)
-    fblock, warps = int(tk.FAST_BLOCK), int(tk.FAST_NUM_WARPS)
+    fblock, warps = int(tk.FAST_BLOCK), args.warps or int(tk.FAST_NUM_WARPS)
     per_thread = fblock // (32 * warps)
     recs = []
     for label, consts in (fp32_tile_cases() if args.cases == "fp32-tiles" else cases(args.cases)):
+        if args.match not in label:
+            continue
         t0 = time.time()
-        if args.cases == "fp32-tiles":
+        if args.cases == "fp32-tiles" and not args.warps:
             warps = host_warps(consts)
             per_thread = fblock // (32 * warps)
-        k = compile_fast(consts, warps, fblock, int(tk.BLOCK))
+        k = compile_fast(consts, warps, fblock, int(tk.BLOCK), args.maxnreg)
         st = sass_stats(k.asm["cubin"])
         # the issue budget per element scales with the bytes an element moves (fp32: twice bf16's)
         budget = 31.5 * (2 if consts["DT"] == 0 else 1)
@@ -234,7 +242,7 @@ def main(argv=None):
                   issue_budget_per_element_h200=budget,
                   predicted_fraction_of_h200_floor=round(min(1.0, 0.79 * budget / (st["instructions"] / per_thread)),
                                                          3),
-                  compile_s=round(time.time() - t0, 1), num_warps=warps, constexprs=consts)
+                  compile_s=round(time.time() - t0, 1), num_warps=warps, maxnreg=args.maxnreg, constexprs=consts)
         recs.append(st)
         print(f"{label:36s} {st['instructions_per_element']:7.2f} instr/elem ({st['alu_instructions_per_element']:5.2f} "
               f"ALU)  {st['registers']} regs  "
