@@ -93,6 +93,11 @@ def host_warps(consts) -> int:
     return int(tk._fast_warps(*_host_args(consts), bool(consts.get("RAD8"))))
 
 
+def host_maxnreg(consts) -> int:
+    """The fast kernel's register cap as zo_apply_ compiles these constexprs (0: none; MASKED_LIGHT_MAXNREG)."""
+    return int(tk._light_maxnreg(*_host_args(consts), bool(consts.get("ROWIDX"))))
+
+
 def compile_fast(consts: dict, num_warps: int, fblock: int, block: int, maxnreg: int = 0):
     c = dict(TMODE=0, MASKED=False, ROWIDX=False, SMALL=False, RAD8=False, MODE=3, FBLOCK=fblock, BLOCK=block,
              NTAB=tk._NTAB)
@@ -207,7 +212,8 @@ def main(argv=None):
                     help="fp32-tiles: masked fp32 in both tiles, at the host's warps")
     ap.add_argument("--warps", type=int, default=0, help="compile every case at these warps (default: the host's "
                     "for fp32-tiles, FAST_NUM_WARPS otherwise)")
-    ap.add_argument("--maxnreg", type=int, default=0, help="a register cap for every case (ptxas maxnreg; 0: none)")
+    ap.add_argument("--maxnreg", type=int, default=-1, help="a register cap for every case (ptxas maxnreg; 0: none; "
+                    "default: the host's, MASKED_LIGHT_MAXNREG)")
     ap.add_argument("--match", default="", help="only the cases whose label contains this text")
     ap.add_argument("--out", default=None, help="JSON output (default: print only)")
     ap.add_argument("--cuda", action="store_true", help="also ptxas -v of the CUDA kernels (needs nvcc; ~2 min)")
@@ -229,7 +235,8 @@ def main(argv=None):
         if args.cases == "fp32-tiles" and not args.warps:
             warps = host_warps(consts)
             per_thread = fblock // (32 * warps)
-        k = compile_fast(consts, warps, fblock, int(tk.BLOCK), args.maxnreg)
+        maxnreg = host_maxnreg(consts) if args.maxnreg < 0 else args.maxnreg
+        k = compile_fast(consts, warps, fblock, int(tk.BLOCK), maxnreg)
         st = sass_stats(k.asm["cubin"])
         # the issue budget per element scales with the bytes an element moves (fp32: twice bf16's)
         budget = 31.5 * (2 if consts["DT"] == 0 else 1)
@@ -242,7 +249,7 @@ def main(argv=None):
                   issue_budget_per_element_h200=budget,
                   predicted_fraction_of_h200_floor=round(min(1.0, 0.79 * budget / (st["instructions"] / per_thread)),
                                                          3),
-                  compile_s=round(time.time() - t0, 1), num_warps=warps, maxnreg=args.maxnreg, constexprs=consts)
+                  compile_s=round(time.time() - t0, 1), num_warps=warps, maxnreg=maxnreg, constexprs=consts)
         recs.append(st)
         print(f"{label:36s} {st['instructions_per_element']:7.2f} instr/elem ({st['alu_instructions_per_element']:5.2f} "
               f"ALU)  {st['registers']} regs  "

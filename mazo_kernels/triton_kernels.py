@@ -61,11 +61,22 @@ MASKED_NUM_WARPS_RAD = 8
 # bench/results/h200_2026-12-03/s19/call3) 80 was slower with gaussian_fast (24.14 -> 25.18 ms) and 1.3% faster
 # with Rademacher, so the default stays uncapped (bench/NOTES.md, session 19).
 FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
-# Register cap of the fast kernel for masked perturb_ with prior 0 (the latch-writing / packed-bit light pass), 0:
-# none. Unmeasured; a knob for the next measurement (bench/NOTES.md, session 21): offline (bench/sass_count.py,
-# sm_90) the bf16 v1 Gaussian pass holds 128 registers at 4 warps (16 warps per SM) and runs 1.25x CUDA's time; 80
-# registers (24 warps per SM) spill 136 bytes for +6.5% instructions.
-MASKED_LIGHT_MAXNREG = int(os.environ.get("MAZO_TRITON_MASKED_LIGHT_MAXNREG", "0"))
+# Register cap (ptxas maxnreg) of the fast kernel for masked perturb_ with prior 0 (the latch-writing / packed-bit
+# light pass): "auto" (the default), or N for every such call (0: none). Uncapped, the v1 Gaussian pass holds 128
+# registers at 4 warps (16 warps per SM, latency-bound) and ran 1.18-1.27x CUDA's time. Capped, ptxas spills a little
+# (80: 136 bytes, +6.5% instructions, 24 warps per SM; bench/sass_count.py). On an H200 over 7B (one process,
+# bench/results/h200_2026-12-03/s22/call4), threshold / packed bits, ms, uncapped -> 80 -> 96 (CUDA):
+# bf16 20.68 / 21.74 -> 16.60 / 15.95 -> 16.63 / 15.65 (16.26 / 17.08); fp16 19.20 / 19.47 -> 15.54 / 14.57 ->
+# 15.99 / 15.03 (15.54 / 15.67); fp32 21.44 / 21.23 -> 20.32 / 20.91 -> 17.68 / 17.90 (18.11 / 17.95).
+# "auto": v1 Gaussian only, 80 registers in 16-bit and 96 in float32, threshold and packed-bit calls (row-index
+# element units and the other noises unmeasured: uncapped). Same bits either way.
+MASKED_LIGHT_MAXNREG = os.environ.get("MAZO_TRITON_MASKED_LIGHT_MAXNREG", "auto")
+if MASKED_LIGHT_MAXNREG != "auto":
+    try:
+        MASKED_LIGHT_MAXNREG = int(MASKED_LIGHT_MAXNREG)
+    except ValueError:
+        raise ValueError("MAZO_TRITON_MASKED_LIGHT_MAXNREG must be auto or a register count (0: none), got "
+                         f"{MASKED_LIGHT_MAXNREG!r}") from None
 # Op 3 on masked calls fused too (the next selection in the same pass: a threshold's on the updated values, latched)
 # instead of the two ops. Off by default: offline (bench/sass_count.py, sm_90) the fused masked fast kernel compiles
 # to 111 instructions per element at 185 registers (8 warps per SM) against the masked update's 64 at 121 and a
@@ -1103,6 +1114,19 @@ def _fast_warps(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: flo
     return MASKED_NUM_WARPS_RAD if light and rad8 else FAST_NUM_WARPS
 
 
+def _light_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rowidx_el: bool) -> int:
+    """MASKED_LIGHT_MAXNREG: the register cap of a masked perturb_ with prior 0 (0: none). "auto": the v1 Gaussian
+    pass on threshold / packed-bit calls, 80 registers in 16-bit and 96 in float32 (each the faster or equal of the
+    two measured)."""
+    if not (masked and op == ref.OP_PERTURB and prior == 0.0):
+        return 0
+    if MASKED_LIGHT_MAXNREG != "auto":
+        return int(MASKED_LIGHT_MAXNREG)
+    if dist != ref.DIST_GAUSSIAN or rowidx_el:
+        return 0
+    return 96 if dtype == torch.float32 else 80
+
+
 def _row_thread_choice(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rad8: bool) -> bool:
     """FP32_ROW_THREAD: does this masked float32 call run the fast path in the [2, R, 4] tile? "auto": Gaussian
     noise always; Rademacher where its signs by _rad8 were measured faster (perturb_ with prior 0, op 3, and the
@@ -1423,8 +1447,9 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     fast_opts = {}
     if op == ref.OP_UPDATE_PERTURB and int(FUSED_MAXNREG) > 0:
         fast_opts["maxnreg"] = int(FUSED_MAXNREG)
-    if masked and op == ref.OP_PERTURB and prior == 0.0 and int(MASKED_LIGHT_MAXNREG) > 0:
-        fast_opts["maxnreg"] = int(MASKED_LIGHT_MAXNREG)
+    light_cap = _light_maxnreg(masked, dtype, dist, op, prior, rowidx_el)
+    if light_cap:
+        fast_opts["maxnreg"] = light_cap
     if split:
         if nf:
             _zo_kernel[(nf,)](tab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=3, FBLOCK=fblock, BLOCK=block,

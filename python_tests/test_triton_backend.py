@@ -667,6 +667,44 @@ def test_rad8_choice_follows_the_measured_policy(monkeypatch):
     assert not tk._rad8_choice(True, R, ref.OP_PERTURB, 0.0, False)
 
 
+def test_light_maxnreg_follows_the_measured_policy(monkeypatch):
+    """MASKED_LIGHT_MAXNREG "auto" (the default): a register cap only for the v1 Gaussian masked perturb_ with prior
+    0 on threshold / packed-bit calls, 80 in 16-bit and 96 in float32 (bench/NOTES.md, session 22); none for the
+    other noises, the restoring and update passes, row-index element units or unmasked calls; an integer caps every
+    masked light pass (0: none)."""
+    from mazo_kernels import triton_kernels as tk
+    V1, G, R = ref.DIST_GAUSSIAN, ref.DIST_GAUSSIAN_FAST, ref.DIST_RADEMACHER
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    P = ref.OP_PERTURB
+    monkeypatch.setattr(tk, "MASKED_LIGHT_MAXNREG", "auto")
+    assert tk._light_maxnreg(True, bf16, V1, P, 0.0, False) == 80
+    assert tk._light_maxnreg(True, f16, V1, P, 0.0, False) == 80
+    assert tk._light_maxnreg(True, f32, V1, P, 0.0, False) == 96
+    assert tk._light_maxnreg(True, bf16, V1, P, 0.0, True) == 0        # row-index element units: unmeasured
+    assert tk._light_maxnreg(True, bf16, V1, P, 1e-3, False) == 0      # the restoring pass
+    assert tk._light_maxnreg(False, bf16, V1, P, 0.0, False) == 0
+    for dist in (G, R):
+        assert tk._light_maxnreg(True, bf16, dist, P, 0.0, False) == 0
+    for op in (ref.OP_UPDATE, ref.OP_COPY, ref.OP_UPDATE_PERTURB):
+        assert tk._light_maxnreg(True, bf16, V1, op, 0.0, False) == 0
+    monkeypatch.setattr(tk, "MASKED_LIGHT_MAXNREG", 72)
+    assert tk._light_maxnreg(True, bf16, R, P, 0.0, True) == 72
+    assert tk._light_maxnreg(True, bf16, R, P, 1e-3, True) == 0
+    monkeypatch.setattr(tk, "MASKED_LIGHT_MAXNREG", 0)
+    assert tk._light_maxnreg(True, bf16, V1, P, 0.0, False) == 0
+
+
+def test_bad_light_maxnreg_setting_is_refused_at_import():
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = dict(os.environ, MAZO_TRITON_MASKED_LIGHT_MAXNREG="lots")
+    res = subprocess.run([sys.executable, "-c", "import mazo_kernels.triton_kernels"], env=env, capture_output=True,
+                         text=True)
+    assert res.returncode != 0
+    assert "MAZO_TRITON_MASKED_LIGHT_MAXNREG must be auto or a register count" in res.stderr
+
+
 @pytest.mark.parametrize("var,bad", [("MAZO_TRITON_RAD_ROWS8", "yes"), ("MAZO_TRITON_FP32_ROW_THREAD", "on"),
                                      ("MAZO_TRITON_FP32_MASKED_TUNED", "2")])
 def test_bad_auto_knob_setting_is_refused_at_import(var, bad):
