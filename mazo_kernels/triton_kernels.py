@@ -62,14 +62,17 @@ MASKED_NUM_WARPS_RAD = 8
 # with Rademacher, so the default stays uncapped (bench/NOTES.md, session 19).
 FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
 # Register cap (ptxas maxnreg) of the fast kernel for masked perturb_ with prior 0 (the latch-writing / packed-bit
-# light pass): "auto" (the default), or N for every such call (0: none). Uncapped, the v1 Gaussian pass holds 128
-# registers at 4 warps (16 warps per SM, latency-bound) and ran 1.18-1.27x CUDA's time. Capped, ptxas spills a little
-# (80: 136 bytes, +6.5% instructions, 24 warps per SM; bench/sass_count.py). On an H200 over 7B (one process,
-# bench/results/h200_2026-12-03/s22/call4), threshold / packed bits, ms, uncapped -> 80 -> 96 (CUDA):
-# bf16 20.68 / 21.74 -> 16.60 / 15.95 -> 16.63 / 15.65 (16.26 / 17.08); fp16 19.20 / 19.47 -> 15.54 / 14.57 ->
-# 15.99 / 15.03 (15.54 / 15.67); fp32 21.44 / 21.23 -> 20.32 / 20.91 -> 17.68 / 17.90 (18.11 / 17.95).
-# "auto": v1 Gaussian only, 80 registers in 16-bit and 96 in float32, threshold and packed-bit calls (row-index
-# element units and the other noises unmeasured: uncapped). Same bits either way.
+# light pass): "auto" (the default, _LIGHT_MAXNREG), or N for every such call (0: none). Uncapped, the v1 Gaussian
+# pass holds 128 registers at 4 warps (16 warps per SM, latency-bound) and ran 1.18-1.27x CUDA's time; capped, ptxas
+# spills a little (80: 136 bytes, +6.5% instructions, 24 warps per SM; bench/sass_count.py). Same bits either way.
+# Measured on an H200 over 7B, bench/results/h200_2026-12-03/s22/call4 (both backends, one process) and call5
+# (Triton, one process), ms uncapped -> capped, threshold / packed bits (CUDA in call 4 or the same session's matrix):
+#   v1 Gaussian bf16 20.68 / 21.74 -> 16.60 / 15.95 at 80 (16.26 / 17.08); fp16 19.20 / 19.47 -> 15.54 / 14.57 at 80
+#   (15.54 / 15.67); fp32 21.44 / 21.23 -> 17.68 / 17.90 at 96 (18.11 / 17.95; 80: 20.32 / 20.91); bf16 row-index
+#   element units 55.10 -> 35.62 at 80 (96: 39.80);
+#   float32 gaussian_fast 15.03 / 15.75 -> 13.23 / 14.18 at 80; float32 Rademacher 14.46 / 16.73 -> 12.04 / 15.53 at 96.
+# Slower capped, so uncapped: 16-bit gaussian_fast and Rademacher (8 warps there; 12.89 -> 13.63-19.08). No effect:
+# float32 row-index (46.6, 38.3, 39.6 at every cap), left uncapped.
 MASKED_LIGHT_MAXNREG = os.environ.get("MAZO_TRITON_MASKED_LIGHT_MAXNREG", "auto")
 if MASKED_LIGHT_MAXNREG != "auto":
     try:
@@ -1114,17 +1117,23 @@ def _fast_warps(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: flo
     return MASKED_NUM_WARPS_RAD if light and rad8 else FAST_NUM_WARPS
 
 
+# (dist, 16-bit?) -> register cap of the masked light pass on threshold / packed-bit calls ("auto")
+_LIGHT_MAXNREG = {(ref.DIST_GAUSSIAN, True): 80, (ref.DIST_GAUSSIAN, False): 96,
+                  (ref.DIST_GAUSSIAN_FAST, False): 80, (ref.DIST_RADEMACHER, False): 96}
+
+
 def _light_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rowidx_el: bool) -> int:
-    """MASKED_LIGHT_MAXNREG: the register cap of a masked perturb_ with prior 0 (0: none). "auto": the v1 Gaussian
-    pass on threshold / packed-bit calls, 80 registers in 16-bit and 96 in float32 (each the faster or equal of the
-    two measured)."""
+    """MASKED_LIGHT_MAXNREG: the register cap of a masked perturb_ with prior 0 (0: none). "auto": _LIGHT_MAXNREG
+    (float32 only at FP32_MASKED_TUNED's warps, where it was measured), and for calls with row-index element units
+    only the 16-bit v1 Gaussian's."""
     if not (masked and op == ref.OP_PERTURB and prior == 0.0):
         return 0
     if MASKED_LIGHT_MAXNREG != "auto":
         return int(MASKED_LIGHT_MAXNREG)
-    if dist != ref.DIST_GAUSSIAN or rowidx_el:
+    half = dtype != torch.float32
+    if (not half and not FP32_MASKED_TUNED) or (rowidx_el and not (half and dist == ref.DIST_GAUSSIAN)):
         return 0
-    return 96 if dtype == torch.float32 else 80
+    return _LIGHT_MAXNREG.get((int(dist), half), 0)
 
 
 def _row_thread_choice(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rad8: bool) -> bool:

@@ -668,25 +668,34 @@ def test_rad8_choice_follows_the_measured_policy(monkeypatch):
 
 
 def test_light_maxnreg_follows_the_measured_policy(monkeypatch):
-    """MASKED_LIGHT_MAXNREG "auto" (the default): a register cap only for the v1 Gaussian masked perturb_ with prior
-    0 on threshold / packed-bit calls, 80 in 16-bit and 96 in float32 (bench/NOTES.md, session 22); none for the
-    other noises, the restoring and update passes, row-index element units or unmasked calls; an integer caps every
-    masked light pass (0: none)."""
+    """MASKED_LIGHT_MAXNREG "auto" (the default): a register cap for the masked perturb_ with prior 0 where it was
+    measured faster (bench/NOTES.md, session 22): v1 Gaussian 80 in 16-bit (row-index element units too) and 96 in
+    float32; float32 gaussian_fast 80 and Rademacher 96 (at FP32_MASKED_TUNED's warps); none for 16-bit
+    gaussian_fast / Rademacher, float32 row-index, the restoring and update passes or unmasked calls; an integer
+    caps every masked light pass (0: none)."""
     from mazo_kernels import triton_kernels as tk
     V1, G, R = ref.DIST_GAUSSIAN, ref.DIST_GAUSSIAN_FAST, ref.DIST_RADEMACHER
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
     P = ref.OP_PERTURB
     monkeypatch.setattr(tk, "MASKED_LIGHT_MAXNREG", "auto")
-    assert tk._light_maxnreg(True, bf16, V1, P, 0.0, False) == 80
-    assert tk._light_maxnreg(True, f16, V1, P, 0.0, False) == 80
+    monkeypatch.setattr(tk, "FP32_MASKED_TUNED", "auto")
+    for half in (bf16, f16):
+        assert tk._light_maxnreg(True, half, V1, P, 0.0, False) == 80
+        assert tk._light_maxnreg(True, half, V1, P, 0.0, True) == 80
+        assert tk._light_maxnreg(True, half, G, P, 0.0, False) == 0
+        assert tk._light_maxnreg(True, half, R, P, 0.0, False) == 0
     assert tk._light_maxnreg(True, f32, V1, P, 0.0, False) == 96
-    assert tk._light_maxnreg(True, bf16, V1, P, 0.0, True) == 0        # row-index element units: unmeasured
-    assert tk._light_maxnreg(True, bf16, V1, P, 1e-3, False) == 0      # the restoring pass
-    assert tk._light_maxnreg(False, bf16, V1, P, 0.0, False) == 0
-    for dist in (G, R):
-        assert tk._light_maxnreg(True, bf16, dist, P, 0.0, False) == 0
-    for op in (ref.OP_UPDATE, ref.OP_COPY, ref.OP_UPDATE_PERTURB):
-        assert tk._light_maxnreg(True, bf16, V1, op, 0.0, False) == 0
+    assert tk._light_maxnreg(True, f32, G, P, 0.0, False) == 80
+    assert tk._light_maxnreg(True, f32, R, P, 0.0, False) == 96
+    for dist in (V1, G, R):
+        assert tk._light_maxnreg(True, f32, dist, P, 0.0, True) == 0      # float32 row-index: no effect measured
+        assert tk._light_maxnreg(True, bf16, dist, P, 1e-3, False) == 0   # the restoring pass
+        assert tk._light_maxnreg(False, f32, dist, P, 0.0, False) == 0
+        for op in (ref.OP_UPDATE, ref.OP_COPY, ref.OP_UPDATE_PERTURB):
+            assert tk._light_maxnreg(True, f32, dist, op, 0.0, False) == 0
+    monkeypatch.setattr(tk, "FP32_MASKED_TUNED", False)                   # other warps: unmeasured
+    assert tk._light_maxnreg(True, f32, V1, P, 0.0, False) == 0
+    assert tk._light_maxnreg(True, bf16, V1, P, 0.0, False) == 80
     monkeypatch.setattr(tk, "MASKED_LIGHT_MAXNREG", 72)
     assert tk._light_maxnreg(True, bf16, R, P, 0.0, True) == 72
     assert tk._light_maxnreg(True, bf16, R, P, 1e-3, True) == 0
