@@ -6,7 +6,9 @@
 
 Columns: step = median whole-step ms; 2 fwd = two forward+loss calls alone; passes = the step's passes over the
 weights alone; rest = step - 2 fwd - passes; 1 pass = the step's first pass (theta + eps*z); ovh/pass =
-(step - 2 fwd) / 1 pass (the issue's target for ZOSGD in place: <= 3.3); x MeZO = the baseline's step time over this
+(step - 2 fwd) / 1 pass (the issue's target for ZOSGD in place: <= 3.3); paired = the same from `--paired` runs
+(the median over rounds of each step minus the two forwards timed just before it, so drift between the separate
+loops cancels; "-" where the run did not pair them); x MeZO = the baseline's step time over this
 method's (dense methods against `mezo`, MeZO as written; masked methods against their MeZO-style equivalent);
 x in-place = against `mezo-inplace`; host = host time to issue one step (when it
 approaches the step time, Python and launches bound the step); peak = peak allocated GiB during the steps (weights'
@@ -80,8 +82,8 @@ def main_table(docs):
     """One row per method and shape of every file; `run` numbers the file in the Source list (files from several
     processes and commits can hold the same method)."""
     lines = ["| model | batch x seq | method | step ms | 2 fwd ms | passes ms | rest ms | 1 pass ms | ovh/pass | "
-             "x MeZO | x in-place | host ms | peak GiB (weights) | run |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "paired | x MeZO | x in-place | host ms | peak GiB (weights) | run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for run, d in enumerate(docs, 1):
         h = d["header"]
         for cfg in d["configs"]:
@@ -91,7 +93,7 @@ def main_table(docs):
                 bs = f"{cfg['batch']}x{cfg['seq']}"
                 if r.get("status") != "ok":
                     why = r.get("status", "?")
-                    lines.append(f"| {shape} | {bs} | `{r['method']}` | {why} | | | | | | | | | | {run} |")
+                    lines.append(f"| {shape} | {bs} | `{r['method']}` | {why} | | | | | | | | | | | {run} |")
                     continue
                 base = ok.get(BASELINE.get(r["method"], ""))
                 inpl = ok.get("mezo-inplace") if r["method"] in ("zosgd", "zosgd-transient", "zosgd-lookahead") else None
@@ -101,7 +103,8 @@ def main_table(docs):
                 lines.append(
                     f"| {shape} | {bs} | `{r['method']}`{_backend_tag(r)}{_dist_tag(r, h)} | {_f(r['step_ms'], 1)} | {_f(b['forwards'], 1)} | "
                     f"{_f(b['passes'], 1)} | {_f(b['rest'], 1)} | {_f(r['one_pass_ms'], 1)} | "
-                    f"{_f(r['overhead_over_one_pass'])} | {x_base} | {x_inpl} | {_f(r.get('host_ms'), 1)} | "
+                    f"{_f(r['overhead_over_one_pass'])} | {_f((r.get('paired') or {}).get('overhead_over_one_pass'))} | "
+                    f"{x_base} | {x_inpl} | {_f(r.get('host_ms'), 1)} | "
                     f"{_gib(r.get('mem_peak_step_bytes'))} ({_gib(h.get('weights_bytes'))}) | {run} |")
     return lines
 
