@@ -81,6 +81,22 @@ def fp32_tile_cases():
     return out
 
 
+def rowidx_cases():
+    """16-bit row-index element units (ROWIDX: each unit of 8 finds its selection by a search of its row's entries)
+    in every pass and noise, bf16: their registers and occupancy (bench/NOTES.md, session 22)."""
+    passes = (("perturb_", dict(OP=0, SR=0, HAS_PRIOR=False, REUSE0=0, NSTAT=0)),
+              ("perturb_prior", dict(OP=0, SR=0, HAS_PRIOR=True, REUSE0=0, NSTAT=0)),
+              ("update_", dict(OP=1, SR=1, HAS_PRIOR=True, REUSE0=1, NSTAT=2)),
+              ("update_next", dict(OP=3, SR=1, HAS_PRIOR=True, REUSE0=1, NSTAT=3)),
+              ("perturbed_copy", dict(OP=2, SR=0, HAS_PRIOR=False, REUSE0=0, NSTAT=0)))
+    out = []
+    for dist, dname in ((0, "gaussian"), (1, "rademacher"), (2, "gaussian_fast")):
+        for pname, c in passes:
+            out.append((f"bf16 {dname} {pname} row-index", dict(c, DIST=dist, DT=2, MASKED=True, ROWIDX=True, TMODE=0,
+                                                                 RAD8=tk._rad8_choice(True, dist, c["OP"], 1.0 if c["HAS_PRIOR"] else 0.0, True))))
+    return out
+
+
 def _host_args(c) -> tuple:
     """(masked, dtype, dist, op, prior) as the host's policy functions take them, from the kernel's constexprs (the
     16-bit types share every policy, so DT 1 and 2 both read as bfloat16)."""
@@ -94,8 +110,8 @@ def host_warps(consts) -> int:
 
 
 def host_maxnreg(consts) -> int:
-    """The fast kernel's register cap as zo_apply_ compiles these constexprs (0: none; MASKED_LIGHT_MAXNREG)."""
-    return int(tk._light_maxnreg(*_host_args(consts), bool(consts.get("ROWIDX"))))
+    """The fast kernel's register cap as zo_apply_ compiles these constexprs (0: none; tk._fast_maxnreg)."""
+    return int(tk._fast_maxnreg(*_host_args(consts), bool(consts.get("ROWIDX"))))
 
 
 def compile_fast(consts: dict, num_warps: int, fblock: int, block: int, maxnreg: int = 0):
@@ -208,8 +224,9 @@ def cuda_kernels(cuda_home: str) -> list:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--cases", default="core", choices=("core", "all", "fp32-tiles"),
-                    help="fp32-tiles: masked fp32 in both tiles, at the host's warps")
+    ap.add_argument("--cases", default="core", choices=("core", "all", "fp32-tiles", "rowidx"),
+                    help="fp32-tiles: masked fp32 in both tiles, at the host's warps; rowidx: bf16 row-index element "
+                    "units, every pass, at the host's warps")
     ap.add_argument("--warps", type=int, default=0, help="compile every case at these warps (default: the host's "
                     "for fp32-tiles, FAST_NUM_WARPS otherwise)")
     ap.add_argument("--maxnreg", type=int, default=-1, help="a register cap for every case (ptxas maxnreg; 0: none; "
@@ -228,11 +245,12 @@ def main(argv=None):
     fblock, warps = int(tk.FAST_BLOCK), args.warps or int(tk.FAST_NUM_WARPS)
     per_thread = fblock // (32 * warps)
     recs = []
-    for label, consts in (fp32_tile_cases() if args.cases == "fp32-tiles" else cases(args.cases)):
+    chosen = {"fp32-tiles": fp32_tile_cases, "rowidx": rowidx_cases}.get(args.cases)
+    for label, consts in (chosen() if chosen else cases(args.cases)):
         if args.match not in label:
             continue
         t0 = time.time()
-        if args.cases == "fp32-tiles" and not args.warps:
+        if args.cases in ("fp32-tiles", "rowidx") and not args.warps:
             warps = host_warps(consts)
             per_thread = fblock // (32 * warps)
         maxnreg = host_maxnreg(consts) if args.maxnreg < 0 else args.maxnreg

@@ -73,6 +73,13 @@ FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
 #   float32 gaussian_fast 15.03 / 15.75 -> 13.23 / 14.18 at 80; float32 Rademacher 14.46 / 16.73 -> 12.04 / 15.53 at 96.
 # Slower capped, so uncapped: 16-bit gaussian_fast and Rademacher (8 warps there; 12.89 -> 13.63-19.08). No effect:
 # float32 row-index (46.6, 38.3, 39.6 at every cap), left uncapped.
+# Register cap of the fast kernel on calls with row-index element units, every pass not capped by
+# MASKED_LIGHT_MAXNREG (0: none, the default). Unmeasured; a knob for the next measurement (bench/NOTES.md, session
+# 22). Why expected to help: the units' search of their rows is a chain of dependent gathers, latency-bound, and
+# the one row-index pass measured capped ran 1.55x faster (bf16 v1 perturb_, 55.10 -> 35.62 ms at 80). Offline
+# (`python bench/sass_count.py --cases rowidx --maxnreg 0 | 80`, sm_90, bf16) the uncapped passes hold 93-235
+# registers (v1 update_ 173: 8 warps per SM), at 80 they spill 56-824 bytes for +3-15% instructions (op 3 the most).
+ROWIDX_MAXNREG = int(os.environ.get("MAZO_TRITON_ROWIDX_MAXNREG", "0"))
 MASKED_LIGHT_MAXNREG = os.environ.get("MAZO_TRITON_MASKED_LIGHT_MAXNREG", "auto")
 if MASKED_LIGHT_MAXNREG != "auto":
     try:
@@ -1136,6 +1143,17 @@ def _light_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: 
     return _LIGHT_MAXNREG.get((int(dist), half), 0)
 
 
+def _fast_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rowidx_el: bool) -> int:
+    """The fast kernel's register cap for this call (0: none): MASKED_LIGHT_MAXNREG's, else ROWIDX_MAXNREG on calls
+    with row-index element units, else FUSED_MAXNREG for op 3."""
+    cap = _light_maxnreg(masked, dtype, dist, op, prior, rowidx_el)
+    if not cap and rowidx_el:
+        cap = int(ROWIDX_MAXNREG)
+    if not cap and op == ref.OP_UPDATE_PERTURB:
+        cap = int(FUSED_MAXNREG)
+    return cap
+
+
 def _row_thread_choice(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rad8: bool) -> bool:
     """FP32_ROW_THREAD: does this masked float32 call run the fast path in the [2, R, 4] tile? "auto": Gaussian
     noise always; Rademacher where its signs by _rad8 were measured faster (perturb_ with prior 0, op 3, and the
@@ -1453,12 +1471,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                   RAD8=_rad8_choice(masked, dist, op, prior, rowidx_el, dtype), enable_fp_fusion=False)
     consts["ROW_THREAD"] = _row_thread_choice(masked, dtype, dist, op, prior, consts["RAD8"])
     fast_warps = _fast_warps(masked, dtype, dist, op, prior, consts["RAD8"])
-    fast_opts = {}
-    if op == ref.OP_UPDATE_PERTURB and int(FUSED_MAXNREG) > 0:
-        fast_opts["maxnreg"] = int(FUSED_MAXNREG)
-    light_cap = _light_maxnreg(masked, dtype, dist, op, prior, rowidx_el)
-    if light_cap:
-        fast_opts["maxnreg"] = light_cap
+    cap = _fast_maxnreg(masked, dtype, dist, op, prior, rowidx_el)
+    fast_opts = {"maxnreg": cap} if cap else {}
     if split:
         if nf:
             _zo_kernel[(nf,)](tab, fprog, meta_d, fv_d, call, gs_d, len(seeds), MODE=3, FBLOCK=fblock, BLOCK=block,
