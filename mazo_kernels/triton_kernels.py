@@ -80,6 +80,12 @@ FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
 # (`python bench/sass_count.py --cases rowidx --maxnreg 0 | 80`, sm_90, bf16) the uncapped passes hold 93-235
 # registers (v1 update_ 173: 8 warps per SM), at 80 they spill 56-824 bytes for +3-15% instructions (op 3 the most).
 ROWIDX_MAXNREG = int(os.environ.get("MAZO_TRITON_ROWIDX_MAXNREG", "0"))
+# Register cap of the fast kernel for masked perturbed_copy (0: none, the default). Unmeasured; a knob for the next
+# measurement (bench/NOTES.md, session 22): fp32 v1 Gaussian copies on threshold / packed bits are the last masked
+# cases over 1.1x CUDA's time (1.31-1.63x); offline (`bench/sass_count.py --cases fp32-tiles --match "fp32 gaussian
+# perturbed_copy"`) the [2, R, 4] form holds 94 registers at 8 warps (16 warps per SM) for an issue-bound estimate of
+# ~81% of the floor, and runs at ~57%: latency-bound, as the light pass was before its cap.
+MASKED_COPY_MAXNREG = int(os.environ.get("MAZO_TRITON_MASKED_COPY_MAXNREG", "0"))
 MASKED_LIGHT_MAXNREG = os.environ.get("MAZO_TRITON_MASKED_LIGHT_MAXNREG", "auto")
 if MASKED_LIGHT_MAXNREG != "auto":
     try:
@@ -1144,9 +1150,11 @@ def _light_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: 
 
 
 def _fast_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rowidx_el: bool) -> int:
-    """The fast kernel's register cap for this call (0: none): MASKED_LIGHT_MAXNREG's, else ROWIDX_MAXNREG on calls
-    with row-index element units, else FUSED_MAXNREG for op 3."""
+    """The fast kernel's register cap for this call (0: none): MASKED_LIGHT_MAXNREG's, else MASKED_COPY_MAXNREG for a
+    masked perturbed_copy, else ROWIDX_MAXNREG on calls with row-index element units, else FUSED_MAXNREG for op 3."""
     cap = _light_maxnreg(masked, dtype, dist, op, prior, rowidx_el)
+    if not cap and masked and op == ref.OP_COPY:
+        cap = int(MASKED_COPY_MAXNREG)
     if not cap and rowidx_el:
         cap = int(ROWIDX_MAXNREG)
     if not cap and op == ref.OP_UPDATE_PERTURB:

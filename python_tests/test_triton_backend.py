@@ -704,14 +704,16 @@ def test_light_maxnreg_follows_the_measured_policy(monkeypatch):
 
 
 def test_fast_maxnreg_precedence(monkeypatch):
-    """The fast kernel's cap: MASKED_LIGHT_MAXNREG's where it gives one, else ROWIDX_MAXNREG on calls with row-index
-    element units (any pass), else FUSED_MAXNREG for op 3; 0 (uncapped) by default outside the light pass."""
+    """The fast kernel's cap: MASKED_LIGHT_MAXNREG's where it gives one, else MASKED_COPY_MAXNREG for a masked
+    perturbed_copy, else ROWIDX_MAXNREG on calls with row-index element units (any pass), else FUSED_MAXNREG for op
+    3; 0 (uncapped) by default outside the light pass."""
     from mazo_kernels import triton_kernels as tk
     V1, G = ref.DIST_GAUSSIAN, ref.DIST_GAUSSIAN_FAST
     bf16 = torch.bfloat16
     monkeypatch.setattr(tk, "MASKED_LIGHT_MAXNREG", "auto")
     monkeypatch.setattr(tk, "ROWIDX_MAXNREG", 0)
     monkeypatch.setattr(tk, "FUSED_MAXNREG", 0)
+    monkeypatch.setattr(tk, "MASKED_COPY_MAXNREG", 0)
     assert tk._fast_maxnreg(True, bf16, V1, ref.OP_PERTURB, 0.0, True) == 80
     for op, prior in ((ref.OP_PERTURB, 1e-3), (ref.OP_UPDATE, -1e-3), (ref.OP_COPY, 0.0),
                       (ref.OP_UPDATE_PERTURB, -1e-3)):
@@ -725,6 +727,12 @@ def test_fast_maxnreg_precedence(monkeypatch):
     assert tk._fast_maxnreg(True, bf16, V1, ref.OP_UPDATE_PERTURB, -1e-3, False) == 72  # no row-index units
     assert tk._fast_maxnreg(False, bf16, V1, ref.OP_UPDATE_PERTURB, -1e-3, False) == 72
     assert tk._fast_maxnreg(True, bf16, V1, ref.OP_UPDATE, -1e-3, False) == 0
+    assert tk._fast_maxnreg(True, torch.float32, V1, ref.OP_COPY, 0.0, False) == 0
+    monkeypatch.setattr(tk, "MASKED_COPY_MAXNREG", 64)
+    assert tk._fast_maxnreg(True, torch.float32, V1, ref.OP_COPY, 0.0, False) == 64
+    assert tk._fast_maxnreg(True, bf16, V1, ref.OP_COPY, 0.0, True) == 64            # before the row-index cap
+    assert tk._fast_maxnreg(False, torch.float32, V1, ref.OP_COPY, 0.0, False) == 0   # unmasked copies: none
+    assert tk._fast_maxnreg(True, bf16, V1, ref.OP_PERTURB, 0.0, False) == 80
 
 
 def test_bad_light_maxnreg_setting_is_refused_at_import():
