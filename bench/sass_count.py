@@ -92,8 +92,9 @@ def rowidx_cases():
     out = []
     for dist, dname in ((0, "gaussian"), (1, "rademacher"), (2, "gaussian_fast")):
         for pname, c in passes:
-            out.append((f"bf16 {dname} {pname} row-index", dict(c, DIST=dist, DT=2, MASKED=True, ROWIDX=True, TMODE=0,
-                                                                 RAD8=tk._rad8_choice(True, dist, c["OP"], 1.0 if c["HAS_PRIOR"] else 0.0, True))))
+            c = dict(c, DIST=dist, DT=2, MASKED=True, ROWIDX=True, TMODE=0)
+            masked, _, _, op, prior = _host_args(c)
+            out.append((f"bf16 {dname} {pname} row-index", dict(c, RAD8=tk._rad8_choice(masked, dist, op, prior, True))))
     return out
 
 
@@ -230,7 +231,7 @@ def main(argv=None):
     ap.add_argument("--warps", type=int, default=0, help="compile every case at these warps (default: the host's "
                     "for fp32-tiles, FAST_NUM_WARPS otherwise)")
     ap.add_argument("--maxnreg", type=int, default=-1, help="a register cap for every case (ptxas maxnreg; 0: none; "
-                    "default: the host's, MASKED_LIGHT_MAXNREG)")
+                    "default: the host's, triton_kernels._fast_maxnreg)")
     ap.add_argument("--match", default="", help="only the cases whose label contains this text")
     ap.add_argument("--out", default=None, help="JSON output (default: print only)")
     ap.add_argument("--cuda", action="store_true", help="also ptxas -v of the CUDA kernels (needs nvcc; ~2 min)")

@@ -73,6 +73,13 @@ FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
 #   float32 gaussian_fast 15.03 / 15.75 -> 13.23 / 14.18 at 80; float32 Rademacher 14.46 / 16.73 -> 12.04 / 15.53 at 96.
 # Slower capped, so uncapped: 16-bit gaussian_fast and Rademacher (8 warps there; 12.89 -> 13.63-19.08). No effect:
 # float32 row-index (46.6, 38.3, 39.6 at every cap), left uncapped.
+MASKED_LIGHT_MAXNREG = os.environ.get("MAZO_TRITON_MASKED_LIGHT_MAXNREG", "auto")
+if MASKED_LIGHT_MAXNREG != "auto":
+    try:
+        MASKED_LIGHT_MAXNREG = int(MASKED_LIGHT_MAXNREG)
+    except ValueError:
+        raise ValueError("MAZO_TRITON_MASKED_LIGHT_MAXNREG must be auto or a register count (0: none), got "
+                         f"{MASKED_LIGHT_MAXNREG!r}") from None
 # Register cap of the fast kernel on calls with row-index element units, every pass not capped by
 # MASKED_LIGHT_MAXNREG (0: none, the default). Unmeasured; a knob for the next measurement (bench/NOTES.md, session
 # 22). Why expected to help: the units' search of their rows is a chain of dependent gathers, latency-bound, and
@@ -86,13 +93,6 @@ ROWIDX_MAXNREG = int(os.environ.get("MAZO_TRITON_ROWIDX_MAXNREG", "0"))
 # perturbed_copy"`) the [2, R, 4] form holds 94 registers at 8 warps (16 warps per SM) for an issue-bound estimate of
 # ~81% of the floor, and runs at ~57%: latency-bound, as the light pass was before its cap.
 MASKED_COPY_MAXNREG = int(os.environ.get("MAZO_TRITON_MASKED_COPY_MAXNREG", "0"))
-MASKED_LIGHT_MAXNREG = os.environ.get("MAZO_TRITON_MASKED_LIGHT_MAXNREG", "auto")
-if MASKED_LIGHT_MAXNREG != "auto":
-    try:
-        MASKED_LIGHT_MAXNREG = int(MASKED_LIGHT_MAXNREG)
-    except ValueError:
-        raise ValueError("MAZO_TRITON_MASKED_LIGHT_MAXNREG must be auto or a register count (0: none), got "
-                         f"{MASKED_LIGHT_MAXNREG!r}") from None
 # Op 3 on masked calls fused too (the next selection in the same pass: a threshold's on the updated values, latched)
 # instead of the two ops. Off by default: offline (bench/sass_count.py, sm_90) the fused masked fast kernel compiles
 # to 111 instructions per element at 185 registers (8 warps per SM) against the masked update's 64 at 121 and a
@@ -1144,9 +1144,9 @@ def _light_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: 
     if MASKED_LIGHT_MAXNREG != "auto":
         return int(MASKED_LIGHT_MAXNREG)
     half = dtype != torch.float32
-    if (not half and not FP32_MASKED_TUNED) or (rowidx_el and not (half and dist == ref.DIST_GAUSSIAN)):
+    if not half and (rowidx_el or not FP32_MASKED_TUNED):
         return 0
-    return _LIGHT_MAXNREG.get((int(dist), half), 0)
+    return _LIGHT_MAXNREG.get((int(dist), half), 0)   # 16-bit: v1 Gaussian only, row-index element units too
 
 
 def _fast_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rowidx_el: bool) -> int:

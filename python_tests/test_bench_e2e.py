@@ -259,9 +259,8 @@ def test_paired_rounds_time_each_step_against_its_own_forwards(tmp_path):
         assert pr["step_ms"] > 0 and pr["fwd2_ms"] > 0
     # the table's "paired" column carries it; runs without --paired show "-" there
     text = make_e2e_table.render(make_e2e_table.load([str(out)]))
-    head = [c.strip() for c in text.splitlines()[[i for i, ln in enumerate(text.splitlines())
-                                                  if ln.startswith("| model |")][0]].split("|")]
-    col = head.index("paired")
+    head = next(ln for ln in text.splitlines() if ln.startswith("| model |"))
+    col = [c.strip() for c in head.split("|")].index("paired")
     for r in cfg["results"]:
         row = next(ln for ln in text.splitlines() if f"`{r['method']}`" in ln)
         assert row.split("|")[col].strip() == f"{r['paired']['overhead_over_one_pass']:.2f}"
