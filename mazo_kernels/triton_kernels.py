@@ -55,11 +55,26 @@ RAD_ROWS8 = _auto_knob("MAZO_TRITON_RAD_ROWS8")
 # / 13.79 ms against 8: 13.01 / 12.48, threshold / packed bits, s19/call5); without _rad8 it runs FAST_NUM_WARPS (8
 # was slower there: 11.97 -> 15.05 ms threshold, bench/NOTES.md session 12).
 MASKED_NUM_WARPS_RAD = 8
+
+
+def _auto_or_count(var: str):
+    """A register-cap setting: "auto" (the default: the measured table) or a register count (0: none)."""
+    text = os.environ.get(var, "auto")
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{var} must be auto or a register count (0: none), got {text!r}") from None
+
+
 # Register cap (ptxas maxnreg) of the fast kernel for op 3 (update then perturb), 0: none. Uncapped it holds 96
 # registers (20 warps per SM) where CUDA's fused kernel holds 64 (32 warps) and runs 1.14x faster; offline
 # (bench/sass_count.py) 80 spills 96 bytes for +3% instructions, 64 spills 248 bytes for +7.5%. On an H200 (7B bf16,
 # bench/results/h200_2026-12-03/s19/call3) 80 was slower with gaussian_fast (24.14 -> 25.18 ms) and 1.3% faster
-# with Rademacher, so the default stays uncapped (bench/NOTES.md, session 19).
+# with Rademacher, so the default stays uncapped (bench/NOTES.md, session 19). Session 23 (s23/call1, one process):
+# 64 / 72 / 80 against uncapped, gaussian_fast bf16 26.61 / 25.63 / 25.14 against 24.13 ms, fp16 30.38 / 29.54 /
+# 29.87 against 30.08, fp32 27.50 / 22.17 / 20.73 against 20.42; Rademacher within 3% or slower: still uncapped.
 FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
 # Register cap (ptxas maxnreg) of the fast kernel for masked perturb_ with prior 0 (the latch-writing / packed-bit
 # light pass): "auto" (the default, _LIGHT_MAXNREG), or N for every such call (0: none). Uncapped, the v1 Gaussian
@@ -73,26 +88,30 @@ FUSED_MAXNREG = int(os.environ.get("MAZO_TRITON_FUSED_MAXNREG", "0"))
 #   float32 gaussian_fast 15.03 / 15.75 -> 13.23 / 14.18 at 80; float32 Rademacher 14.46 / 16.73 -> 12.04 / 15.53 at 96.
 # Slower capped, so uncapped: 16-bit gaussian_fast and Rademacher (8 warps there; 12.89 -> 13.63-19.08). No effect:
 # float32 row-index (46.6, 38.3, 39.6 at every cap), left uncapped.
-MASKED_LIGHT_MAXNREG = os.environ.get("MAZO_TRITON_MASKED_LIGHT_MAXNREG", "auto")
-if MASKED_LIGHT_MAXNREG != "auto":
-    try:
-        MASKED_LIGHT_MAXNREG = int(MASKED_LIGHT_MAXNREG)
-    except ValueError:
-        raise ValueError("MAZO_TRITON_MASKED_LIGHT_MAXNREG must be auto or a register count (0: none), got "
-                         f"{MASKED_LIGHT_MAXNREG!r}") from None
+MASKED_LIGHT_MAXNREG = _auto_or_count("MAZO_TRITON_MASKED_LIGHT_MAXNREG")
 # Register cap of the fast kernel on calls with row-index element units, every pass not capped by
-# MASKED_LIGHT_MAXNREG (0: none, the default). Unmeasured; a knob for the next measurement (bench/NOTES.md, session
-# 22). Why expected to help: the units' search of their rows is a chain of dependent gathers, latency-bound, and
-# the one row-index pass measured capped ran 1.55x faster (bf16 v1 perturb_, 55.10 -> 35.62 ms at 80). Offline
-# (`python bench/sass_count.py --cases rowidx --maxnreg 0 | 80`, sm_90, bf16) the uncapped passes hold 93-235
-# registers (v1 update_ 173: 8 warps per SM), at 80 they spill 56-824 bytes for +3-15% instructions (op 3 the most).
-ROWIDX_MAXNREG = int(os.environ.get("MAZO_TRITON_ROWIDX_MAXNREG", "0"))
-# Register cap of the fast kernel for masked perturbed_copy (0: none, the default). Unmeasured; a knob for the next
-# measurement (bench/NOTES.md, session 22): fp32 v1 Gaussian copies on threshold / packed bits are the last masked
-# cases over 1.1x CUDA's time (1.31-1.63x); offline (`bench/sass_count.py --cases fp32-tiles --match "fp32 gaussian
-# perturbed_copy"`) the [2, R, 4] form holds 94 registers at 8 warps (16 warps per SM) for an issue-bound estimate of
-# ~81% of the floor, and runs at ~57%: latency-bound, as the light pass was before its cap.
-MASKED_COPY_MAXNREG = int(os.environ.get("MAZO_TRITON_MASKED_COPY_MAXNREG", "0"))
+# MASKED_LIGHT_MAXNREG: "auto" (the default, _ROWIDX_MAXNREG), or N for every such call (0: none). Why it helps: the
+# units' search of their rows is a chain of dependent gathers, latency-bound, and uncapped the passes hold 93-235
+# registers (`python bench/sass_count.py --cases rowidx`, sm_90, bf16; v1 update_ 173: 8 warps per SM); at 80 they
+# spill 56-824 bytes for +3-15% instructions (op 3 the most). Measured on an H200 over 7B (Triton, one process,
+# bench/results/h200_2026-12-03/s23/call1/matrix_s23_rowidx_caps.json), ms uncapped -> the table's cap, bf16 / fp16:
+#   update_ with prior 0 (update0) 58.04 / 62.93 -> 39.85 / 45.94 (v1), 52.02 / 45.95 -> 33.33 / 38.25 (gaussian_fast),
+#   53.85 / 46.74 -> 40.52 / 36.39 (Rademacher), all at 80; perturbed_copy 67.78 / 67.38 -> 38.30 / 37.32 (v1, 96),
+#   41.64 / 41.23 -> 31.41 / 31.13 (gaussian_fast, 96), 41.87 / 40.11 -> 38.37 / 37.35 (Rademacher, 80); perturb_prior
+#   gaussian_fast 43.96 / 45.25 -> 35.72 / 36.15 (96), Rademacher 40.04 / 44.07 -> 38.63 / 39.60 (80); update_ v1
+#   52.48 / 62.17 -> 47.00 / 56.78 (96); op 3 v1 88.08 / 95.55 -> 82.63 / 90.21 (96). bf16 only (fp16 slower capped):
+#   update_ gaussian_fast 45.21 -> 39.98, Rademacher 47.07 -> 37.88, op 3 Rademacher 86.81 -> 77.65 (all 96).
+# Uncapped where no cap was faster: perturb_ gaussian_fast, perturb_prior v1, op 3 gaussian_fast; float32 unmeasured.
+ROWIDX_MAXNREG = _auto_or_count("MAZO_TRITON_ROWIDX_MAXNREG")
+# Register cap of the fast kernel for masked perturbed_copy on threshold / packed-bit calls: "auto" (the default,
+# _COPY_MAXNREG: float32 at FP32_MASKED_TUNED's warps), or N for every masked copy (0: none). Uncapped, the float32
+# v1 Gaussian [2, R, 4] form holds 94 registers at 8 warps (16 warps per SM; bench/sass_count.py --cases fp32-tiles)
+# and ran ~57% of the floor against an issue-bound estimate of ~81%: latency-bound, as the light pass was. Measured on
+# an H200 over 7B (both backends, one process, bench/results/h200_2026-12-03/s23/call1/matrix_s23_fp32_masked.json),
+# ms threshold / packed bits, uncapped -> capped (CUDA): v1 22.88 / 24.66 -> 16.92 / 17.57 at 64 (17.40 / 15.01; 80:
+# 18.64 / 19.77, 96: 23.91 / 25.40); gaussian_fast 13.59 / 13.70 -> 13.10 / 13.23 at 80 (15.12 / 14.95); Rademacher
+# 13.89 / 14.00 -> 13.03 / 13.20 at 64 (14.48 / 14.68). 16-bit masked copies unmeasured, left uncapped.
+MASKED_COPY_MAXNREG = _auto_or_count("MAZO_TRITON_MASKED_COPY_MAXNREG")
 # Op 3 on masked calls fused too (the next selection in the same pass: a threshold's on the updated values, latched)
 # instead of the two ops. Off by default: offline (bench/sass_count.py, sm_90) the fused masked fast kernel compiles
 # to 111 instructions per element at 185 registers (8 warps per SM) against the masked update's 64 at 121 and a
@@ -1149,14 +1168,55 @@ def _light_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: 
     return _LIGHT_MAXNREG.get((int(dist), half), 0)   # 16-bit: v1 Gaussian only, row-index element units too
 
 
+# dist -> register cap of the masked float32 perturbed_copy on threshold / packed-bit calls ("auto")
+_COPY_MAXNREG = {ref.DIST_GAUSSIAN: 64, ref.DIST_GAUSSIAN_FAST: 80, ref.DIST_RADEMACHER: 64}
+# (op, has prior, dist) -> register cap on 16-bit calls with row-index element units ("auto"); _ROWIDX_MAXNREG_BF16
+# holds the bf16-only ones (fp16 was slower capped there)
+_ROWIDX_MAXNREG = {**{(ref.OP_UPDATE, False, d): 80 for d in (ref.DIST_GAUSSIAN, ref.DIST_GAUSSIAN_FAST,
+                                                                ref.DIST_RADEMACHER)},
+                   (ref.OP_COPY, False, ref.DIST_GAUSSIAN): 96, (ref.OP_COPY, False, ref.DIST_GAUSSIAN_FAST): 96,
+                   (ref.OP_COPY, False, ref.DIST_RADEMACHER): 80,
+                   (ref.OP_PERTURB, True, ref.DIST_GAUSSIAN_FAST): 96, (ref.OP_PERTURB, True, ref.DIST_RADEMACHER): 80,
+                   (ref.OP_UPDATE, True, ref.DIST_GAUSSIAN): 96, (ref.OP_UPDATE_PERTURB, True, ref.DIST_GAUSSIAN): 96}
+_ROWIDX_MAXNREG_BF16 = {(ref.OP_UPDATE, True, ref.DIST_GAUSSIAN_FAST): 96,
+                        (ref.OP_UPDATE, True, ref.DIST_RADEMACHER): 96,
+                        (ref.OP_UPDATE_PERTURB, True, ref.DIST_RADEMACHER): 96}
+
+
+def _copy_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, rowidx_el: bool) -> int:
+    """MASKED_COPY_MAXNREG: the register cap of a masked perturbed_copy (0: none). "auto": _COPY_MAXNREG, float32
+    threshold / packed-bit calls at FP32_MASKED_TUNED's warps (where it was measured)."""
+    if not (masked and op == ref.OP_COPY):
+        return 0
+    if MASKED_COPY_MAXNREG != "auto":
+        return int(MASKED_COPY_MAXNREG)
+    if dtype != torch.float32 or rowidx_el or not FP32_MASKED_TUNED:
+        return 0
+    return _COPY_MAXNREG.get(int(dist), 0)
+
+
+def _rowidx_maxnreg(dtype: torch.dtype, dist: int, op: int, prior: float, rowidx_el: bool) -> int:
+    """ROWIDX_MAXNREG: the register cap of a call with row-index element units (0: none). "auto": _ROWIDX_MAXNREG
+    in 16-bit, plus _ROWIDX_MAXNREG_BF16 in bf16; float32 none (unmeasured)."""
+    if not rowidx_el:
+        return 0
+    if ROWIDX_MAXNREG != "auto":
+        return int(ROWIDX_MAXNREG)
+    key = (int(op), prior != 0.0, int(dist))
+    if dtype == torch.bfloat16 and key in _ROWIDX_MAXNREG_BF16:
+        return _ROWIDX_MAXNREG_BF16[key]
+    return _ROWIDX_MAXNREG.get(key, 0) if dtype != torch.float32 else 0
+
+
 def _fast_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rowidx_el: bool) -> int:
-    """The fast kernel's register cap for this call (0: none): MASKED_LIGHT_MAXNREG's, else MASKED_COPY_MAXNREG for a
-    masked perturbed_copy, else ROWIDX_MAXNREG on calls with row-index element units, else FUSED_MAXNREG for op 3."""
+    """The fast kernel's register cap for this call (0: none): MASKED_LIGHT_MAXNREG's, else MASKED_COPY_MAXNREG's
+    for a masked perturbed_copy, else ROWIDX_MAXNREG's on calls with row-index element units, else FUSED_MAXNREG
+    for op 3."""
     cap = _light_maxnreg(masked, dtype, dist, op, prior, rowidx_el)
-    if not cap and masked and op == ref.OP_COPY:
-        cap = int(MASKED_COPY_MAXNREG)
-    if not cap and rowidx_el:
-        cap = int(ROWIDX_MAXNREG)
+    if not cap:
+        cap = _copy_maxnreg(masked, dtype, dist, op, rowidx_el)
+    if not cap:
+        cap = _rowidx_maxnreg(dtype, dist, op, prior, rowidx_el)
     if not cap and op == ref.OP_UPDATE_PERTURB:
         cap = int(FUSED_MAXNREG)
     return cap

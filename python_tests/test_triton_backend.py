@@ -704,9 +704,9 @@ def test_light_maxnreg_follows_the_measured_policy(monkeypatch):
 
 
 def test_fast_maxnreg_precedence(monkeypatch):
-    """The fast kernel's cap: MASKED_LIGHT_MAXNREG's where it gives one, else MASKED_COPY_MAXNREG for a masked
-    perturbed_copy, else ROWIDX_MAXNREG on calls with row-index element units (any pass), else FUSED_MAXNREG for op
-    3; 0 (uncapped) by default outside the light pass."""
+    """The fast kernel's cap: MASKED_LIGHT_MAXNREG's where it gives one, else MASKED_COPY_MAXNREG's for a masked
+    perturbed_copy, else ROWIDX_MAXNREG's on calls with row-index element units (any pass), else FUSED_MAXNREG for
+    op 3 (0 by default)."""
     from mazo_kernels import triton_kernels as tk
     V1, G = ref.DIST_GAUSSIAN, ref.DIST_GAUSSIAN_FAST
     bf16 = torch.bfloat16
@@ -728,22 +728,66 @@ def test_fast_maxnreg_precedence(monkeypatch):
     assert tk._fast_maxnreg(False, bf16, V1, ref.OP_UPDATE_PERTURB, -1e-3, False) == 72
     assert tk._fast_maxnreg(True, bf16, V1, ref.OP_UPDATE, -1e-3, False) == 0
     assert tk._fast_maxnreg(True, torch.float32, V1, ref.OP_COPY, 0.0, False) == 0
-    monkeypatch.setattr(tk, "MASKED_COPY_MAXNREG", 64)
-    assert tk._fast_maxnreg(True, torch.float32, V1, ref.OP_COPY, 0.0, False) == 64
-    assert tk._fast_maxnreg(True, bf16, V1, ref.OP_COPY, 0.0, True) == 64            # before the row-index cap
+    monkeypatch.setattr(tk, "MASKED_COPY_MAXNREG", 60)
+    assert tk._fast_maxnreg(True, torch.float32, V1, ref.OP_COPY, 0.0, False) == 60
+    assert tk._fast_maxnreg(True, bf16, V1, ref.OP_COPY, 0.0, True) == 60            # before the row-index cap
     assert tk._fast_maxnreg(False, torch.float32, V1, ref.OP_COPY, 0.0, False) == 0   # unmasked copies: none
     assert tk._fast_maxnreg(True, bf16, V1, ref.OP_PERTURB, 0.0, False) == 80
 
 
-def test_bad_light_maxnreg_setting_is_refused_at_import():
+def test_copy_and_rowidx_maxnreg_follow_the_measured_policy(monkeypatch):
+    """MASKED_COPY_MAXNREG and ROWIDX_MAXNREG "auto" (the defaults): the caps measured faster (bench/NOTES.md,
+    session 23). Masked float32 perturbed_copy on threshold / packed bits: v1 64, gaussian_fast 80, Rademacher 64 (at
+    FP32_MASKED_TUNED's warps), 16-bit and row-index copies none. Row-index element units, 16-bit: update_ with
+    prior 0 at 80 for every noise; copies 96 / 96 / 80; perturb_prior gaussian_fast 96, Rademacher 80; update_ and
+    op 3 v1 96; bf16 only, update_ gaussian_fast / Rademacher and op 3 Rademacher 96; the rest and float32 none."""
+    from mazo_kernels import triton_kernels as tk
+    V1, G, R = ref.DIST_GAUSSIAN, ref.DIST_GAUSSIAN_FAST, ref.DIST_RADEMACHER
+    f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
+    P, U, C, UP = ref.OP_PERTURB, ref.OP_UPDATE, ref.OP_COPY, ref.OP_UPDATE_PERTURB
+    for knob in ("MASKED_LIGHT_MAXNREG", "MASKED_COPY_MAXNREG", "ROWIDX_MAXNREG", "FP32_MASKED_TUNED"):
+        monkeypatch.setattr(tk, knob, "auto")
+    monkeypatch.setattr(tk, "FUSED_MAXNREG", 0)
+    cap = tk._fast_maxnreg
+    assert [cap(True, f32, d, C, 0.0, False) for d in (V1, G, R)] == [64, 80, 64]
+    for d in (V1, G, R):
+        assert cap(False, f32, d, C, 0.0, False) == 0                  # unmasked
+        assert cap(True, bf16, d, C, 0.0, False) == 0                  # 16-bit threshold / packed bits: unmeasured
+        assert cap(True, f32, d, C, 0.0, True) == 0                    # float32 row-index: unmeasured
+        for half in (bf16, f16):
+            assert cap(True, half, d, U, 0.0, True) == 80              # update_ with prior 0
+            assert cap(True, half, d, U, 0.0, False) == 0              # no row-index units
+        for op, prior in ((U, 0.0), (U, -1e-3), (P, 1e-3), (UP, -1e-3)):
+            assert cap(True, f32, d, op, prior, True) == 0
+    for half in (bf16, f16):
+        assert [cap(True, half, d, C, 0.0, True) for d in (V1, G, R)] == [96, 96, 80]
+        assert [cap(True, half, d, P, 1e-3, True) for d in (V1, G, R)] == [0, 96, 80]
+        assert cap(True, half, V1, U, -1e-3, True) == 96
+        assert cap(True, half, V1, UP, -1e-3, True) == 96
+        assert cap(True, half, G, UP, -1e-3, True) == 0
+        assert cap(True, half, G, P, 0.0, True) == 0                   # the light pass: its own rule
+    assert [cap(True, bf16, d, U, -1e-3, True) for d in (G, R)] == [96, 96]
+    assert [cap(True, f16, d, U, -1e-3, True) for d in (G, R)] == [0, 0]
+    assert (cap(True, bf16, R, UP, -1e-3, True), cap(True, f16, R, UP, -1e-3, True)) == (96, 0)
+    monkeypatch.setattr(tk, "FP32_MASKED_TUNED", False)                 # other warps: unmeasured
+    assert cap(True, f32, V1, C, 0.0, False) == 0
+    monkeypatch.setattr(tk, "ROWIDX_MAXNREG", 0)
+    monkeypatch.setattr(tk, "MASKED_COPY_MAXNREG", 0)
+    assert cap(True, bf16, V1, U, 0.0, True) == 0
+    assert cap(True, bf16, V1, C, 0.0, True) == 0
+
+
+@pytest.mark.parametrize("var", ["MAZO_TRITON_MASKED_LIGHT_MAXNREG", "MAZO_TRITON_ROWIDX_MAXNREG",
+                                 "MAZO_TRITON_MASKED_COPY_MAXNREG"])
+def test_bad_maxnreg_setting_is_refused_at_import(var):
     import subprocess
     import sys
     pytest.importorskip("triton")
-    env = dict(os.environ, MAZO_TRITON_MASKED_LIGHT_MAXNREG="lots")
+    env = dict(os.environ, **{var: "lots"})
     res = subprocess.run([sys.executable, "-c", "import mazo_kernels.triton_kernels"], env=env, capture_output=True,
                          text=True)
     assert res.returncode != 0
-    assert "MAZO_TRITON_MASKED_LIGHT_MAXNREG must be auto or a register count" in res.stderr
+    assert f"{var} must be auto or a register count" in res.stderr
 
 
 @pytest.mark.parametrize("var,bad", [("MAZO_TRITON_RAD_ROWS8", "yes"), ("MAZO_TRITON_FP32_ROW_THREAD", "on"),
