@@ -9,6 +9,12 @@ Triton where its median was at most 0.95 of CUDA's in every measurement of the k
   (aca5bec, NVIDIA H200, 2026-12-03)
 - bench/results/h200_2026-12-03/s22/call3/matrix_s22_full_125m.json
   (aca5bec, NVIDIA H200, 2026-12-03)
+- bench/results/h200_2026-12-03/s23/call1/matrix_s23_rowidx_caps.json
+  (820a719, NVIDIA H200, 2026-12-03)
+- bench/results/h200_2026-12-03/s23/call1/matrix_s23_fp32_masked.json
+  (820a719, NVIDIA H200, 2026-12-03)
+- bench/results/h200_2026-12-03/s23/call1/matrix_s23_fused_caps.json
+  (820a719, NVIDIA H200, 2026-12-03)
 """
 
 RATIO = 0.95
