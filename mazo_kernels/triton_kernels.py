@@ -99,9 +99,10 @@ MASKED_LIGHT_MAXNREG = _auto_or_count("MAZO_TRITON_MASKED_LIGHT_MAXNREG")
 #   53.85 / 46.74 -> 40.52 / 36.39 (Rademacher), all at 80; perturbed_copy 67.78 / 67.38 -> 38.30 / 37.32 (v1, 96),
 #   41.64 / 41.23 -> 31.41 / 31.13 (gaussian_fast, 96), 41.87 / 40.11 -> 38.37 / 37.35 (Rademacher, 80); perturb_prior
 #   gaussian_fast 43.96 / 45.25 -> 35.72 / 36.15 (96), Rademacher 40.04 / 44.07 -> 38.63 / 39.60 (80); update_ v1
-#   52.48 / 62.17 -> 47.00 / 56.78 (96); op 3 v1 88.08 / 95.55 -> 82.63 / 90.21 (96). bf16 only (fp16 slower capped):
-#   update_ gaussian_fast 45.21 -> 39.98, Rademacher 47.07 -> 37.88, op 3 Rademacher 86.81 -> 77.65 (all 96).
-# Uncapped where no cap was faster: perturb_ gaussian_fast, perturb_prior v1, op 3 gaussian_fast; float32 unmeasured.
+#   52.48 / 62.17 -> 47.00 / 56.78 (96). bf16 only (fp16 slower capped): update_ gaussian_fast 45.21 -> 39.98,
+#   Rademacher 47.07 -> 37.88 (96). Uncapped where no cap was faster: perturb_ gaussian_fast, perturb_prior v1;
+# float32 unmeasured. Masked op 3 runs as update_ then perturb_ (FUSE_MASKED off), each under its own cap; the fused
+# masked kernel (FUSE_MASKED=1) was not measured capped and has none here.
 ROWIDX_MAXNREG = _auto_or_count("MAZO_TRITON_ROWIDX_MAXNREG")
 # Register cap of the fast kernel for masked perturbed_copy on threshold / packed-bit calls: "auto" (the default,
 # _COPY_MAXNREG: float32 at FP32_MASKED_TUNED's warps), or N for every masked copy (0: none). Uncapped, the float32
@@ -1177,10 +1178,9 @@ _ROWIDX_MAXNREG = {**{(ref.OP_UPDATE, False, d): 80 for d in (ref.DIST_GAUSSIAN,
                    (ref.OP_COPY, False, ref.DIST_GAUSSIAN): 96, (ref.OP_COPY, False, ref.DIST_GAUSSIAN_FAST): 96,
                    (ref.OP_COPY, False, ref.DIST_RADEMACHER): 80,
                    (ref.OP_PERTURB, True, ref.DIST_GAUSSIAN_FAST): 96, (ref.OP_PERTURB, True, ref.DIST_RADEMACHER): 80,
-                   (ref.OP_UPDATE, True, ref.DIST_GAUSSIAN): 96, (ref.OP_UPDATE_PERTURB, True, ref.DIST_GAUSSIAN): 96}
+                   (ref.OP_UPDATE, True, ref.DIST_GAUSSIAN): 96}
 _ROWIDX_MAXNREG_BF16 = {(ref.OP_UPDATE, True, ref.DIST_GAUSSIAN_FAST): 96,
-                        (ref.OP_UPDATE, True, ref.DIST_RADEMACHER): 96,
-                        (ref.OP_UPDATE_PERTURB, True, ref.DIST_RADEMACHER): 96}
+                        (ref.OP_UPDATE, True, ref.DIST_RADEMACHER): 96}
 
 
 def _copy_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, rowidx_el: bool) -> int:
