@@ -31,6 +31,17 @@ def _auto_knob(var: str):
     return val
 
 
+def _auto_or_count(var: str):
+    """A register-cap setting: "auto" (the default: the measured table) or a register count (0: none)."""
+    text = os.environ.get(var, "auto")
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{var} must be auto or a register count (0: none), got {text!r}") from None
+
+
 BLOCK = 1024          # elements (or mask entries) per program; power of two, >= 128. Tests vary it.
 NUM_WARPS = 4
 FAST = True          # dense aligned blocks of unmasked tensors take the [FAST_BLOCK // 8, 8] fast path
@@ -55,19 +66,6 @@ RAD_ROWS8 = _auto_knob("MAZO_TRITON_RAD_ROWS8")
 # / 13.79 ms against 8: 13.01 / 12.48, threshold / packed bits, s19/call5); without _rad8 it runs FAST_NUM_WARPS (8
 # was slower there: 11.97 -> 15.05 ms threshold, bench/NOTES.md session 12).
 MASKED_NUM_WARPS_RAD = 8
-
-
-def _auto_or_count(var: str):
-    """A register-cap setting: "auto" (the default: the measured table) or a register count (0: none)."""
-    text = os.environ.get(var, "auto")
-    if text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"{var} must be auto or a register count (0: none), got {text!r}") from None
-
-
 # Register cap (ptxas maxnreg) of the fast kernel for op 3 (update then perturb), 0: none. Uncapped it holds 96
 # registers (20 warps per SM) where CUDA's fused kernel holds 64 (32 warps) and runs 1.14x faster; offline
 # (bench/sass_count.py) 80 spills 96 bytes for +3% instructions, 64 spills 248 bytes for +7.5%. On an H200 (7B bf16,
@@ -1202,10 +1200,10 @@ def _rowidx_maxnreg(dtype: torch.dtype, dist: int, op: int, prior: float, rowidx
         return 0
     if ROWIDX_MAXNREG != "auto":
         return int(ROWIDX_MAXNREG)
+    if dtype == torch.float32:
+        return 0
     key = (int(op), prior != 0.0, int(dist))
-    if dtype == torch.bfloat16 and key in _ROWIDX_MAXNREG_BF16:
-        return _ROWIDX_MAXNREG_BF16[key]
-    return _ROWIDX_MAXNREG.get(key, 0) if dtype != torch.float32 else 0
+    return _ROWIDX_MAXNREG.get(key) or (_ROWIDX_MAXNREG_BF16.get(key, 0) if dtype == torch.bfloat16 else 0)
 
 
 def _fast_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, prior: float, rowidx_el: bool) -> int:
