@@ -83,7 +83,8 @@ def fp32_tile_cases():
 
 def rowidx_cases():
     """16-bit row-index element units (ROWIDX: each unit of 8 finds its selection by a search of its row's entries)
-    in every pass and noise, bf16: their registers and occupancy (bench/NOTES.md, session 22)."""
+    in every pass and noise, bf16: their registers and occupancy (bench/NOTES.md, session 22); MAZO_TRITON_ROWIDX_SCATTER
+    =1 compiles the scatter form (session 24)."""
     passes = (("perturb_", dict(OP=0, SR=0, HAS_PRIOR=False, REUSE0=0, NSTAT=0)),
               ("perturb_prior", dict(OP=0, SR=0, HAS_PRIOR=True, REUSE0=0, NSTAT=0)),
               ("update_", dict(OP=1, SR=1, HAS_PRIOR=True, REUSE0=1, NSTAT=2)),
@@ -94,7 +95,8 @@ def rowidx_cases():
         for pname, c in passes:
             c = dict(c, DIST=dist, DT=2, MASKED=True, ROWIDX=True, TMODE=0)
             masked, _, _, op, prior = _host_args(c)
-            out.append((f"bf16 {dname} {pname} row-index", dict(c, RAD8=tk._rad8_choice(masked, dist, op, prior, True))))
+            out.append((f"bf16 {dname} {pname} row-index", dict(c, RAD8=tk._rad8_choice(masked, dist, op, prior, True),
+                                                                 ROWIDX_SCATTER=bool(tk.ROWIDX_SCATTER))))
     return out
 
 

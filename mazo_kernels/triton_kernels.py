@@ -149,6 +149,11 @@ MASKED_FAST = True   # threshold, packed-bit and row-index (element units) masks
 # _rowidx_elements) rather than entry units (only the listed elements, each computing its own Philox call): "auto"
 # where that was measured faster (_rowidx_element_policy), True always, False never.
 ROWIDX_ELEMENTS = "auto"
+# Row-index element units in the fast kernel: compute every element of the block and store the listed ones through a
+# window of the table's entries (_rowidx_scatter: one scalar search per block) instead of each unit of 8 searching
+# its row for its selection byte (_rowidx_bytes: ~log2(k) dependent gathers per unit). Same bits. MAZO_TRITON_ROWIDX_
+# SCATTER=1 at import turns it on (default off until measured on a GPU).
+ROWIDX_SCATTER = os.environ.get("MAZO_TRITON_ROWIDX_SCATTER", "0") == "1"
 CHUNK = 1            # FBLOCK blocks per fast program (SPLIT)
 GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SPLIT)
 # bf16 nearest-even by the hardware conversion (cvt.rn.bf16x2.f32, IEEE nearest-even; its NaN replaced by the spec's
@@ -649,6 +654,50 @@ def _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, numel, NU: tl.conste
     return out
 
 
+@triton.jit
+def _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, R: tl.constexpr, LAY: tl.constexpr):
+    """Store the block's computed tile (res: every element's result) at the row-index mask's listed elements only.
+    The block's entries are consecutive in the table (rows in order, each row's columns sorted): a row of k sorted
+    distinct columns in [0, row_len) has at least c - (row_len - k) and at most min(c, k) of them below column c, so
+    the first lies within those bounds in the block's first row (one scalar binary search per block, none for a
+    block that starts a row; _rowidx_bytes searches once per unit of 8) and the last before the same bound in its
+    last row. The entries between are taken CH at a time: each gathers its value from the tile (through shared
+    memory) and stores it. Needs row_len < 2^29 (the host's _rowidx_elements) for int32 offsets."""
+    BLOCK: tl.constexpr = R * 8
+    CH: tl.constexpr = BLOCK // 4
+    k = kcols.to(tl.int32)
+    rl = row_len.to(tl.int32)
+    ra = lstart // row_len
+    ca = (lstart - ra * row_len).to(tl.int32)
+    rb = (lstart + BLOCK - 1) // row_len
+    cb = (lstart + BLOCK - rb * row_len).to(tl.int32)            # in (0, row_len]
+    row = cols_ptr + ra * kcols
+    a = tl.maximum(ca - (rl - k), 0)
+    b = tl.minimum(ca, k)
+    while a < b:
+        mid = (a + b) >> 1
+        less = tl.load(row + mid) < ca
+        a = tl.where(less, mid + 1, a)
+        b = tl.where(less, b, mid)
+    n = tl.minimum((rb - ra).to(tl.int32) * k + tl.minimum(cb, k) - a, BLOCK)   # entries from a that may lie in it
+    nrows = (rb - ra).to(tl.int32)
+    if LAY == 2:
+        flat = tl.reshape(tl.permute(res, (1, 0, 2)), [BLOCK])
+    else:
+        flat = tl.reshape(res, [BLOCK])
+    for ch in range(0, n, CH):
+        j = ch + tl.arange(0, CH)
+        q = a + j                                  # entry index from row ra's first
+        c = tl.load(row + q, mask=j < n, other=0)
+        roff = tl.zeros([CH], tl.int32)
+        for t in range(1, nrows + 1):
+            roff += (q >= t * k).to(tl.int32)
+        pos = roff * rl + c - ca
+        ok = (j < n) & (pos < BLOCK)
+        pos = tl.where(ok, pos, 0)
+        tl.store(out_ptr + pos, tl.gather(flat, pos, 0), mask=ok)
+
+
 # ------------------------------------------------------------------------------------------------ fast path
 # Dense blocks (no mask, not row-index entries, full BLOCK inside the tensor, global offset aligned to the
 # generator's call size) take the plain kernel's structure: Philox once per call on a [R] vector, the words joined
@@ -751,17 +800,19 @@ def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr, LA
 
 @triton.jit
 def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds,
-                mask_ptr, kind, tau, cols_ptr, kcols, row_len, nsteps, lstart,
+                mask_ptr, kind, tau, cols_ptr, kcols, row_len, nsteps, lstart, numel,
                 OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, DT: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
                 TMODE: tl.constexpr, MASKED: tl.constexpr, ROWIDX: tl.constexpr, SMALL: tl.constexpr,
-                ASM: tl.constexpr, RAD8: tl.constexpr, ROW_THREAD: tl.constexpr):
+                ASM: tl.constexpr, RAD8: tl.constexpr, ROW_THREAD: tl.constexpr, ROWIDX_SCATTER: tl.constexpr):
     """One aligned block of BLOCK elements, all inside the tensor. in_ptr/out_ptr point at the block's start.
     MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold, packed bits
     (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes) or row-index as element units (cols_ptr,
     kcols, row_len, nsteps; lstart the block's first local element); the selection as in _general_block, the
     threshold latch written in TMODE 1, and only selected elements stored (perturbed_copy stores them all). ROWIDX
-    (constexpr): the call has row-index element units (compiled in only then: the search's registers)."""
+    (constexpr): the call has row-index element units (compiled in only then: the search's registers); with
+    ROWIDX_SCATTER those blocks compute every element and store the listed ones through _rowidx_scatter instead of
+    searching each unit's selection (numel: the tensor's, for the window's end)."""
     # The tile's shape (LAY): [BLOCK] for unmasked Rademacher; [R, 8] rows, one mask byte and one Philox call each
     # (R = BLOCK // 8); for masked fp32 with ROW_THREAD, [2, R, 4] (element 8r + 4h + j at [h, r, j]): a row of 8
     # float32 is two 16-byte vectors, which [R, 8] gives to two threads, so that the row's noise words and mask
@@ -790,7 +841,10 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             rd = kind == 2
         if ROWIDX:
             if kind == 3:
-                byte = _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, lstart + BLOCK, BLOCK // 8, LAY)
+                if ROWIDX_SCATTER:   # every element computed; the listed ones stored by _rowidx_scatter
+                    byte = tl.full([BLOCK // 8], 255, tl.int32)
+                else:
+                    byte = _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, lstart + BLOCK, BLOCK // 8, LAY)
             else:
                 byte = tl.load(mask_ptr + tl.arange(0, BLOCK // 8), mask=rd, other=255).to(tl.int32)
         else:
@@ -810,7 +864,15 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
         res = _rne(x + s * z0, DT)
         if MASKED:
             res = tl.where(sel, res, raw)
-        tl.store(out_ptr + offs, res)
+        if ROWIDX and ROWIDX_SCATTER:
+            if kind == 3:   # the input everywhere, then (after the block's barrier) the listed elements' results
+                tl.store(out_ptr + offs, raw)
+                tl.debug_barrier()
+                _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, R, LAY)
+            else:
+                tl.store(out_ptr + offs, res)
+        else:
+            tl.store(out_ptr + offs, res)
     else:
         if HAS_PRIOR:
             p = _f32_arg(call_ptr, 2 * n_seeds + 3) * scale_mult
@@ -878,7 +940,13 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             if kind == 0:
                 tl.store(out_ptr + offs, res)
             else:   # unselected elements are never written
-                tl.store(out_ptr + offs, res, mask=sel)
+                if ROWIDX and ROWIDX_SCATTER:
+                    if kind == 3:
+                        _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, R, LAY)
+                    else:
+                        tl.store(out_ptr + offs, res, mask=sel)
+                else:
+                    tl.store(out_ptr + offs, res, mask=sel)
         else:
             tl.store(out_ptr + offs, res)
 
@@ -991,7 +1059,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, MODE: tl.constexpr,
                FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr, MASKED: tl.constexpr = False,
                ROWIDX: tl.constexpr = False, SMALL: tl.constexpr = False, ASM: tl.constexpr = 0,
-               RAD8: tl.constexpr = False, ROW_THREAD: tl.constexpr = False):
+               RAD8: tl.constexpr = False, ROW_THREAD: tl.constexpr = False, ROWIDX_SCATTER: tl.constexpr = False):
     pid = tl.program_id(0).to(tl.int64)
     if MODE >= 3:   # [t, start, number of FBLOCK blocks]
         t = tl.load(prog_ptr + 3 * pid)
@@ -1057,9 +1125,9 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                 st = start + j * FBLOCK
                 _fast_block(tl.multiple_of(in_ptr + st, 16), tl.multiple_of(out_ptr + st, 16), off + st, tid,
                             scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (st >> 3), kind,
-                            tau, cols_i32p, kcols, row_len, nsteps, st,
+                            tau, cols_i32p, kcols, row_len, nsteps, st, numel,
                             OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM,
-                            RAD8, ROW_THREAD)
+                            RAD8, ROW_THREAD, ROWIDX_SCATTER)
     elif MODE == 4:
         nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
         for q in range(nsub):
@@ -1070,9 +1138,9 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
         if dense & (start + BLOCK <= numel):
             _fast_block(tl.multiple_of(in_ptr + start, 16), tl.multiple_of(out_ptr + start, 16), gstart0, tid,
                         scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (start >> 3), kind,
-                        tau, cols_i32p, kcols, row_len, nsteps, start,
+                        tau, cols_i32p, kcols, row_len, nsteps, start, numel,
                         OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM,
-                        RAD8, ROW_THREAD)
+                        RAD8, ROW_THREAD, ROWIDX_SCATTER)
     else:
         run = start >= 0
         if MODE == 1:   # FBLOCK is a multiple of BLOCK; the fast kernel's block holding `start` is full
@@ -1239,9 +1307,9 @@ def _rowidx_elements(theta, mask, ok: bool = True) -> bool:
     """Does a row-index mask run as element units (every element visited in order, the selection found per unit of
     8 by _rowidx_bytes) rather than entry units (only the listed elements, gathered)? From 1/8 of a row on (a 32-byte
     bf16 sector then holds two listed elements on average, as csrc/zo_apply_common.h's rowidx_as_elements), for rows
-    a multiple of 8 long (a unit lies in one row)."""
+    a multiple of 8 long (a unit lies in one row) and shorter than 2^29 (_rowidx_window's int32 offsets)."""
     k, row_len = int(mask.shape[1]), int(theta.shape[1]) if theta.dim() == 2 else 0
-    return ok and k > 0 and row_len % 8 == 0 and k * 8 >= row_len
+    return ok and k > 0 and row_len % 8 == 0 and k * 8 >= row_len and row_len < 2 ** 29
 
 
 def _table_row(theta, out, mask, rowidx_el_ok: bool = True):
@@ -1529,7 +1597,7 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
                               if m_.numel() and _is_rowidx(m_))
     masked = bool(FAST and MASKED_FAST) and (rowidx_el or any(not _is_rowidx(m_) for m_ in filter(_NUMEL, masks)))
     consts = dict(OP=int(op), DIST=int(dist), SR=int(rounding == ref.ROUND_STOCHASTIC), TMODE=int(threshold_mode),
-                  MASKED=masked, ROWIDX=rowidx_el,
+                  MASKED=masked, ROWIDX=rowidx_el, ROWIDX_SCATTER=bool(ROWIDX_SCATTER and rowidx_el),
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
                   NSTAT=(n_upd_seeds if is_update and n_upd_seeds <= 4 else 0), NTAB=_NTAB,
                   SMALL=_small_shift(_DT[dtype], prior, fvals),

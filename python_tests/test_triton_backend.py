@@ -496,6 +496,40 @@ def test_rowindex_element_units_fast_and_general(dist, rad8, dtype, monkeypatch,
         assert_same(a, b, "row-index fast path vs general path")
 
 
+@pytest.mark.parametrize("dist,dtype", [("gaussian", torch.bfloat16), ("rademacher", torch.float16),
+                                        ("gaussian_fast", torch.float32)], ids=lambda v: str(v).replace("torch.", ""))
+def test_rowindex_scatter_matches_reference(dist, dtype, monkeypatch, _big_block):
+    """ROWIDX_SCATTER: the fast kernel's row-index blocks compute every element and store the listed ones through a
+    window of the table (_rowidx_scatter), one search per block. Blocks of several rows (r64, r520 at exactly 1/8),
+    blocks that start inside a row longer than the block (r600, r1000: the search within its bounds, and a window
+    that ends in the next row), a near-full row and an unaligned tensor (the general path), through a whole step
+    and a copy against the reference, with the fast path on and off."""
+    tk = _big_block
+    monkeypatch.setattr(tk, "BLOCK", 128)
+    monkeypatch.setattr(tk, "FAST_BLOCK", 256)
+    monkeypatch.setattr(tk, "ROWIDX_ELEMENTS", True)
+    monkeypatch.setattr(tk, "ROWIDX_SCATTER", True)
+    g = gen(61 + (dist == "rademacher"))
+    specs = [dict(name="r64", tensor=weights((8, 64), dtype, g), tid=71, mask=("rows", rowidx(8, 64, 32, g)),
+                  offset=1024, full=4096),
+             dict(name="r600", tensor=weights((3, 600), dtype, g), tid=72, mask=("rows", rowidx(3, 600, 300, g)),
+                  sm=0.5, lm=2.0, wd=0.1),
+             dict(name="r1000", tensor=weights((2, 1000), dtype, g), tid=73, mask=("rows", rowidx(2, 1000, 990, g))),
+             dict(name="r520", tensor=weights((4, 520), dtype, g), tid=74, mask=("rows", rowidx(4, 520, 65, g))),
+             dict(name="r64_odd", tensor=weights((4, 64), dtype, g), tid=75,
+                  mask=("rows", rowidx(4, 64, 40, g)), offset=5, full=300)]
+    _, pt = plans(specs)
+    grp = pt[0].groups[0]
+    assert all(tk._rowidx_elements(t, m) for t, m in zip(grp.tensors, grp.masks))
+    monkeypatch.setattr(tk, "MASKED_FAST", True)
+    nf = tk._split_tables(grp.tensors, grp.tensors, grp.masks, 128, 256, 1, 16, grp.tensors[0].device)[2]
+    assert nf == 2 + 7 + 7 + 8 + 1, nf
+    res = step_fast_on_and_off(tk, monkeypatch, specs, dist, 0x0FEDCBA987654321, 1e-3, upd_seed=79, sr_seed=99,
+                               seed0=7, rounding0="stochastic")
+    for a, b in zip(res[True][0], res[False][0]):
+        assert_same(a, b, "row-index scatter vs general path")
+
+
 def test_rowindex_element_policy(_big_block):
     """ROWIDX_ELEMENTS "auto": row-index element units for the transient mode's passes in every dtype (but fp32
     perturbed_copy with v1 Gaussian noise), for the other 16-bit passes except perturb_ with prior 0 and Rademacher
