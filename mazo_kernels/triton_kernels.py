@@ -151,9 +151,11 @@ MASKED_FAST = True   # threshold, packed-bit and row-index (element units) masks
 ROWIDX_ELEMENTS = "auto"
 # Row-index element units in the fast kernel: compute every element of the block and store the listed ones through a
 # window of the table's entries (_rowidx_scatter: one scalar search per block) instead of each unit of 8 searching
-# its row for its selection byte (_rowidx_bytes: ~log2(k) dependent gathers per unit). Same bits. MAZO_TRITON_ROWIDX_
-# SCATTER=1 at import turns it on (default off until measured on a GPU).
-ROWIDX_SCATTER = os.environ.get("MAZO_TRITON_ROWIDX_SCATTER", "0") == "1"
+# its row for its selection byte (_rowidx_bytes: ~log2(k) dependent gathers per unit). Same bits (125M: 18 checks
+# equal). On an H200 over 7B bf16, one process (bench/results/h200_2026-12-03/s24/call1), ms search -> scatter
+# (CUDA): update_ v1 47.04 -> 28.53 (40.89), update0 v1 39.90 -> 22.33 (31.63), perturb_prior Rademacher 38.70 ->
+# 16.60 (26.33), copy v1 38.37 -> 25.40 (23.88). MAZO_TRITON_ROWIDX_SCATTER=0 at import gives the search back.
+ROWIDX_SCATTER = os.environ.get("MAZO_TRITON_ROWIDX_SCATTER", "1") != "0"
 CHUNK = 1            # FBLOCK blocks per fast program (SPLIT)
 GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SPLIT)
 # bf16 nearest-even by the hardware conversion (cvt.rn.bf16x2.f32, IEEE nearest-even; its NaN replaced by the spec's

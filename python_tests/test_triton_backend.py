@@ -472,6 +472,7 @@ def test_rowindex_element_units_fast_and_general(dist, rad8, dtype, monkeypatch,
     monkeypatch.setattr(tk, "BLOCK", 128)
     monkeypatch.setattr(tk, "FAST_BLOCK", 256)
     monkeypatch.setattr(tk, "ROWIDX_ELEMENTS", True)   # every op (the default "auto" picks per op, dtype, noise)
+    monkeypatch.setattr(tk, "ROWIDX_SCATTER", False)   # the fast kernel's search form (the scatter form: below)
     g = gen(41 + (dist == "rademacher"))
     specs = [dict(name="r64", tensor=weights((8, 64), dtype, g), tid=51, mask=("rows", rowidx(8, 64, 32, g)),
                   offset=1024, full=4096),
