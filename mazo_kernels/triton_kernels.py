@@ -1183,6 +1183,8 @@ def _rowidx_element_policy(op: int, dist: int, dtype: torch.dtype, prior: float)
     perturbed_copy, where element units took 112.4 ms against the entry units' 74.6."""
     if ROWIDX_ELEMENTS != "auto":
         return bool(ROWIDX_ELEMENTS)
+    if ROWIDX_SCATTER:   # the table above measured the search form; the scatter form: session 24
+        return True
     if op == ref.OP_COPY and dtype == torch.float32 and dist == ref.DIST_GAUSSIAN:
         return False
     if op == ref.OP_COPY or (op == ref.OP_UPDATE and prior == 0.0):

@@ -531,13 +531,14 @@ def test_rowindex_scatter_matches_reference(dist, dtype, monkeypatch, _big_block
         assert_same(a, b, "row-index scatter vs general path")
 
 
-def test_rowindex_element_policy(_big_block):
+def test_rowindex_element_policy(_big_block, monkeypatch):
     """ROWIDX_ELEMENTS "auto": row-index element units for the transient mode's passes in every dtype (but fp32
     perturbed_copy with v1 Gaussian noise), for the other 16-bit passes except perturb_ with prior 0 and Rademacher
     noise, and for no other fp32 pass (the measured outcome, see _rowidx_element_policy); True / False force
-    either."""
+    either. With the scatter form (ROWIDX_SCATTER, the default): element units for every pass."""
     tk = _big_block
     pol = tk._rowidx_element_policy
+    monkeypatch.setattr(tk, "ROWIDX_SCATTER", False)   # the search form's policy (the scatter form's: below)
     for dt in (torch.float32, torch.float16, torch.bfloat16):
         assert pol(ref.OP_COPY, ref.DIST_RADEMACHER, dt, 0.0)
         assert pol(ref.OP_UPDATE, ref.DIST_GAUSSIAN_FAST, dt, 0.0)
@@ -554,6 +555,13 @@ def test_rowindex_element_policy(_big_block):
         for forced in (True, False):
             tk.ROWIDX_ELEMENTS = forced
             assert pol(ref.OP_PERTURB, ref.DIST_RADEMACHER, torch.float32, 0.0) is forced
+        tk.ROWIDX_ELEMENTS = "auto"
+        tk.ROWIDX_SCATTER = True
+        for dt in (torch.float32, torch.float16, torch.bfloat16):
+            for op, prior in ((ref.OP_PERTURB, 0.0), (ref.OP_PERTURB, 1e-3), (ref.OP_UPDATE, 1e-3),
+                              (ref.OP_UPDATE, 0.0), (ref.OP_COPY, 0.0)):
+                for dist in (ref.DIST_GAUSSIAN, ref.DIST_GAUSSIAN_FAST, ref.DIST_RADEMACHER):
+                    assert pol(op, dist, dt, prior), (op, dist, dt, prior)
     finally:
         tk.ROWIDX_ELEMENTS = "auto"
 
