@@ -498,7 +498,8 @@ def test_rowindex_element_units_fast_and_general(dist, rad8, dtype, monkeypatch,
 
 
 @pytest.mark.parametrize("dist,dtype", [("gaussian", torch.bfloat16), ("rademacher", torch.float16),
-                                        ("gaussian_fast", torch.float32)], ids=lambda v: str(v).replace("torch.", ""))
+                                        ("gaussian_fast", torch.float32), ("gaussian", torch.float32),
+                                        ("rademacher", torch.float32)], ids=lambda v: str(v).replace("torch.", ""))
 def test_rowindex_scatter_matches_reference(dist, dtype, monkeypatch, _big_block):
     """ROWIDX_SCATTER: the fast kernel's row-index blocks compute every element and store the listed ones through a
     window of the table (_rowidx_scatter), one search per block. Blocks of several rows (r64, r520 at exactly 1/8),
