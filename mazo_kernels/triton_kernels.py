@@ -691,9 +691,12 @@ def _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, R: tl.conste
         j = ch + tl.arange(0, CH)
         q = a + j                                  # entry index from row ra's first
         c = tl.load(row + q, mask=j < n, other=0)
-        roff = tl.zeros([CH], tl.int32)
-        for t in range(1, nrows + 1):
-            roff += (q >= t * k).to(tl.int32)
+        if nrows <= 8:   # rows past ra by comparisons (7B: at most one); short rows by a division
+            roff = tl.zeros([CH], tl.int32)
+            for t in range(1, nrows + 1):
+                roff += (q >= t * k).to(tl.int32)
+        else:
+            roff = q // k
         pos = roff * rl + c - ca
         ok = (j < n) & (pos < BLOCK)
         pos = tl.where(ok, pos, 0)

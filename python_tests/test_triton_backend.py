@@ -504,7 +504,8 @@ def test_rowindex_scatter_matches_reference(dist, dtype, monkeypatch, _big_block
     """ROWIDX_SCATTER: the fast kernel's row-index blocks compute every element and store the listed ones through a
     window of the table (_rowidx_scatter), one search per block. Blocks of several rows (r64, r520 at exactly 1/8),
     blocks that start inside a row longer than the block (r600, r1000: the search within its bounds, and a window
-    that ends in the next row), a near-full row and an unaligned tensor (the general path), through a whole step
+    that ends in the next row), a near-full row, rows of 16 (r16: the rows found by a division) and an unaligned
+    tensor (the general path), through a whole step
     and a copy against the reference, with the fast path on and off."""
     tk = _big_block
     monkeypatch.setattr(tk, "BLOCK", 128)
@@ -519,13 +520,14 @@ def test_rowindex_scatter_matches_reference(dist, dtype, monkeypatch, _big_block
              dict(name="r1000", tensor=weights((2, 1000), dtype, g), tid=73, mask=("rows", rowidx(2, 1000, 990, g))),
              dict(name="r520", tensor=weights((4, 520), dtype, g), tid=74, mask=("rows", rowidx(4, 520, 65, g))),
              dict(name="r64_odd", tensor=weights((4, 64), dtype, g), tid=75,
-                  mask=("rows", rowidx(4, 64, 40, g)), offset=5, full=300)]
+                  mask=("rows", rowidx(4, 64, 40, g)), offset=5, full=300),
+             dict(name="r16", tensor=weights((40, 16), dtype, g), tid=76, mask=("rows", rowidx(40, 16, 9, g)))]
     _, pt = plans(specs)
     grp = pt[0].groups[0]
     assert all(tk._rowidx_elements(t, m) for t, m in zip(grp.tensors, grp.masks))
     monkeypatch.setattr(tk, "MASKED_FAST", True)
     nf = tk._split_tables(grp.tensors, grp.tensors, grp.masks, 128, 256, 1, 16, grp.tensors[0].device)[2]
-    assert nf == 2 + 7 + 7 + 8 + 1, nf
+    assert nf == 2 + 7 + 7 + 8 + 1 + 2, nf
     res = step_fast_on_and_off(tk, monkeypatch, specs, dist, 0x0FEDCBA987654321, 1e-3, upd_seed=79, sr_seed=99,
                                seed0=7, rounding0="stochastic")
     for a, b in zip(res[True][0], res[False][0]):
