@@ -1254,6 +1254,18 @@ _ROWIDX_MAXNREG = {**{(ref.OP_UPDATE, False, d): 80 for d in (ref.DIST_GAUSSIAN,
                    (ref.OP_UPDATE, True, ref.DIST_GAUSSIAN): 96}
 _ROWIDX_MAXNREG_BF16 = {(ref.OP_UPDATE, True, ref.DIST_GAUSSIAN_FAST): 96,
                         (ref.OP_UPDATE, True, ref.DIST_RADEMACHER): 96}
+# float32 row-index element units in the scatter form (ROWIDX_SCATTER): the caps measured >= 5% faster on an H200
+# over 7B (Triton, one process, bench/results/h200_2026-12-03/s24/call5), ms uncapped -> capped: perturb_ v1 30.40 ->
+# 23.51 at 96, gaussian_fast 25.89 -> 20.25 at 96, Rademacher 21.26 -> 18.83 at 80; perturb_prior v1 25.56 -> 24.19
+# at 96, gaussian_fast 33.23 -> 26.00 at 80; update_ v1 36.34 -> 28.51 and gaussian_fast 33.90 -> 27.57 at 64;
+# copies 39.25 -> 26.23 (v1, 64), 23.95 -> 22.27 and 23.45 -> 21.78 (96). perturb_prior / update_ Rademacher were
+# slower at every cap; update_ with prior 0 unmeasured (already 0.67-0.73x CUDA's time uncapped).
+_ROWIDX_MAXNREG_FP32 = {(ref.OP_PERTURB, False, ref.DIST_GAUSSIAN): 96, (ref.OP_PERTURB, False, ref.DIST_GAUSSIAN_FAST): 96,
+                        (ref.OP_PERTURB, False, ref.DIST_RADEMACHER): 80,
+                        (ref.OP_PERTURB, True, ref.DIST_GAUSSIAN): 96, (ref.OP_PERTURB, True, ref.DIST_GAUSSIAN_FAST): 80,
+                        (ref.OP_UPDATE, True, ref.DIST_GAUSSIAN): 64, (ref.OP_UPDATE, True, ref.DIST_GAUSSIAN_FAST): 64,
+                        (ref.OP_COPY, False, ref.DIST_GAUSSIAN): 64, (ref.OP_COPY, False, ref.DIST_GAUSSIAN_FAST): 96,
+                        (ref.OP_COPY, False, ref.DIST_RADEMACHER): 96}
 
 
 def _copy_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, rowidx_el: bool) -> int:
@@ -1270,14 +1282,15 @@ def _copy_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, rowidx_e
 
 def _rowidx_maxnreg(dtype: torch.dtype, dist: int, op: int, prior: float, rowidx_el: bool) -> int:
     """ROWIDX_MAXNREG: the register cap of a call with row-index element units (0: none). "auto": _ROWIDX_MAXNREG
-    in 16-bit, plus _ROWIDX_MAXNREG_BF16 in bf16; float32 none (unmeasured)."""
+    in 16-bit, plus _ROWIDX_MAXNREG_BF16 in bf16; float32 _ROWIDX_MAXNREG_FP32 in the scatter form, else none
+    (unmeasured)."""
     if not rowidx_el:
         return 0
     if ROWIDX_MAXNREG != "auto":
         return int(ROWIDX_MAXNREG)
-    if dtype == torch.float32:
-        return 0
     key = (int(op), prior != 0.0, int(dist))
+    if dtype == torch.float32:
+        return _ROWIDX_MAXNREG_FP32.get(key, 0) if ROWIDX_SCATTER else 0
     return _ROWIDX_MAXNREG.get(key) or (_ROWIDX_MAXNREG_BF16.get(key, 0) if dtype == torch.bfloat16 else 0)
 
 

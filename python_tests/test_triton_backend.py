@@ -786,7 +786,9 @@ def test_copy_and_rowidx_maxnreg_follow_the_measured_policy(monkeypatch):
     session 23). Masked float32 perturbed_copy on threshold / packed bits: v1 64, gaussian_fast 80, Rademacher 64 (at
     FP32_MASKED_TUNED's warps), 16-bit and row-index copies none. Row-index element units, 16-bit: update_ with
     prior 0 at 80 for every noise; copies 96 / 96 / 80; perturb_prior gaussian_fast 96, Rademacher 80; update_ v1
-    96; bf16 only, update_ gaussian_fast / Rademacher 96; the rest (the fused masked op 3 too) and float32 none."""
+    96; bf16 only, update_ gaussian_fast / Rademacher 96; the rest (the fused masked op 3 too) none. Float32
+    row-index (session 24, the scatter form): perturb_ 96 / 96 / 80, perturb_prior 96 / 80 / none, update_ 64 / 64 /
+    none, copies 64 / 96 / 96, update_ with prior 0 none; none without the scatter form."""
     from mazo_kernels import triton_kernels as tk
     V1, G, R = ref.DIST_GAUSSIAN, ref.DIST_GAUSSIAN_FAST, ref.DIST_RADEMACHER
     f32, bf16, f16 = torch.float32, torch.bfloat16, torch.float16
@@ -799,12 +801,19 @@ def test_copy_and_rowidx_maxnreg_follow_the_measured_policy(monkeypatch):
     for d in (V1, G, R):
         assert cap(False, f32, d, C, 0.0, False) == 0                  # unmasked
         assert cap(True, bf16, d, C, 0.0, False) == 0                  # 16-bit threshold / packed bits: unmeasured
-        assert cap(True, f32, d, C, 0.0, True) == 0                    # float32 row-index: unmeasured
         for half in (bf16, f16):
             assert cap(True, half, d, U, 0.0, True) == 80              # update_ with prior 0
             assert cap(True, half, d, U, 0.0, False) == 0              # no row-index units
-        for op, prior in ((U, 0.0), (U, -1e-3), (P, 1e-3), (UP, -1e-3)):
+        assert cap(True, f32, d, U, 0.0, True) == 0                    # float32 row-index update0: unmeasured
+        assert cap(True, f32, d, UP, -1e-3, True) == 0
+        for op, prior in ((U, 0.0), (U, -1e-3), (P, 1e-3), (P, 0.0), (C, 0.0)):   # the search form: unmeasured
+            monkeypatch.setattr(tk, "ROWIDX_SCATTER", False)
             assert cap(True, f32, d, op, prior, True) == 0
+            monkeypatch.setattr(tk, "ROWIDX_SCATTER", True)
+    assert [cap(True, f32, d, P, 0.0, True) for d in (V1, G, R)] == [96, 96, 80]
+    assert [cap(True, f32, d, P, 1e-3, True) for d in (V1, G, R)] == [96, 80, 0]
+    assert [cap(True, f32, d, U, -1e-3, True) for d in (V1, G, R)] == [64, 64, 0]
+    assert [cap(True, f32, d, C, 0.0, True) for d in (V1, G, R)] == [64, 96, 96]
     for half in (bf16, f16):
         assert [cap(True, half, d, C, 0.0, True) for d in (V1, G, R)] == [96, 96, 80]
         assert [cap(True, half, d, P, 1e-3, True) for d in (V1, G, R)] == [0, 96, 80]
