@@ -22,10 +22,13 @@ def test_policy_table_is_the_generators_output_for_its_sources(tmp_path):
     """Regenerate the table from the JSON files its docstring names: the same file, byte for byte."""
     sources = re.findall(r"^- (bench/results/\S+\.json)$", backend_policy.__doc__, re.M)
     assert len(sources) >= 2, backend_policy.__doc__
+    left_out = re.search(r"^Left out \(stale after a later kernel change\): (.*)\.$", backend_policy.__doc__, re.M)
+    exclude = [item.replace(" ", ":") for item in left_out.group(1).split(", ")] if left_out else []
     out = tmp_path / "policy.py"
     res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "make_backend_policy.py"), "--input",
                           *[os.path.join(ROOT, s) for s in sources], "--ratio", str(backend_policy.RATIO),
-                          "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+                          "--out", str(out)] + (["--exclude", *exclude] if exclude else []),
+                         capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
     with open(os.path.join(ROOT, "mazo_kernels", "backend_policy.py")) as f:
         assert out.read_text() == f.read()
@@ -48,6 +51,30 @@ def test_generator_keeps_cuda_unless_triton_wins_every_measurement():
     keys, n = gen.triton_keys(cases, 0.95)
     assert keys == [("bf16", "bytes", "update_", "rademacher"), ("fp16", "none", "update_", "gaussian")]
     assert n == 3
+
+
+def test_generator_leaves_out_excluded_model_and_mask(tmp_path):
+    """--exclude MODEL:MASK drops those records (stale ones), so the other models decide the key; a bad item is
+    refused with a message naming the form."""
+    import json
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import make_backend_policy as gen
+    finally:
+        sys.path.pop(0)
+    recs = [dict(model=m, dtype="bf16", mask="rowindex", op="update_", distribution="gaussian", backend=b, ms=ms)
+            for m, b, ms in (("7b", "cuda", 40.0), ("7b", "triton", 28.0), ("125m", "cuda", 0.8),
+                             ("125m", "triton", 0.9))]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"records": recs, "device": "d", "date": "x"}))
+    cases, _ = gen.load([str(path)])
+    assert gen.triton_keys(cases, 0.95)[0] == []                        # 125M had Triton slower
+    cases, _ = gen.load([str(path)], {("125m", "rowindex")})
+    assert gen.triton_keys(cases, 0.95)[0] == [("bf16", "rowindex", "update_", "gaussian")]
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "make_backend_policy.py"), "--input",
+                          str(path), "--out", str(tmp_path / "p.py"), "--exclude", "125m-rowindex"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode != 0 and "MODEL:MASK" in res.stderr
 
 
 @pytest.mark.parametrize("op,prior,name", [(ref.OP_PERTURB, 0.0, "perturb_"), (ref.OP_PERTURB, 1e-3, "perturb_prior"),
