@@ -805,7 +805,7 @@ def _fast_noise(gstart, tid, k0, k1, DIST: tl.constexpr, BLOCK: tl.constexpr, LA
 
 @triton.jit
 def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds,
-                mask_ptr, kind, tau, cols_ptr, kcols, row_len, nsteps, lstart, numel,
+                mask_ptr, kind, tau, cols_ptr, kcols, row_len, nsteps, lstart,
                 OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, DT: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
                 TMODE: tl.constexpr, MASKED: tl.constexpr, ROWIDX: tl.constexpr, SMALL: tl.constexpr,
@@ -817,7 +817,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
     threshold latch written in TMODE 1, and only selected elements stored (perturbed_copy stores them all). ROWIDX
     (constexpr): the call has row-index element units (compiled in only then: the search's registers); with
     ROWIDX_SCATTER those blocks compute every element and store the listed ones through _rowidx_scatter instead of
-    searching each unit's selection (numel: the tensor's, for the window's end)."""
+    searching each unit's selection."""
     # The tile's shape (LAY): [BLOCK] for unmasked Rademacher; [R, 8] rows, one mask byte and one Philox call each
     # (R = BLOCK // 8); for masked fp32 with ROW_THREAD, [2, R, 4] (element 8r + 4h + j at [h, r, j]): a row of 8
     # float32 is two 16-byte vectors, which [R, 8] gives to two threads, so that the row's noise words and mask
@@ -1130,7 +1130,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                 st = start + j * FBLOCK
                 _fast_block(tl.multiple_of(in_ptr + st, 16), tl.multiple_of(out_ptr + st, 16), off + st, tid,
                             scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (st >> 3), kind,
-                            tau, cols_i32p, kcols, row_len, nsteps, st, numel,
+                            tau, cols_i32p, kcols, row_len, nsteps, st,
                             OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM,
                             RAD8, ROW_THREAD, ROWIDX_SCATTER)
     elif MODE == 4:
@@ -1143,7 +1143,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
         if dense & (start + BLOCK <= numel):
             _fast_block(tl.multiple_of(in_ptr + start, 16), tl.multiple_of(out_ptr + start, 16), gstart0, tid,
                         scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (start >> 3), kind,
-                        tau, cols_i32p, kcols, row_len, nsteps, start, numel,
+                        tau, cols_i32p, kcols, row_len, nsteps, start,
                         OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM,
                         RAD8, ROW_THREAD, ROWIDX_SCATTER)
     else:
