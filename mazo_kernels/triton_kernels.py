@@ -681,8 +681,8 @@ def _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, R: tl.conste
         less = tl.load(row + mid) < ca
         a = tl.where(less, mid + 1, a)
         b = tl.where(less, b, mid)
-    n = tl.minimum((rb - ra).to(tl.int32) * k + tl.minimum(cb, k) - a, BLOCK)   # entries from a that may lie in it
-    nrows = (rb - ra).to(tl.int32)
+    nrows = (rb - ra).to(tl.int32)                                     # rows past ra that the block reaches
+    n = tl.minimum(nrows * k + tl.minimum(cb, k) - a, BLOCK)           # entries from a that may lie in it
     if LAY == 2:
         flat = tl.reshape(tl.permute(res, (1, 0, 2)), [BLOCK])
     else:
