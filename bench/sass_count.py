@@ -84,7 +84,7 @@ def fp32_tile_cases():
 def rowidx_cases():
     """16-bit row-index element units (ROWIDX: each unit of 8 finds its selection by a search of its row's entries)
     in every pass and noise, bf16: their registers and occupancy (bench/NOTES.md, session 22); MAZO_TRITON_ROWIDX_SCATTER
-    =1 compiles the scatter form (session 24)."""
+    =1 compiles the scatter form (session 24), its search MAZO_TRITON_ROWIDX_PROBES (session 25)."""
     passes = (("perturb_", dict(OP=0, SR=0, HAS_PRIOR=False, REUSE0=0, NSTAT=0)),
               ("perturb_prior", dict(OP=0, SR=0, HAS_PRIOR=True, REUSE0=0, NSTAT=0)),
               ("update_", dict(OP=1, SR=1, HAS_PRIOR=True, REUSE0=1, NSTAT=2)),
@@ -96,7 +96,9 @@ def rowidx_cases():
             c = dict(c, DIST=dist, DT=2, MASKED=True, ROWIDX=True, TMODE=0)
             masked, _, _, op, prior = _host_args(c)
             out.append((f"bf16 {dname} {pname} row-index", dict(c, RAD8=tk._rad8_choice(masked, dist, op, prior, True),
-                                                                 ROWIDX_SCATTER=bool(tk.ROWIDX_SCATTER))))
+                                                                 ROWIDX_SCATTER=bool(tk.ROWIDX_SCATTER),
+                                                                 PROBES=int(tk.ROWIDX_PROBES) if tk.ROWIDX_SCATTER
+                                                                 else 0, FIRST_LATE=bool(tk.ROWIDX_FIRST_LATE))))
     return out
 
 
@@ -118,8 +120,8 @@ def host_maxnreg(consts) -> int:
 
 
 def compile_fast(consts: dict, num_warps: int, fblock: int, block: int, maxnreg: int = 0):
-    c = dict(TMODE=0, MASKED=False, ROWIDX=False, SMALL=False, RAD8=False, MODE=3, FBLOCK=fblock, BLOCK=block,
-             NTAB=tk._NTAB)
+    c = dict(TMODE=0, MASKED=False, ROWIDX=False, SMALL=False, RAD8=False, ROWIDX_SCATTER=False, PROBES=0, FIRST_LATE=False, MODE=3,
+             FBLOCK=fblock, BLOCK=block, NTAB=tk._NTAB)
     c.update(consts)
     if "ROW_THREAD" not in consts:   # the host's choice (zo_apply_)
         c["ROW_THREAD"] = tk._row_thread_choice(*_host_args(c), bool(c["RAD8"]))

@@ -156,6 +156,14 @@ ROWIDX_ELEMENTS = "auto"
 # (CUDA): update_ v1 47.04 -> 28.53 (40.89), update0 v1 39.90 -> 22.33 (31.63), perturb_prior Rademacher 38.70 ->
 # 16.60 (26.33), copy v1 38.37 -> 25.40 (23.88). MAZO_TRITON_ROWIDX_SCATTER=0 at import gives the search back.
 ROWIDX_SCATTER = os.environ.get("MAZO_TRITON_ROWIDX_SCATTER", "1") != "0"
+# The scatter form's search for a block's first entry (blocks that start inside a row: 7B's down projection, rows of
+# 11008): rounds of ROWIDX_PROBES table entries loaded at once (a P-ary search: ~log_P of the bound's width, 2 rounds
+# for rows up to P^2 entries) instead of a binary search of ~log2 dependent scalar loads (13 for 7B's rows). The same
+# entry either way; 0 gives the binary search back (MAZO_TRITON_ROWIDX_PROBES at import; a constexpr).
+ROWIDX_PROBES = int(os.environ.get("MAZO_TRITON_ROWIDX_PROBES", "128"))
+# ... and where: after the block's load, before its noise (few registers live), or (1) just before the scatter, as
+# session 24 did (MAZO_TRITON_ROWIDX_FIRST_LATE at import; a constexpr).
+ROWIDX_FIRST_LATE = os.environ.get("MAZO_TRITON_ROWIDX_FIRST_LATE", "0") == "1"
 CHUNK = 1            # FBLOCK blocks per fast program (SPLIT)
 GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SPLIT)
 # bf16 nearest-even by the hardware conversion (cvt.rn.bf16x2.f32, IEEE nearest-even; its NaN replaced by the spec's
@@ -657,14 +665,50 @@ def _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, numel, NU: tl.conste
 
 
 @triton.jit
-def _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, R: tl.constexpr, LAY: tl.constexpr):
+def _rowidx_first(row, a, b, ca, PROBES: tl.constexpr):
+    """The number of a row's sorted columns (row: its first entry) below ca, known to lie in [a, b]. PROBES > 0:
+    each round loads PROBES entries spaced s apart and keeps the span of one spacing (s = ceil((b - a) / PROBES)),
+    until the span holds at most PROBES entries, which one more load counts; PROBES 0: a scalar binary search."""
+    if PROBES > 0:
+        j = tl.arange(0, PROBES)
+        while b - a > PROBES:
+            s = (b - a + PROBES - 1) // PROBES
+            q = a + (j + 1) * s - 1                 # entry q_j; those below ca are a prefix of the probes
+            v = tl.load(row + q, mask=q < b, other=ca)
+            cnt = tl.sum((v < ca).to(tl.int32), axis=0)
+            b = tl.minimum(a + (cnt + 1) * s - 1, b)   # the first probe at or above ca bounds it (else b does)
+            a = a + cnt * s                            # past the last probe below ca
+        v = tl.load(row + a + j, mask=j < b - a, other=ca)
+        a = a + tl.sum((v < ca).to(tl.int32), axis=0)
+    else:
+        while a < b:
+            mid = (a + b) >> 1
+            less = tl.load(row + mid) < ca
+            a = tl.where(less, mid + 1, a)
+            b = tl.where(less, b, mid)
+    return a
+
+
+@triton.jit
+def _rowidx_block_first(cols_ptr, kcols, row_len, lstart, PROBES: tl.constexpr):
+    """The index, within its row's entries, of the first row-index entry at or past the block's first element
+    lstart. A row of k sorted distinct columns in [0, row_len) has at least c - (row_len - k) and at most min(c, k)
+    of them below column c, so the search (_rowidx_first) runs within those bounds: none for a block that starts a
+    row. Called before the block's noise, while few registers are live."""
+    k = kcols.to(tl.int32)
+    ra = lstart // row_len
+    ca = (lstart - ra * row_len).to(tl.int32)
+    return _rowidx_first(cols_ptr + ra * kcols, tl.maximum(ca - (row_len.to(tl.int32) - k), 0), tl.minimum(ca, k),
+                         ca, PROBES)
+
+
+@triton.jit
+def _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, a, R: tl.constexpr, LAY: tl.constexpr):
     """Store the block's computed tile (res: every element's result) at the row-index mask's listed elements only.
-    The block's entries are consecutive in the table (rows in order, each row's columns sorted): a row of k sorted
-    distinct columns in [0, row_len) has at least c - (row_len - k) and at most min(c, k) of them below column c, so
-    the first lies within those bounds in the block's first row (one scalar binary search per block, none for a
-    block that starts a row; _rowidx_bytes searches once per unit of 8) and the last before the same bound in its
-    last row. The entries between are taken CH at a time: each gathers its value from the tile (through shared
-    memory) and stores it. Needs row_len < 2^29 (the host's _rowidx_elements) for int32 offsets."""
+    The block's entries are consecutive in the table (rows in order, each row's columns sorted), from entry a of the
+    block's first row (_rowidx_block_first: one search per block; _rowidx_bytes searches once per unit of 8) to
+    before the same bound in its last row. They are taken CH at a time: each gathers its value from the tile
+    (through shared memory) and stores it. Needs row_len < 2^29 (the host's _rowidx_elements) for int32 offsets."""
     BLOCK: tl.constexpr = R * 8
     CH: tl.constexpr = BLOCK // 4
     k = kcols.to(tl.int32)
@@ -674,13 +718,6 @@ def _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, R: tl.conste
     rb = (lstart + BLOCK - 1) // row_len
     cb = (lstart + BLOCK - rb * row_len).to(tl.int32)            # in (0, row_len]
     row = cols_ptr + ra * kcols
-    a = tl.maximum(ca - (rl - k), 0)
-    b = tl.minimum(ca, k)
-    while a < b:
-        mid = (a + b) >> 1
-        less = tl.load(row + mid) < ca
-        a = tl.where(less, mid + 1, a)
-        b = tl.where(less, b, mid)
     nrows = (rb - ra).to(tl.int32)                                     # rows past ra that the block reaches
     n = tl.minimum(nrows * k + tl.minimum(cb, k) - a, BLOCK)           # entries from a that may lie in it
     if LAY == 2:
@@ -809,7 +846,8 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
                 OP: tl.constexpr, DIST: tl.constexpr, SR: tl.constexpr, DT: tl.constexpr,
                 HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, BLOCK: tl.constexpr,
                 TMODE: tl.constexpr, MASKED: tl.constexpr, ROWIDX: tl.constexpr, SMALL: tl.constexpr,
-                ASM: tl.constexpr, RAD8: tl.constexpr, ROW_THREAD: tl.constexpr, ROWIDX_SCATTER: tl.constexpr):
+                ASM: tl.constexpr, RAD8: tl.constexpr, ROW_THREAD: tl.constexpr, ROWIDX_SCATTER: tl.constexpr,
+                PROBES: tl.constexpr, FIRST_LATE: tl.constexpr):
     """One aligned block of BLOCK elements, all inside the tensor. in_ptr/out_ptr point at the block's start.
     MASKED False: every element is selected (mask kind none). MASKED True: kind is none, threshold, packed bits
     (mask_ptr: the block's first mask / latch byte, BLOCK / 8 bytes) or row-index as element units (cols_ptr,
@@ -837,6 +875,7 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
         offs = tl.arange(0, BLOCK)
     raw = tl.load(in_ptr + offs)
     x = _to_f32(raw, DT)
+    first = tl.full([], 0, tl.int32)   # row-index scatter form: the block's first entry in its first row
     if MASKED:
         # Mask bytes: packed bits (kind 2), or the latch (kind 1 in TMODE 2); a kind that reads none loads 0xFF
         # (all selected), so no per-element select on the kind is needed.
@@ -848,6 +887,8 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             if kind == 3:
                 if ROWIDX_SCATTER:   # every element computed; the listed ones stored by _rowidx_scatter
                     byte = tl.full([BLOCK // 8], 255, tl.int32)
+                    if not FIRST_LATE:
+                        first = _rowidx_block_first(cols_ptr, kcols, row_len, lstart, PROBES)
                 else:
                     byte = _rowidx_bytes(cols_ptr, kcols, row_len, nsteps, lstart, lstart + BLOCK, BLOCK // 8, LAY)
             else:
@@ -873,7 +914,9 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             if kind == 3:   # the input everywhere, then (after the block's barrier) the listed elements' results
                 tl.store(out_ptr + offs, raw)
                 tl.debug_barrier()
-                _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, R, LAY)
+                if FIRST_LATE:
+                    first = _rowidx_block_first(cols_ptr, kcols, row_len, lstart, PROBES)
+                _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, first, R, LAY)
             else:
                 tl.store(out_ptr + offs, res)
         else:
@@ -947,7 +990,9 @@ def _fast_block(in_ptr, out_ptr, gstart, tid, scale_mult, lr_mult, wd, g_mult, c
             else:   # unselected elements are never written
                 if ROWIDX and ROWIDX_SCATTER:
                     if kind == 3:
-                        _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, R, LAY)
+                        if FIRST_LATE:
+                            first = _rowidx_block_first(cols_ptr, kcols, row_len, lstart, PROBES)
+                        _rowidx_scatter(out_ptr, res, cols_ptr, kcols, row_len, lstart, first, R, LAY)
                     else:
                         tl.store(out_ptr + offs, res, mask=sel)
                 else:
@@ -1064,7 +1109,8 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                HAS_PRIOR: tl.constexpr, REUSE0: tl.constexpr, NSTAT: tl.constexpr, MODE: tl.constexpr,
                FBLOCK: tl.constexpr, BLOCK: tl.constexpr, NTAB: tl.constexpr, MASKED: tl.constexpr = False,
                ROWIDX: tl.constexpr = False, SMALL: tl.constexpr = False, ASM: tl.constexpr = 0,
-               RAD8: tl.constexpr = False, ROW_THREAD: tl.constexpr = False, ROWIDX_SCATTER: tl.constexpr = False):
+               RAD8: tl.constexpr = False, ROW_THREAD: tl.constexpr = False, ROWIDX_SCATTER: tl.constexpr = False,
+               PROBES: tl.constexpr = 0, FIRST_LATE: tl.constexpr = False):
     pid = tl.program_id(0).to(tl.int64)
     if MODE >= 3:   # [t, start, number of FBLOCK blocks]
         t = tl.load(prog_ptr + 3 * pid)
@@ -1132,7 +1178,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                             scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (st >> 3), kind,
                             tau, cols_i32p, kcols, row_len, nsteps, st,
                             OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, FBLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM,
-                            RAD8, ROW_THREAD, ROWIDX_SCATTER)
+                            RAD8, ROW_THREAD, ROWIDX_SCATTER, PROBES, FIRST_LATE)
     elif MODE == 4:
         nsub = tl.where(nblk > 0, tl.where(dense, 0, nblk * (FBLOCK // BLOCK)), 1)
         for q in range(nsub):
@@ -1145,7 +1191,7 @@ def _zo_kernel(tab_ptr, prog_ptr, meta_ptr, fv_ptr, call_ptr, gs_ptr, n_seeds,
                         scale_mult, lr_mult, wd, g_mult, call_ptr, gs_ptr, n_seeds, mask_u8p + (start >> 3), kind,
                         tau, cols_i32p, kcols, row_len, nsteps, start,
                         OP, DIST, SR, DT, HAS_PRIOR, REUSE0, NSTAT, BLOCK, TMODE, MASKED, ROWIDX, SMALL, ASM,
-                        RAD8, ROW_THREAD, ROWIDX_SCATTER)
+                        RAD8, ROW_THREAD, ROWIDX_SCATTER, PROBES, FIRST_LATE)
     else:
         run = start >= 0
         if MODE == 1:   # FBLOCK is a multiple of BLOCK; the fast kernel's block holding `start` is full
@@ -1618,6 +1664,8 @@ def zo_apply_(params, outs, masks, meta, fvals, seeds, gs, op: int, dist: int, r
     masked = bool(FAST and MASKED_FAST) and (rowidx_el or any(not _is_rowidx(m_) for m_ in filter(_NUMEL, masks)))
     consts = dict(OP=int(op), DIST=int(dist), SR=int(rounding == ref.ROUND_STOCHASTIC), TMODE=int(threshold_mode),
                   MASKED=masked, ROWIDX=rowidx_el, ROWIDX_SCATTER=bool(ROWIDX_SCATTER and rowidx_el),
+                  PROBES=(int(ROWIDX_PROBES) if ROWIDX_SCATTER and rowidx_el else 0),
+                  FIRST_LATE=bool(ROWIDX_FIRST_LATE and ROWIDX_SCATTER and rowidx_el),
                   DT=_DT[dtype], HAS_PRIOR=bool(prior != 0.0), REUSE0=reuse0,
                   NSTAT=(n_upd_seeds if is_update and n_upd_seeds <= 4 else 0), NTAB=_NTAB,
                   SMALL=_small_shift(_DT[dtype], prior, fvals),

@@ -497,17 +497,21 @@ def test_rowindex_element_units_fast_and_general(dist, rad8, dtype, monkeypatch,
         assert_same(a, b, "row-index fast path vs general path")
 
 
-@pytest.mark.parametrize("dist,dtype", [("gaussian", torch.bfloat16), ("rademacher", torch.float16),
-                                        ("gaussian_fast", torch.float32), ("gaussian", torch.float32),
-                                        ("rademacher", torch.float32)], ids=lambda v: str(v).replace("torch.", ""))
-def test_rowindex_scatter_matches_reference(dist, dtype, monkeypatch, _big_block):
+@pytest.mark.parametrize("dist,dtype,probes", [("gaussian", torch.bfloat16, 8), ("rademacher", torch.float16, 128),
+                                               ("gaussian_fast", torch.float32, 0), ("gaussian", torch.float32, 8),
+                                               ("rademacher", torch.float32, 128)],
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_rowindex_scatter_matches_reference(dist, dtype, probes, monkeypatch, _big_block):
     """ROWIDX_SCATTER: the fast kernel's row-index blocks compute every element and store the listed ones through a
     window of the table (_rowidx_scatter), one search per block. Blocks of several rows (r64, r520 at exactly 1/8),
     blocks that start inside a row longer than the block (r600, r1000: the search within its bounds, and a window
     that ends in the next row), a near-full row, rows of 16 (r16: the rows found by a division) and an unaligned
     tensor (the general path), through a whole step
-    and a copy against the reference, with the fast path on and off."""
+    and a copy against the reference, with the fast path on and off. The block's first entry by the P-ary search
+    (ROWIDX_PROBES 8: r600's blocks inside a row take two rounds of probes before the last load; 128, the default:
+    one) and by the binary search (0)."""
     tk = _big_block
+    monkeypatch.setattr(tk, "ROWIDX_PROBES", probes)
     monkeypatch.setattr(tk, "BLOCK", 128)
     monkeypatch.setattr(tk, "FAST_BLOCK", 256)
     monkeypatch.setattr(tk, "ROWIDX_ELEMENTS", True)
