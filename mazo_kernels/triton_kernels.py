@@ -157,13 +157,15 @@ ROWIDX_ELEMENTS = "auto"
 # 16.60 (26.33), copy v1 38.37 -> 25.40 (23.88). MAZO_TRITON_ROWIDX_SCATTER=0 at import gives the search back.
 ROWIDX_SCATTER = os.environ.get("MAZO_TRITON_ROWIDX_SCATTER", "1") != "0"
 # The scatter form's search for a block's first entry (blocks that start inside a row: 7B's down projection, rows of
-# 11008): rounds of ROWIDX_PROBES table entries loaded at once (a P-ary search: ~log_P of the bound's width, 2 rounds
-# for rows up to P^2 entries) instead of a binary search of ~log2 dependent scalar loads (13 for 7B's rows). The same
-# entry either way; 0 gives the binary search back (MAZO_TRITON_ROWIDX_PROBES at import; a constexpr).
-ROWIDX_PROBES = int(os.environ.get("MAZO_TRITON_ROWIDX_PROBES", "128"))
-# ... and where: after the block's load, before its noise (few registers live), or (1) just before the scatter, as
-# session 24 did (MAZO_TRITON_ROWIDX_FIRST_LATE at import; a constexpr).
-ROWIDX_FIRST_LATE = os.environ.get("MAZO_TRITON_ROWIDX_FIRST_LATE", "0") == "1"
+# 11008): a scalar binary search (0, the default: ~log2 of the bound's width in dependent loads, 13 there), or rounds
+# of ROWIDX_PROBES (a power of two) table entries loaded at once (2 dependent loads for rows up to P^2 entries). Same
+# entry, same bits (125M, 108 checks). The probes did not pay on an H200 (bench/results/h200_2026-12-03/s25/call1,
+# 7B bf16, one process: 2-4% slower, v1 perturb_prior 23.28 -> 31.01 ms with its registers 134 -> 195): the search's
+# latency was hidden by the other resident blocks. MAZO_TRITON_ROWIDX_PROBES at import; a constexpr.
+ROWIDX_PROBES = int(os.environ.get("MAZO_TRITON_ROWIDX_PROBES", "0"))
+# ... and where: just before the scatter (the default, session 24's place) or, with 0, right after the block's load,
+# before its noise (MAZO_TRITON_ROWIDX_FIRST_LATE=0; measured no faster in the same run). A constexpr.
+ROWIDX_FIRST_LATE = os.environ.get("MAZO_TRITON_ROWIDX_FIRST_LATE", "1") != "0"
 CHUNK = 1            # FBLOCK blocks per fast program (SPLIT)
 GUARD = 16           # FBLOCK blocks per guard program of the general kernel (SPLIT)
 # bf16 nearest-even by the hardware conversion (cvt.rn.bf16x2.f32, IEEE nearest-even; its NaN replaced by the spec's
@@ -694,7 +696,7 @@ def _rowidx_block_first(cols_ptr, kcols, row_len, lstart, PROBES: tl.constexpr):
     """The index, within its row's entries, of the first row-index entry at or past the block's first element
     lstart. A row of k sorted distinct columns in [0, row_len) has at least c - (row_len - k) and at most min(c, k)
     of them below column c, so the search (_rowidx_first) runs within those bounds: none for a block that starts a
-    row. Called before the block's noise, while few registers are live."""
+    row. Called just before the scatter (ROWIDX_FIRST_LATE) or right after the block's load."""
     k = kcols.to(tl.int32)
     ra = lstart // row_len
     ca = (lstart - ra * row_len).to(tl.int32)
@@ -1247,13 +1249,17 @@ def _rad8_choice(masked: bool, dist: int, op: int, prior: float, rowidx_el: bool
                  dtype: torch.dtype = torch.bfloat16) -> bool:
     """RAD_ROWS8: does the masked fast path make this call's Rademacher signs in its rows' layout (_rad8)? "auto":
     perturb_ with prior 0 (the light masked pass; not in float32 under FP32_MASKED_TUNED) and update_ with a prior
-    on calls with row-index element units."""
+    on calls with row-index element units (not float32 ones in the scatter form)."""
     if not (masked and dist == ref.DIST_RADEMACHER):
         return False
     if RAD_ROWS8 != "auto":
         return bool(RAD_ROWS8)
     if op == ref.OP_PERTURB and prior == 0.0:
         return not (dtype == torch.float32 and FP32_MASKED_TUNED)
+    if dtype == torch.float32 and rowidx_el and ROWIDX_SCATTER:
+        # float32 update_ in the scatter form: signs by _rad_rows in [R, 8] measured faster (H200, 7B, one process,
+        # bench/results/h200_2026-12-03/s25/call1: 37.39 -> 32.79 ms; CUDA 31.39)
+        return False
     return op == ref.OP_UPDATE and prior != 0.0 and rowidx_el
 
 
@@ -1300,6 +1306,11 @@ _ROWIDX_MAXNREG = {**{(ref.OP_UPDATE, False, d): 80 for d in (ref.DIST_GAUSSIAN,
                    (ref.OP_UPDATE, True, ref.DIST_GAUSSIAN): 96}
 _ROWIDX_MAXNREG_BF16 = {(ref.OP_UPDATE, True, ref.DIST_GAUSSIAN_FAST): 96,
                         (ref.OP_UPDATE, True, ref.DIST_RADEMACHER): 96}
+# 16-bit, the scatter form only: Rademacher perturb_ with prior 0 (its _rad8 signs at MASKED_NUM_WARPS_RAD warps) at
+# 64 registers (uncapped 80), H200, 7B, one process with CUDA (bench/results/h200_2026-12-03/s25/call2): bf16 22.61
+# -> 19.09 ms (CUDA 19.89), fp16 27.43 -> 17.75 (CUDA 19.16); 4 warps instead: 18.88 / 21.35; _rad_rows signs at 4
+# warps: 21.81 / 20.68.
+_ROWIDX_MAXNREG_SCATTER16 = {(ref.OP_PERTURB, False, ref.DIST_RADEMACHER): 64}
 # float32 row-index element units in the scatter form (ROWIDX_SCATTER): the caps measured >= 5% faster on an H200
 # over 7B (Triton, one process, bench/results/h200_2026-12-03/s24/call5), ms uncapped -> capped: perturb_ v1 30.40 ->
 # 23.51 at 96, gaussian_fast 25.89 -> 20.25 at 96, Rademacher 21.26 -> 18.83 at 80; perturb_prior v1 25.56 -> 24.19
@@ -1328,8 +1339,8 @@ def _copy_maxnreg(masked: bool, dtype: torch.dtype, dist: int, op: int, rowidx_e
 
 def _rowidx_maxnreg(dtype: torch.dtype, dist: int, op: int, prior: float, rowidx_el: bool) -> int:
     """ROWIDX_MAXNREG: the register cap of a call with row-index element units (0: none). "auto": _ROWIDX_MAXNREG
-    in 16-bit, plus _ROWIDX_MAXNREG_BF16 in bf16; float32 _ROWIDX_MAXNREG_FP32 in the scatter form, else none
-    (unmeasured)."""
+    in 16-bit, plus _ROWIDX_MAXNREG_BF16 in bf16 and _ROWIDX_MAXNREG_SCATTER16 in the scatter form; float32
+    _ROWIDX_MAXNREG_FP32 in the scatter form, else none (unmeasured)."""
     if not rowidx_el:
         return 0
     if ROWIDX_MAXNREG != "auto":
@@ -1337,6 +1348,8 @@ def _rowidx_maxnreg(dtype: torch.dtype, dist: int, op: int, prior: float, rowidx
     key = (int(op), prior != 0.0, int(dist))
     if dtype == torch.float32:
         return _ROWIDX_MAXNREG_FP32.get(key, 0) if ROWIDX_SCATTER else 0
+    if ROWIDX_SCATTER and key in _ROWIDX_MAXNREG_SCATTER16:
+        return _ROWIDX_MAXNREG_SCATTER16[key]
     return _ROWIDX_MAXNREG.get(key) or (_ROWIDX_MAXNREG_BF16.get(key, 0) if dtype == torch.bfloat16 else 0)
 
 

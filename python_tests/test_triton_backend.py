@@ -693,8 +693,9 @@ def test_small_shift_choice_follows_the_plan_table():
 
 def test_rad8_choice_follows_the_measured_policy(monkeypatch):
     """RAD_ROWS8 "auto" (the default): Rademacher signs in the rows' layout only for masked perturb_ with prior 0 and
-    for update_ with a prior on calls with row-index element units (bench/NOTES.md, session 19); never unmasked or
-    for other noise; True / False force it on every masked Rademacher call / off."""
+    for update_ with a prior on calls with row-index element units (bench/NOTES.md, session 19; not float32 ones in
+    the scatter form, session 25); never unmasked or for other noise; True / False force it on every masked
+    Rademacher call / off."""
     from mazo_kernels import triton_kernels as tk
     R, G = ref.DIST_RADEMACHER, ref.DIST_GAUSSIAN_FAST
     monkeypatch.setattr(tk, "RAD_ROWS8", "auto")
@@ -707,6 +708,10 @@ def test_rad8_choice_follows_the_measured_policy(monkeypatch):
     assert not tk._rad8_choice(True, G, ref.OP_PERTURB, 0.0, False)
     monkeypatch.setattr(tk, "FP32_MASKED_TUNED", "auto")   # float32's light pass exchanges its signs instead
     assert not tk._rad8_choice(True, R, ref.OP_PERTURB, 0.0, False, torch.float32)
+    monkeypatch.setattr(tk, "ROWIDX_SCATTER", True)   # float32 row-index update_ in the scatter form: [R, 8] signs
+    assert not tk._rad8_choice(True, R, ref.OP_UPDATE, -1e-3, True, torch.float32)
+    assert tk._rad8_choice(True, R, ref.OP_UPDATE, -1e-3, True, torch.bfloat16)
+    monkeypatch.setattr(tk, "ROWIDX_SCATTER", False)
     assert tk._rad8_choice(True, R, ref.OP_UPDATE, -1e-3, True, torch.float32)
     monkeypatch.setattr(tk, "FP32_MASKED_TUNED", False)
     assert tk._rad8_choice(True, R, ref.OP_PERTURB, 0.0, False, torch.float32)
@@ -790,7 +795,8 @@ def test_copy_and_rowidx_maxnreg_follow_the_measured_policy(monkeypatch):
     session 23). Masked float32 perturbed_copy on threshold / packed bits: v1 64, gaussian_fast 80, Rademacher 64 (at
     FP32_MASKED_TUNED's warps), 16-bit and row-index copies none. Row-index element units, 16-bit: update_ with
     prior 0 at 80 for every noise; copies 96 / 96 / 80; perturb_prior gaussian_fast 96, Rademacher 80; update_ v1
-    96; bf16 only, update_ gaussian_fast / Rademacher 96; the rest (the fused masked op 3 too) none. Float32
+    96; bf16 only, update_ gaussian_fast / Rademacher 96; in the scatter form Rademacher perturb_ with prior 0 64
+    (session 25); the rest (the fused masked op 3 too) none. Float32
     row-index (session 24, the scatter form): perturb_ 96 / 96 / 80, perturb_prior 96 / 80 / none, update_ 64 / 64 /
     none, copies 64 / 96 / 96, update_ with prior 0 none; none without the scatter form."""
     from mazo_kernels import triton_kernels as tk
@@ -824,6 +830,10 @@ def test_copy_and_rowidx_maxnreg_follow_the_measured_policy(monkeypatch):
         assert cap(True, half, V1, U, -1e-3, True) == 96
         assert [cap(True, half, d, UP, -1e-3, True) for d in (V1, G, R)] == [0, 0, 0]
         assert cap(True, half, G, P, 0.0, True) == 0                   # the light pass: its own rule
+        assert cap(True, half, R, P, 0.0, True) == 64                  # ... Rademacher's: the scatter form's
+        monkeypatch.setattr(tk, "ROWIDX_SCATTER", False)
+        assert cap(True, half, R, P, 0.0, True) == 0
+        monkeypatch.setattr(tk, "ROWIDX_SCATTER", True)
     assert [cap(True, bf16, d, U, -1e-3, True) for d in (G, R)] == [96, 96]
     assert [cap(True, f16, d, U, -1e-3, True) for d in (G, R)] == [0, 0]
     monkeypatch.setattr(tk, "FP32_MASKED_TUNED", False)                 # other warps: unmeasured
