@@ -9,7 +9,9 @@ CUDA stays everywhere else, and for keys that no file measured.
 
     python bench/make_backend_policy.py --input A.json B.json ...   # later files replace earlier ones' cases
 
-Only records without a variant label count (the kernels' defaults as they ran). --exclude MODEL:MASK drops a
+Only records without a variant label count (the kernels' defaults as they ran), but an input FILE@LABEL takes that
+file's Triton records of variant LABEL as Triton's (a form that ran as a variant and became the default after the
+run; the file's unlabeled Triton records are then left out). --exclude MODEL:MASK drops a
 file set's records of that model and mask (cases a later kernel change made stale, where no file re-measured them
 on that model: their keys are then decided by the other models' measurements).
 """
@@ -28,13 +30,18 @@ def load(paths, exclude=()):
     """{(model, dtype, mask, op, dist): {backend: ms}} and each file's (path, commit, device, date); records whose
     (model, mask) is in exclude are left out."""
     cases, sources = {}, []
-    for p in paths:
+    for item in paths:
+        p, _, as_default = item.partition("@")
         d = json.load(open(p))
         commit = (d.get("git_commit_as_run") or d.get("git_commit") or "?")[:7]
-        sources.append((os.path.relpath(os.path.abspath(p), ROOT), commit, d.get("device"), d.get("date")))
+        sources.append((os.path.relpath(os.path.abspath(p), ROOT) + (f"@{as_default}" if as_default else ""), commit,
+                        d.get("device"), d.get("date")))
         fresh = {}
         for r in d["records"]:
-            if r.get("variant") or "error" in r or r["backend"] not in ("cuda", "triton"):
+            if "error" in r or r["backend"] not in ("cuda", "triton"):
+                continue
+            wanted = as_default if (as_default and r["backend"] == "triton") else ""
+            if (r.get("variant") or "") != wanted:
                 continue
             key = (r.get("model", "?"), r["dtype"], r["mask"], r["op"], r["distribution"])
             if (key[0], key[2]) in exclude:

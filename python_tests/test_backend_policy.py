@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_policy_table_is_the_generators_output_for_its_sources(tmp_path):
     """Regenerate the table from the JSON files its docstring names: the same file, byte for byte."""
-    sources = re.findall(r"^- (bench/results/\S+\.json)$", backend_policy.__doc__, re.M)
+    sources = re.findall(r"^- (bench/results/\S+\.json(?:@\S+)?)$", backend_policy.__doc__, re.M)
     assert len(sources) >= 2, backend_policy.__doc__
     left_out = re.search(r"^Left out \(stale after a later kernel change\): (.*)\.$", backend_policy.__doc__, re.M)
     exclude = [item.replace(" ", ":") for item in left_out.group(1).split(", ")] if left_out else []
@@ -75,6 +75,28 @@ def test_generator_leaves_out_excluded_model_and_mask(tmp_path):
                           str(path), "--out", str(tmp_path / "p.py"), "--exclude", "125m-rowindex"],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode != 0 and "MODEL:MASK" in res.stderr
+
+
+def test_generator_takes_a_variant_as_the_triton_default(tmp_path):
+    """FILE@LABEL: that file's Triton records of variant LABEL stand for Triton (the form that became the default
+    after the run); its unlabeled Triton records and other variants are left out, CUDA's unlabeled ones kept."""
+    import json
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import make_backend_policy as gen
+    finally:
+        sys.path.pop(0)
+    recs = [dict(model="125m", dtype="bf16", mask="rowindex", op="perturb_prior", distribution="gaussian",
+                 backend=b, ms=ms, **({"variant": v} if v else {}))
+            for b, v, ms in (("cuda", "", 0.61), ("triton", "", 0.654), ("triton", "s24", 0.517),
+                             ("triton", "bin", 0.538), ("cuda", "x", 9.0))]
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps({"records": recs, "device": "d", "date": "x"}))
+    cases, _ = gen.load([str(path)])
+    assert cases == {("125m", "bf16", "rowindex", "perturb_prior", "gaussian"): {"cuda": 0.61, "triton": 0.654}}
+    cases, sources = gen.load([f"{path}@s24"])
+    assert cases == {("125m", "bf16", "rowindex", "perturb_prior", "gaussian"): {"cuda": 0.61, "triton": 0.517}}
+    assert sources[0][0].endswith("m.json@s24")
 
 
 @pytest.mark.parametrize("op,prior,name", [(ref.OP_PERTURB, 0.0, "perturb_"), (ref.OP_PERTURB, 1e-3, "perturb_prior"),
